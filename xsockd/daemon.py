@@ -1,0 +1,145 @@
+"""The composition root: parse arguments, build the backend, manager and loop, run.
+
+Nothing imports this module; ``xsockd`` (the console script) calls ``main``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from xsockd import __version__
+from xsockd.backend import Backend
+from xsockd.config import Config, check_config_main, load_config
+from xsockd.constants import DEFAULT_CONFIG
+from xsockd.errors import XsockError
+
+__all__ = ["main", "make_backend"]
+
+log = logging.getLogger("xsockd")
+
+DESCRIPTION = """\
+xsockd links this Xen domain with peer domains through granted shared memory. For each peer
+domain N in the configuration, applications connect to the Unix socket <rundir>/N.sock and
+reach the service that domain N exposes to us.
+
+Commands:
+  xsockd [options]             run the daemon (what systemd starts)
+  xsockd demo [--help]         run two simulated domains and stream data between them
+  xsockd --check-config FILE   validate a configuration file and exit
+"""
+
+
+def make_backend(name: str, domid: int | None, sim_dir: str) -> Backend:
+    """Returns the backend ``name`` for our domain; raises XsockError with the fix."""
+    if name == "sim":
+        from xsockd.backend_sim import SimBackend
+
+        if domid is None:
+            raise XsockError("the sim backend needs --domid N (which simulated domain we are)")
+        return SimBackend(domid, sim_dir)
+    try:
+        from xsockd.backend_xen import XenBackend  # type: ignore[import-not-found]
+    except ImportError as e:
+        raise XsockError(f"the xen backend is not available in this build: {e}") from e
+    return XenBackend(domid)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="xsockd", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=DEFAULT_CONFIG, metavar="FILE",
+                   help=f"configuration file (default {DEFAULT_CONFIG})")
+    p.add_argument("--backend", choices=("sim", "xen"),
+                   help="Xen interface: the real one, or the simulated host "
+                        "(default: [daemon] backend of the configuration)")
+    p.add_argument("--domid", type=int, metavar="N",
+                   help="our domain id (required with --backend sim; read from XenStore on Xen)")
+    p.add_argument("--sim-dir", metavar="DIR",
+                   help="directory of the simulated host (default: [daemon] sim_dir)")
+    p.add_argument("--rundir", metavar="DIR",
+                   help="where to create <domid>.sock for each peer (default: [daemon] rundir)")
+    p.add_argument("--check-config", metavar="FILE",
+                   help="validate FILE, print the result and exit (0 if valid)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    p.add_argument("--version", action="version", version=f"xsockd {__version__}")
+    return p
+
+
+def _apply_overrides(config: Config, args: argparse.Namespace) -> Config:
+    changes = {k: v for k, v in (("rundir", args.rundir), ("backend", args.backend),
+                                 ("sim_dir", args.sim_dir)) if v is not None}
+    if not changes:
+        return config
+    return dataclasses.replace(config, daemon=dataclasses.replace(config.daemon, **changes))
+
+
+def _log_channels(manager: object) -> None:
+    from xsockd.manager import Manager
+
+    assert isinstance(manager, Manager)
+    rows = [f"{'ID':>5} {'PEER':>4} {'DIR':3} {'SERVICE':12} {'STATE':8} {'IN':>12} {'OUT':>12}"]
+    stats = {}
+    for link in manager.links.values():
+        for s in link.ring.streams():
+            stats[(id(link), s.id)] = s
+    for ch in sorted(manager.channels.values(), key=lambda c: c.id):
+        s = stats.get((id(ch.link), ch.stream))
+        rows.append(f"{ch.id:>5} {ch.peer:>4} {ch.direction:3} {ch.service or '(default)':12} "
+                    f"{ch.state:8} {s.bytes_in if s else 0:>12} {s.bytes_out if s else 0:>12}")
+    for link in manager.links.values():
+        st = link.ring.stats()
+        rows.append(f"link peer {link.peer} {link.role.name.lower()}: ring {link.ring.ring_size} "
+                    f"bytes/direction, {len(link.grant_refs)} grants, event channel {link.port}, "
+                    f"{'up' if link.up else 'attaching'}, in {st['bytes_in']} out "
+                    f"{st['bytes_out']} bytes, {st['notify_sent']} notifications")
+    log.info("channel table (%s):\n%s", manager.status(), "\n".join(rows))
+
+
+def run(config: Config, backend_name: str, domid: int | None) -> int:
+    from xsockd.loop import Loop
+    from xsockd.manager import Manager
+
+    backend = make_backend(backend_name, domid, config.daemon.sim_dir)
+    loop = Loop()
+    manager = Manager(config, backend, loop)
+    try:
+        loop.add_signal(signal.SIGTERM, loop.stop)
+        loop.add_signal(signal.SIGINT, loop.stop)
+        loop.add_signal(signal.SIGUSR1, lambda: _log_channels(manager))
+        manager.start()
+        print(f"xsockd: domain {backend.domid} ready", file=sys.stderr, flush=True)
+        loop.run()
+        log.info("stopping: %s", manager.status())
+    finally:
+        manager.stop()
+        loop.close()
+        backend.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
+        from xsockd.demo import main as demo_main
+
+        return demo_main(argv[1:])
+    args = _parser().parse_args(argv)
+    if args.check_config:
+        return check_config_main(args.check_config)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="xsockd[%(process)d] %(levelname)s %(message)s")
+    try:
+        config = _apply_overrides(load_config(args.config), args)
+        return run(config, config.daemon.backend, args.domid)
+    except XsockError as e:
+        print(f"xsockd: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

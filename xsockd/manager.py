@@ -1,0 +1,439 @@
+"""The control plane: links to peers, listening sockets, stream admission, bookkeeping.
+
+It knows nothing of D-Bus, systemd or which backend runs; the daemon wires those around it.
+Everything here runs on the one loop; bytes never pass through it.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import socket
+import stat
+import time
+from dataclasses import dataclass, field
+
+from xsockd.backend import Backend, XenStorePerm
+from xsockd.config import Config, ServiceConfig
+from xsockd.constants import XS_ROOT
+from xsockd.errors import BackendError, ProtocolError, RefusedError, XenStoreError, XsockError
+from xsockd.link import (
+    Link,
+    accept_link,
+    domain_path,
+    offer_link,
+    offer_path,
+    read_offer,
+    request_dir,
+    request_path,
+)
+from xsockd.loop import Loop, Timer
+from xsockd.ring import EventType, Reason, RingEvent, Role, link_pages
+
+__all__ = ["Channel", "Manager", "caller_header"]
+
+log = logging.getLogger(__name__)
+
+LINK_SETUP_TIMEOUT = 10.0  # seconds for a peer to attach to our offer
+SOCKET_MODE = 0o660
+
+
+def caller_header(domid: int, service: str) -> bytes:
+    """Returns the line a service with ``caller_header`` receives before the caller's bytes."""
+    return f"XSOCK/1 domid={domid} service={service or '-'}\n".encode()
+
+
+@dataclass
+class Channel:
+    """One stream, as the control plane sees it."""
+
+    id: int
+    peer: int
+    stream: int
+    service: str
+    direction: str            # "out": opened by a local application; "in": by the peer
+    link: Link
+    created: float = field(default_factory=time.time)
+    state: str = "opening"
+
+
+class Manager:
+    """Owns every link, listener and channel of one daemon.
+
+    Lifecycle: created -> started (``start``) -> stopped (``stop``).
+    """
+
+    def __init__(self, config: Config, backend: Backend, loop: Loop) -> None:
+        self.config = config
+        self.backend = backend
+        self.loop = loop
+        self.domid = backend.domid
+        self.xs = backend.open_xenstore()
+        self.links: dict[tuple[int, Role], Link] = {}
+        self.channels: dict[int, Channel] = {}
+        self._by_stream: dict[tuple[int, int], Channel] = {}
+        self._listeners: dict[int, socket.socket] = {}
+        self._timers: dict[int, Timer] = {}
+        self._answered: dict[int, int] = {}
+        self._ids = itertools.count(1)
+        self.counters = {"links_refused": 0, "streams_refused": 0, "peer_faults": 0,
+                         "links_opened": 0, "streams_opened": 0}
+        self._started = False
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Publishes our request directory, watches it and opens the peers' sockets."""
+        home = domain_path(self.domid)
+        try:
+            self.xs.rm(f"{home}/{XS_ROOT}")  # stale nodes of an earlier run
+        except XenStoreError as e:
+            if e.errno != errno.ENOENT:
+                raise
+        self.xs.write(request_dir(self.domid), b"")
+        # Any domain may create request/<its domid>; we decide, and say why, when it does.
+        self.xs.set_perms(request_dir(self.domid), [XenStorePerm(self.domid, "w")])
+        self.xs.set_perms(f"{home}/{XS_ROOT}", [XenStorePerm(self.domid, "n")])
+        self.xs.watch(request_dir(self.domid), "requests")
+        self.loop.add_reader(self.xs.fileno(), self._on_xenstore)
+        os.makedirs(self.config.daemon.rundir, mode=0o755, exist_ok=True)
+        for peer in self.config.daemon.peers:
+            self._listen(peer)
+        self._started = True
+        log.info("xsockd domain %d ready: %d peers, rundir %s", self.domid,
+                 len(self.config.daemon.peers), self.config.daemon.rundir)
+
+    def stop(self) -> None:
+        """Closes listeners and links (telling peers goodbye) and removes our nodes."""
+        for peer in list(self._listeners):
+            self._unlisten(peer)
+        for link in list(self.links.values()):
+            self._drop_link(link, goodbye=True)
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        if self._started:
+            self.loop.remove_reader(self.xs.fileno())
+            try:
+                self.xs.rm(f"{domain_path(self.domid)}/{XS_ROOT}")
+            except XenStoreError as e:
+                log.debug("removing our XenStore nodes: %s", e)
+        self.xs.close()
+        self._started = False
+
+    # ---- local sockets ------------------------------------------------------------------
+
+    def socket_path(self, peer: int) -> str:
+        return os.path.join(self.config.daemon.rundir, f"{peer}.sock")
+
+    def _listen(self, peer: int) -> None:
+        path = self.socket_path(peer)
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)  # left by an earlier run
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.bind(path)
+        os.chmod(path, SOCKET_MODE)
+        sock.listen(128)
+        self._listeners[peer] = sock
+        self.loop.add_reader(sock.fileno(), lambda: self._on_connect(peer))
+
+    def _unlisten(self, peer: int) -> None:
+        sock = self._listeners.pop(peer)
+        self.loop.remove_reader(sock.fileno())
+        sock.close()
+        try:
+            os.unlink(self.socket_path(peer))
+        except FileNotFoundError:
+            pass
+
+    def _on_connect(self, peer: int, service: str = "") -> None:
+        listener = self._listeners.get(peer)
+        while listener is not None:
+            try:
+                conn, _ = listener.accept()
+            except BlockingIOError:
+                return
+            try:
+                link = self._link_for(peer)
+                sid = link.ring.open_stream(conn, service)
+            except (XsockError, OSError) as e:
+                log.error("connection to domain %d failed: %s", peer, e,
+                          extra={"XSOCK_PEER": peer})
+                conn.close()
+                continue
+            self._add_channel(link, sid, service, "out")
+
+    # ---- links --------------------------------------------------------------------------
+
+    def granted_pages(self) -> int:
+        return sum(link.pages for link in self.links.values())
+
+    def _link_for(self, peer: int) -> Link:
+        """Returns a link to ``peer`` for a new stream, offering one if there is none."""
+        links = [lk for (p, _), lk in self.links.items() if p == peer]
+        if links:
+            return min(links, key=lambda lk: not lk.up)  # an up link if there is one
+        cfg = self.config.link
+        need = link_pages(cfg.ring_size)
+        if self.granted_pages() + need > cfg.grant_pages:
+            raise RefusedError(
+                f"grant budget exhausted: {self.granted_pages()} of {cfg.grant_pages} pages in "
+                f"use, a link needs {need}; raise [link] grant_pages or lower ring_size")
+        try:
+            link = offer_link(self.backend, self.xs, peer, ring_size=cfg.ring_size,
+                              window=cfg.stream_window, max_streams=cfg.max_streams)
+        except XenStoreError as e:
+            if e.errno == errno.EACCES:
+                raise RefusedError(
+                    f"domain {peer} does not take link requests from us ({e}); is xsockd "
+                    f"running there?") from e
+            raise
+        self._add_link(link)
+        self.counters["links_opened"] += 1
+        log.info("offered link to domain %d (%d pages, event channel %d)", peer, link.pages,
+                 link.port, extra={"XSOCK_PEER": peer})
+        token = f"answer:{peer}:{link.generation}"
+        self.xs.watch(request_path(peer, self.domid), token)
+        self._timers[id(link)] = self.loop.call_later(
+            LINK_SETUP_TIMEOUT, lambda: self._setup_timeout(link))
+        return link
+
+    def _add_link(self, link: Link) -> None:
+        self.links[(link.peer, link.role)] = link
+        self.loop.add_reader(link.ring.fileno(), lambda: self._on_link_events(link))
+
+    def _setup_timeout(self, link: Link) -> None:
+        self._timers.pop(id(link), None)
+        if not link.up and not link.closed:
+            log.error("domain %d did not attach to our link within %.0f s; is xsockd running "
+                      "there?", link.peer, LINK_SETUP_TIMEOUT, extra={"XSOCK_PEER": link.peer})
+            self._drop_link(link)
+
+    def _stop_waiting(self, link: Link) -> None:
+        timer = self._timers.pop(id(link), None)
+        if timer is not None:
+            timer.cancel()
+        if link.role == Role.INITIATOR:
+            try:
+                self.xs.unwatch(request_path(link.peer, self.domid),
+                                f"answer:{link.peer}:{link.generation}")
+            except XenStoreError as e:
+                log.debug("unwatch: %s", e)
+
+    def _drop_link(self, link: Link, goodbye: bool = False) -> None:
+        if self.links.get((link.peer, link.role)) is link:
+            del self.links[(link.peer, link.role)]
+        if link.closed:
+            return
+        self._stop_waiting(link)
+        self.loop.remove_reader(link.ring.fileno())
+        link.close(goodbye)
+        for ch in [c for c in self.channels.values() if c.link is link]:
+            self._remove_channel(ch)
+
+    # ---- XenStore -----------------------------------------------------------------------
+
+    def _on_xenstore(self) -> None:
+        for ev in self.xs.read_events():
+            if ev.token == "requests":
+                self._scan_requests()
+            elif ev.token.startswith("answer:"):
+                _, peer, gen = ev.token.split(":")
+                self._check_answer(int(peer), int(gen))
+
+    def _check_answer(self, peer: int, generation: int) -> None:
+        link = self.links.get((peer, Role.INITIATOR))
+        if link is None or link.generation != generation or link.up:
+            return
+        try:
+            answer = self.xs.read(request_path(peer, self.domid)).decode("ascii", "replace")
+        except XenStoreError:
+            return
+        if answer.startswith("refused"):
+            self.counters["links_refused"] += 1
+            log.error("domain %d refused our link: %s", peer, answer[8:80] or "no reason",
+                      extra={"XSOCK_PEER": peer})
+            self._drop_link(link)
+
+    def _scan_requests(self) -> None:
+        try:
+            names = self.xs.directory(request_dir(self.domid))
+        except XenStoreError as e:
+            log.error("cannot list %s: %s", request_dir(self.domid), e)
+            return
+        for name in names[:1024]:
+            path = f"{request_dir(self.domid)}/{name}"
+            if not name.isdigit() or len(name) > 5:
+                log.warning("removing malformed link request %r", name[:40])
+                self._quiet_rm(path)
+                continue
+            self._on_request(int(name), path)
+
+    def _quiet_rm(self, path: str) -> None:
+        try:
+            self.xs.rm(path)
+        except XenStoreError as e:
+            log.debug("rm %s: %s", path, e)
+
+    def _answer(self, path: str, text: str) -> None:
+        try:
+            self.xs.write(path, text)
+        except XenStoreError as e:
+            log.debug("answer %s: %s", path, e)
+
+    def _on_request(self, peer: int, path: str) -> None:
+        try:
+            value = self.xs.read(path)
+            owner = self.xs.get_perms(path)[0].domid
+        except XenStoreError as e:
+            if e.errno != errno.ENOENT:
+                log.warning("unreadable link request from domain %d: %s", peer, e)
+            return
+        words = value.decode("ascii", "replace").split()
+        if len(words) != 2 or words[0] != "offer" or not words[1].isdigit():
+            return  # our own answer, or garbage the requester wrote into its own node
+        generation = int(words[1])
+        if self._answered.get(peer) == generation:
+            return
+        self._answered[peer] = generation
+        if owner != peer:
+            log.warning("link request %s was created by domain %d, not %d: ignored", path,
+                        owner, peer)
+            self._quiet_rm(path)
+            return
+        if peer not in self.config.daemon.peers or peer == self.domid:
+            self.counters["links_refused"] += 1
+            log.warning("refused link from domain %d: not in [daemon] peers", peer,
+                        extra={"XSOCK_PEER": peer})
+            self._answer(path, "refused not-allowed")
+            return
+        old = self.links.get((peer, Role.ACCEPTOR))
+        if old is not None:
+            log.info("domain %d offers a new link: dropping the old one", peer)
+            self._drop_link(old)
+        try:
+            offer = read_offer(self.xs, peer, self.domid)
+            if offer.generation != generation:
+                raise ProtocolError(f"offer generation {offer.generation} does not match "
+                                    f"request {generation}")
+            link = accept_link(self.backend, self.xs, peer, offer,
+                               window=self.config.link.stream_window,
+                               max_streams=self.config.link.max_streams)
+        except (ProtocolError, BackendError, OSError) as e:
+            self.counters["peer_faults"] += 1
+            log.warning("cannot attach link offered by domain %d at %s: %s", peer,
+                        offer_path(peer, self.domid), e, extra={"XSOCK_PEER": peer})
+            self._answer(path, f"refused {type(e).__name__}")
+            return
+        self._add_link(link)
+        self._answer(path, f"accepted {generation}")
+        log.info("attached link from domain %d (ring %d bytes, event channel %d)", peer,
+                 offer.ring_size, link.port, extra={"XSOCK_PEER": peer})
+
+    # ---- link events --------------------------------------------------------------------
+
+    def _on_link_events(self, link: Link) -> None:
+        for ev in link.ring.events():
+            if link.closed:
+                return
+            self._on_link_event(link, ev)
+
+    def _on_link_event(self, link: Link, ev: RingEvent) -> None:
+        peer = link.peer
+        if ev.type == EventType.PEER_UP:
+            link.up = True
+            self._stop_waiting(link)
+            log.info("link with domain %d up", peer, extra={"XSOCK_PEER": peer})
+        elif ev.type == EventType.OPEN_REQUEST:
+            self._admit(link, ev.stream, ev.name)
+        elif ev.type == EventType.OPENED:
+            ch = self._by_stream.get((id(link), ev.stream))
+            if ch:
+                ch.state = "open"
+        elif ev.type == EventType.CLOSED:
+            ch = self._by_stream.get((id(link), ev.stream))
+            reason = Reason(ev.arg) if ev.arg in Reason._value2member_map_ else ev.arg
+            if ch is not None:
+                if reason in (Reason.REFUSED, Reason.NO_SERVICE, Reason.TOO_MANY) \
+                        and ch.direction == "out":
+                    log.warning("domain %d refused stream %d: %s", peer, ch.id,
+                                Reason(reason).name.lower().replace("_", " "),
+                                extra={"XSOCK_PEER": peer, "XSOCK_CHANNEL": ch.id})
+                log.debug("channel %d closed (%s): %d bytes in, %d out", ch.id, reason,
+                          ev.bytes_in, ev.bytes_out,
+                          extra={"XSOCK_PEER": peer, "XSOCK_CHANNEL": ch.id,
+                                 "XSOCK_BYTES": ev.bytes_in + ev.bytes_out})
+                self._remove_channel(ch)
+        elif ev.type == EventType.LINK_DOWN:
+            why = {-errno.EPROTO: "the peer broke the ring protocol",
+                   -errno.ECONNRESET: "the peer went away",
+                   -errno.ESHUTDOWN: "the peer closed the link",
+                   -errno.ENOBUFS: "events were not collected"}.get(ev.arg, os.strerror(-ev.arg))
+            if ev.arg == -errno.EPROTO:
+                self.counters["peer_faults"] += 1
+            log.warning("link with domain %d down: %s", peer, why, extra={"XSOCK_PEER": peer})
+            self._drop_link(link)
+
+    def _admit(self, link: Link, stream: int, name: str) -> None:
+        """Connects the peer's new stream to the service it asked for, or refuses it."""
+        peer = link.peer
+        service = self.config.service_for(peer, name or None)
+        if service is None:
+            self.counters["streams_refused"] += 1
+            log.warning("domain %d asked for service %r: not offered to it", peer,
+                        name or "(default)", extra={"XSOCK_PEER": peer})
+            link.ring.reject_stream(stream, Reason.REFUSED)
+            return
+        sock = self._connect_service(peer, name, service)
+        if sock is None:
+            link.ring.reject_stream(stream, Reason.NO_SERVICE)
+            return
+        link.ring.accept_stream(stream, sock)
+        ch = self._add_channel(link, stream, name, "in")
+        ch.state = "open"
+
+    def _connect_service(self, peer: int, name: str, service: ServiceConfig
+                         ) -> socket.socket | None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(service.socket)
+            if service.caller_header:
+                sock.send(caller_header(peer, name))
+        except OSError as e:
+            sock.close()
+            self.counters["streams_refused"] += 1
+            log.warning("service %r at %s unreachable for domain %d: %s", name or "(default)",
+                        service.socket, peer, e.strerror or e,
+                        extra={"XSOCK_PEER": peer, "XSOCK_SERVICE": name})
+            return None
+        return sock
+
+    def _add_channel(self, link: Link, stream: int, service: str, direction: str) -> Channel:
+        ch = Channel(next(self._ids), link.peer, stream, service, direction, link)
+        self.channels[ch.id] = ch
+        self._by_stream[(id(link), stream)] = ch
+        self.counters["streams_opened"] += 1
+        return ch
+
+    def _remove_channel(self, ch: Channel) -> None:
+        self.channels.pop(ch.id, None)
+        self._by_stream.pop((id(ch.link), ch.stream), None)
+
+    # ---- queries and actions for the faces ----------------------------------------------
+
+    def close_channel(self, channel_id: int) -> None:
+        ch = self.channels.get(channel_id)
+        if ch is None:
+            raise KeyError(channel_id)
+        ch.link.ring.close_stream(ch.stream)
+
+    def status(self) -> str:
+        up = sum(1 for lk in self.links.values() if lk.up)
+        return f"{len(self.channels)} channels, {up} of {len(self.links)} links up"

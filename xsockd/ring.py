@@ -1,0 +1,222 @@
+"""Python face of the C ring core (``_ring_core``): one link's pump, commands and events.
+
+This is the only module that imports ``_ring_core``.  Calls are few and coarse: attach a link,
+hand it sockets, collect events, read statistics.  Every ``-errno`` from C becomes an OSError
+here, in one place (``_check``).
+
+Lifecycle of a ``RingLink``: created -> running (``start``) -> stopped (``stop``/``close``).
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import os
+import socket
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from xsockd._ring_core import ffi, lib  # type: ignore[import-not-found]
+
+__all__ = [
+    "FRAME_HEADER",
+    "LIVE_OFFSET",
+    "RingEvent",
+    "RingLink",
+    "Role",
+    "StreamInfo",
+    "link_pages",
+    "Reason",
+    "EventType",
+]
+
+FRAME_HEADER = lib.XSK_FRAME_HDR
+LIVE_OFFSET = lib.XSK_OFF_LIVE
+NAME_MAX = lib.XSK_NAME_MAX
+PAGE_SIZE = lib.XSK_PAGE_SIZE
+
+
+class Role(enum.IntEnum):
+    INITIATOR = lib.XSK_ROLE_INITIATOR
+    ACCEPTOR = lib.XSK_ROLE_ACCEPTOR
+
+
+class EventType(enum.IntEnum):
+    PEER_UP = lib.XSK_EV_PEER_UP
+    OPEN_REQUEST = lib.XSK_EV_OPEN_REQUEST
+    OPENED = lib.XSK_EV_OPENED
+    CLOSED = lib.XSK_EV_CLOSED
+    LINK_DOWN = lib.XSK_EV_LINK_DOWN
+
+
+class Reason(enum.IntEnum):
+    """Why a stream ended (RESET reasons on the wire, CLOSED event arguments)."""
+
+    DONE = lib.XSK_R_DONE
+    REFUSED = lib.XSK_R_REFUSED
+    NO_SERVICE = lib.XSK_R_NO_SERVICE
+    TOO_MANY = lib.XSK_R_TOO_MANY
+    ABORTED = lib.XSK_R_ABORTED
+    CLOSED = lib.XSK_R_CLOSED
+    LINK_DOWN = lib.XSK_R_LINK_DOWN
+
+
+@dataclass(frozen=True)
+class RingEvent:
+    type: EventType
+    stream: int
+    arg: int
+    bytes_in: int
+    bytes_out: int
+    name: str
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    id: int
+    state: int
+    bytes_in: int
+    bytes_out: int
+    tx_credit: int
+    rx_buffered: int
+
+
+def _check(rc: int, what: str) -> int:
+    """Returns rc if it is not a -errno; raises the matching OSError otherwise."""
+    if rc < 0:
+        raise OSError(-rc, f"{what}: {os.strerror(-rc)}")
+    return rc
+
+
+def link_pages(ring_size: int) -> int:
+    """Returns how many pages a link with ``ring_size`` bytes per direction shares."""
+    return _check(lib.xsk_link_pages(ring_size), f"ring size {ring_size}")
+
+
+class RingLink:
+    """One attached link: the shared control page, two rings and a pump thread.
+
+    ``control`` is the control page, ``rings`` the 2 * ring_size bytes of ring 0 then ring 1.
+    ``evtchn`` is a ``backend.EventChannel``.  The buffers must outlive this object; it keeps
+    references to them.
+    """
+
+    def __init__(self, *, control: Any, rings: Any, ring_size: int, role: Role, evtchn: Any,
+                 window: int, max_streams: int) -> None:
+        self._ptr = ffi.NULL
+        self._control = ffi.from_buffer(control, require_writable=True)
+        self._rings = ffi.from_buffer(rings, require_writable=True)
+        if len(self._control) < PAGE_SIZE or len(self._rings) < 2 * ring_size:
+            raise ValueError("shared buffers are smaller than the link geometry")
+        params = ffi.new("struct xsk_link_params *")
+        params.control = self._control
+        params.ring0 = self._rings
+        params.ring1 = self._rings + ring_size
+        params.ring_size = ring_size
+        params.role = int(role)
+        if evtchn.kind == "eventfd":
+            params.evtchn_kind = lib.XSK_EVTCHN_EVENTFD
+            params.evtchn_notify_fd = evtchn.notify_fd
+        else:
+            params.evtchn_kind = lib.XSK_EVTCHN_XEN
+            params.evtchn_notify_fd = -1
+        params.evtchn_fd = evtchn.fd
+        params.evtchn_port = evtchn.port
+        params.stream_window = window
+        params.max_streams = max_streams
+        out = ffi.new("struct xsk_link **")
+        _check(lib.xsk_link_new(params, out), "attaching the link")
+        self._ptr = out[0]
+        self.role = role
+        self.ring_size = ring_size
+        self._events = ffi.new("struct xsk_event[]", 256)
+        self._running = False
+
+    def __repr__(self) -> str:
+        state = "closed" if self._ptr == ffi.NULL else ("running" if self._running else "idle")
+        return f"<RingLink {self.role.name.lower()} ring={self.ring_size} {state}>"
+
+    def _live(self) -> Any:
+        if self._ptr == ffi.NULL:
+            raise OSError(errno.EBADF, "the link is closed")
+        return self._ptr
+
+    def start(self) -> None:
+        """Starts the pump thread; it marks us live and notifies the peer."""
+        _check(lib.xsk_link_start(self._live()), "starting the pump")
+        self._running = True
+
+    def fileno(self) -> int:
+        """Returns the eventfd that is readable when ``events()`` has something."""
+        return int(lib.xsk_link_event_fd(self._live()))
+
+    def open_stream(self, sock: socket.socket, service: str) -> int:
+        """Returns the id of a new stream carrying ``sock`` (the link now owns it)."""
+        ident = ffi.new("uint32_t *")
+        fd = sock.detach()
+        _check(lib.xsk_link_open_stream(self._live(), fd, service.encode(), ident),
+               "opening a stream")
+        return int(ident[0])
+
+    def accept_stream(self, stream: int, sock: socket.socket) -> None:
+        """Accepts the peer's stream ``stream`` onto ``sock`` (the link now owns it)."""
+        _check(lib.xsk_link_accept_stream(self._live(), stream, sock.detach()),
+               "accepting a stream")
+
+    def reject_stream(self, stream: int, reason: Reason) -> None:
+        _check(lib.xsk_link_reject_stream(self._live(), stream, int(reason)),
+               "rejecting a stream")
+
+    def close_stream(self, stream: int) -> None:
+        _check(lib.xsk_link_close_stream(self._live(), stream), "closing a stream")
+
+    def events(self) -> list[RingEvent]:
+        """Returns the events that have arrived, without blocking."""
+        out: list[RingEvent] = []
+        while True:
+            n = lib.xsk_link_events(self._live(), self._events, len(self._events))
+            for i in range(n):
+                e = self._events[i]
+                out.append(RingEvent(EventType(e.type), e.stream, e.arg, e.bytes_in,
+                                     e.bytes_out, ffi.string(e.name).decode()))
+            if n < len(self._events):
+                return out
+
+    def stats(self) -> dict[str, int]:
+        """Returns the link's counters (bytes, frames, notifications, wakeups, streams)."""
+        st = ffi.new("struct xsk_link_stats *")
+        lib.xsk_link_stats(self._live(), st)
+        return {k: int(getattr(st, k)) for k in (
+            "bytes_in", "bytes_out", "frames_in", "frames_out", "notify_sent", "wakeups",
+            "streams", "peer_live")}
+
+    def streams(self) -> list[StreamInfo]:
+        """Returns a snapshot of the link's open streams."""
+        cap = 1024
+        while True:
+            buf = ffi.new("struct xsk_stream_info[]", cap)
+            n = lib.xsk_link_streams(self._live(), buf, cap)
+            if n < cap:
+                return [StreamInfo(b.id, b.state, b.bytes_in, b.bytes_out, b.tx_credit,
+                                   b.rx_buffered) for b in buf[0:n]]
+            cap *= 4
+
+    def stop(self, goodbye: bool = False) -> None:
+        """Stops the pump (blocking, without the GIL) and closes every stream's socket."""
+        if self._ptr != ffi.NULL:
+            lib.xsk_link_stop(self._ptr, int(goodbye))
+            self._running = False
+
+    def close(self) -> None:
+        """Stops the pump and frees the link.  Idempotent."""
+        if self._ptr != ffi.NULL:
+            lib.xsk_link_free(self._ptr)
+            self._ptr = ffi.NULL
+            self._running = False
+        self._control = self._rings = None
+
+    def __del__(self) -> None:
+        if getattr(self, "_ptr", ffi.NULL) != ffi.NULL:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
+            self.close()

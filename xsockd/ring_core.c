@@ -1,0 +1,1360 @@
+/*
+ * ring_core.c - xsockd's data plane.  See ring_core.h for the shared-memory layout and
+ * docs/PROTOCOL.md for the protocol.
+ *
+ * One pump thread per link moves bytes between the application sockets of the link's streams
+ * and the two shared rings, reading from a socket straight into ring memory and writing to a
+ * socket straight out of it.  Python only sends commands (open/accept/reject/close a stream,
+ * stop) through a locked queue and an eventfd, and collects events (stream opened/closed, link
+ * down) from another queue whose eventfd it polls.
+ *
+ * The peer is untrusted.  Every index and frame header it writes is read once into a local,
+ * checked, and only the local is used; a violation stops this link with -EPROTO.  Payload
+ * bytes are opaque: they are copied between sockets and the ring but never steer the code.
+ */
+#define _GNU_SOURCE
+#include "ring_core.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+/* ---- barriers: C11 atomics on shared memory ------------------------------------------- */
+
+/* Acquire: what the peer wrote before publishing this index is visible after reading it. */
+#define load_acquire(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+/* Release: everything we wrote (frame data, or our reads of consumed frames) is ordered
+ * before the peer can observe this index. */
+#define store_release(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+/* Full fence between "publish index" and "read the peer's wants-notify flag" (and between
+ * "set our flag" and "re-read the index") so that neither side can miss the other's update. */
+#define full_fence() __atomic_thread_fence(__ATOMIC_SEQ_CST)
+#define relaxed_add(p, v) __atomic_fetch_add((p), (v), __ATOMIC_RELAXED)
+#define relaxed_load(p) __atomic_load_n((p), __ATOMIC_RELAXED)
+
+/* ---- shared layout ---------------------------------------------------------------------- */
+
+/* Indices of one ring, in the control page.  Producer and consumer halves sit on separate
+ * cache lines so that the two sides do not write the same line. */
+struct xsk_ring_shr {
+    uint32_t prod;       /* written by the producer only: bytes ever produced */
+    uint32_t prod_wants; /* set to 1 by the producer when it waits for space; the consumer
+                            swaps it to 0 and notifies after freeing space */
+    uint8_t pad0[56];
+    uint32_t cons;       /* written by the consumer only: bytes ever consumed */
+    uint32_t cons_wants; /* set to 1 by the consumer when it waits for data; the producer
+                            swaps it to 0 and notifies after producing */
+    uint8_t pad1[56];
+};
+
+_Static_assert(sizeof(struct xsk_ring_shr) == 128, "ring indices take two cache lines");
+_Static_assert(XSK_OFF_RING1 == XSK_OFF_RING0 + 128, "ring 1 follows ring 0");
+
+struct xsk_frame {
+    uint32_t stream;
+    uint16_t type;
+    uint16_t flags; /* 0; reserved */
+    uint32_t len;   /* payload bytes following the header */
+    uint32_t arg;
+};
+
+_Static_assert(sizeof(struct xsk_frame) == XSK_FRAME_HDR, "frame header is 16 bytes");
+
+#define ALIGN16(n) (((n) + 15u) & ~15u)
+#define MAX_WINDOW (16u << 20)
+#define MAX_EVENTS_QUEUED 65536
+#define HOLD_SCAN_MAX 64
+#define ORPHAN_RESETS 64
+#define SAFETY_TIMEOUT_MS 1000
+
+/* Linux uapi xen/evtchn.h: IOCTL_EVTCHN_NOTIFY = _IOC(_IOC_NONE, 'E', 4, sizeof(struct)) */
+struct xsk_ioctl_evtchn_notify {
+    unsigned int port;
+};
+#define XSK_IOCTL_EVTCHN_NOTIFY 0x00044504u
+
+/* ---- private state ------------------------------------------------------------------- */
+
+struct ring {
+    struct xsk_ring_shr *shr;  /* indices in shared memory */
+    uint8_t *data_shr;         /* ring bytes in shared memory */
+    uint32_t size, mask;       /* cached at attach; never read from shared memory */
+    uint32_t pvt;              /* our own index: prod of the tx ring, cons of the rx ring */
+};
+
+enum stream_state {
+    ST_OPENING = 1,   /* we sent OPEN, waiting for ACCEPT or RESET */
+    ST_ACCEPTING = 2, /* peer sent OPEN, Python decides */
+    ST_OPEN = 3,
+    ST_HALF = 4,      /* informational: one direction finished */
+    ST_ZOMBIE = 5,    /* fd closed, a RESET still to be sent */
+};
+
+struct stream {
+    uint32_t id;
+    int fd;
+    uint32_t state;
+    unsigned readable : 1, rd_eof : 1, fin_sent : 1, peer_fin : 1, wr_shut : 1, wr_dead : 1;
+    unsigned on_ready : 1, on_ctl : 1, hol : 1;
+    unsigned ctl_open : 1, ctl_accept : 1, ctl_credit : 1, ctl_fin : 1, ctl_reset : 1;
+    uint32_t reset_reason;
+    uint32_t tx_credit;     /* bytes we may still send */
+    uint32_t peer_window;   /* the window the peer granted us (caps tx_credit) */
+    uint32_t rx_inflight;   /* bytes the peer sent that we have not credited back */
+    uint32_t rx_uncredited; /* of those, delivered to the application */
+    uint8_t *pend;          /* bytes for the application that its socket did not take */
+    uint32_t pend_off, pend_len;
+    uint64_t bytes_in, bytes_out; /* relaxed atomics: read by xsk_link_streams */
+    char name[XSK_NAME_MAX + 1];
+    struct stream *ready_prev, *ready_next, *ctl_next;
+};
+
+enum cmd_type { CMD_OPEN = 1, CMD_ACCEPT, CMD_REJECT, CMD_CLOSE, CMD_STOP };
+
+struct cmd {
+    enum cmd_type type;
+    uint32_t id;
+    int fd;
+    uint32_t arg;
+    char name[XSK_NAME_MAX + 1];
+    struct cmd *next;
+};
+
+struct xsk_link {
+    uint8_t *live_shr;         /* live[2] in the control page */
+    struct ring tx, rx;
+    uint32_t role;
+    uint32_t evtchn_kind;
+    int evtchn_fd, evtchn_notify_fd;
+    uint32_t evtchn_port;
+    uint32_t window, max_streams;
+    uint32_t ctl_reserve;      /* tx bytes kept free of DATA for control frames */
+
+    int epfd, cmd_fd, ev_fd;
+    pthread_t thread;
+    int started, stopped;
+
+    /* stream table: linear probing, backward-shift deletion; written by the pump only,
+     * under table_lock so that xsk_link_streams can read it. */
+    pthread_mutex_t table_lock;
+    struct stream **table;
+    uint32_t table_mask, nstreams;
+    uint32_t next_id;          /* our next stream id (odd for the initiator, even otherwise) */
+
+    struct stream ready_head;  /* streams with readable data, credit and no pending control */
+    struct stream *ctl_head, *ctl_tail;
+    struct { uint32_t id, reason; } orphan[ORPHAN_RESETS];
+    uint32_t norphan;
+
+    /* the rx frame at the head of the ring, copied once from shared memory */
+    struct { int valid, first; struct xsk_frame hdr; uint32_t done; } head;
+    uint32_t rx_seen_prod;     /* the peer's prod as of our last rx_consume */
+
+    int peer_up;
+    int want_notify_tx, want_notify_rx;
+
+    pthread_mutex_t cmd_lock;
+    struct cmd *cmd_head, *cmd_tail;
+
+    pthread_mutex_t ev_lock;
+    struct xsk_event *events;
+    uint32_t ev_head, ev_count, ev_cap;
+    int ev_overflow;
+
+    struct xsk_link_stats stats; /* relaxed atomics */
+};
+
+/* ---- small helpers ------------------------------------------------------------------- */
+
+static int set_nonblock(int fd)
+{
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0)
+        return -errno;
+    return 0;
+}
+
+static uint8_t *peer_live(struct xsk_link *l) { return &l->live_shr[l->role ^ 1]; }
+static uint8_t *own_live(struct xsk_link *l) { return &l->live_shr[l->role]; }
+
+static int is_peer_id(struct xsk_link *l, uint32_t id)
+{
+    /* The initiator opens odd ids, the acceptor even ones; 0 is the link itself. */
+    return id != 0 && (id & 1u) == (l->role == XSK_ROLE_INITIATOR ? 0u : 1u);
+}
+
+static void evtchn_notify(struct xsk_link *l)
+{
+    relaxed_add(&l->stats.notify_sent, 1);
+    if (l->evtchn_kind == XSK_EVTCHN_EVENTFD) {
+        uint64_t one = 1;
+        ssize_t r = write(l->evtchn_notify_fd, &one, sizeof(one));
+        (void)r; /* EAGAIN: the counter is saturated, the peer is already signalled */
+    } else {
+        struct xsk_ioctl_evtchn_notify n = { l->evtchn_port };
+        (void)ioctl(l->evtchn_fd, XSK_IOCTL_EVTCHN_NOTIFY, &n);
+    }
+}
+
+static void evtchn_clear(struct xsk_link *l)
+{
+    if (l->evtchn_kind == XSK_EVTCHN_EVENTFD) {
+        uint64_t v;
+        ssize_t r = read(l->evtchn_fd, &v, sizeof(v));
+        (void)r;
+    } else {
+        /* /dev/xen/evtchn: read the fired ports, write them back to unmask them. */
+        uint32_t ports[16];
+        ssize_t n = read(l->evtchn_fd, ports, sizeof(ports));
+        if (n > 0) {
+            ssize_t w = write(l->evtchn_fd, ports, (size_t)n & ~(size_t)3);
+            (void)w;
+        }
+    }
+}
+
+/* ---- events to Python ------------------------------------------------------------------ */
+
+static void push_event(struct xsk_link *l, uint32_t type, struct stream *s, uint32_t id,
+                       int32_t arg)
+{
+    pthread_mutex_lock(&l->ev_lock);
+    if (l->ev_count == l->ev_cap) {
+        uint32_t ncap = l->ev_cap ? l->ev_cap * 2 : 64;
+        struct xsk_event *ne = ncap <= MAX_EVENTS_QUEUED ? malloc(ncap * sizeof(*ne)) : NULL;
+        if (!ne) {
+            l->ev_overflow = 1; /* Python stopped draining: the pump gives up on the link */
+            pthread_mutex_unlock(&l->ev_lock);
+            return;
+        }
+        for (uint32_t i = 0; i < l->ev_count; i++)
+            ne[i] = l->events[(l->ev_head + i) % l->ev_cap];
+        free(l->events);
+        l->events = ne;
+        l->ev_head = 0;
+        l->ev_cap = ncap;
+    }
+    struct xsk_event *e = &l->events[(l->ev_head + l->ev_count) % l->ev_cap];
+    memset(e, 0, sizeof(*e));
+    e->type = type;
+    e->stream = id;
+    e->arg = arg;
+    if (s) {
+        e->bytes_in = relaxed_load(&s->bytes_in);
+        e->bytes_out = relaxed_load(&s->bytes_out);
+        memcpy(e->name, s->name, sizeof(e->name));
+    }
+    l->ev_count++;
+    pthread_mutex_unlock(&l->ev_lock);
+    uint64_t one = 1;
+    ssize_t r = write(l->ev_fd, &one, sizeof(one));
+    (void)r;
+}
+
+/* ---- stream table ---------------------------------------------------------------------- */
+
+static uint32_t slot_of(struct xsk_link *l, uint32_t id)
+{
+    return (id * 2654435761u) & l->table_mask;
+}
+
+static struct stream *lookup(struct xsk_link *l, uint32_t id)
+{
+    for (uint32_t i = slot_of(l, id);; i = (i + 1) & l->table_mask) {
+        struct stream *s = l->table[i];
+        if (!s || s->id == id)
+            return s;
+    }
+}
+
+static void table_insert(struct xsk_link *l, struct stream *s)
+{
+    pthread_mutex_lock(&l->table_lock);
+    uint32_t i = slot_of(l, s->id);
+    while (l->table[i])
+        i = (i + 1) & l->table_mask;
+    l->table[i] = s;
+    l->nstreams++;
+    pthread_mutex_unlock(&l->table_lock);
+}
+
+static void table_remove(struct xsk_link *l, struct stream *s)
+{
+    pthread_mutex_lock(&l->table_lock);
+    uint32_t i = slot_of(l, s->id);
+    while (l->table[i] != s)
+        i = (i + 1) & l->table_mask;
+    l->table[i] = NULL;
+    /* Backward-shift: move later entries of the probe run into the hole. */
+    for (uint32_t j = (i + 1) & l->table_mask; l->table[j]; j = (j + 1) & l->table_mask) {
+        uint32_t home = slot_of(l, l->table[j]->id);
+        if (((j - home) & l->table_mask) >= ((j - i) & l->table_mask)) {
+            l->table[i] = l->table[j];
+            l->table[j] = NULL;
+            i = j;
+        }
+    }
+    l->nstreams--;
+    pthread_mutex_unlock(&l->table_lock);
+}
+
+/* ---- stream lists ---------------------------------------------------------------------- */
+
+static int can_send_data(struct stream *s)
+{
+    return (s->state == ST_OPEN || s->state == ST_HALF) && s->fd >= 0 && !s->rd_eof &&
+           s->tx_credit > 0 && !s->ctl_accept && !s->ctl_reset;
+}
+
+static void ready_update(struct xsk_link *l, struct stream *s)
+{
+    int want = s->readable && can_send_data(s);
+    if (want && !s->on_ready) {
+        s->ready_prev = l->ready_head.ready_prev;
+        s->ready_next = &l->ready_head;
+        l->ready_head.ready_prev->ready_next = s;
+        l->ready_head.ready_prev = s;
+        s->on_ready = 1;
+    } else if (!want && s->on_ready) {
+        s->ready_prev->ready_next = s->ready_next;
+        s->ready_next->ready_prev = s->ready_prev;
+        s->on_ready = 0;
+    }
+}
+
+static void ctl_queue(struct xsk_link *l, struct stream *s)
+{
+    if (s->on_ctl)
+        return;
+    s->on_ctl = 1;
+    s->ctl_next = NULL;
+    if (l->ctl_tail)
+        l->ctl_tail->ctl_next = s;
+    else
+        l->ctl_head = s;
+    l->ctl_tail = s;
+}
+
+static struct stream *stream_new(struct xsk_link *l, uint32_t id, int fd, const char *name)
+{
+    struct stream *s = calloc(1, sizeof(*s));
+    if (!s)
+        return NULL;
+    s->id = id;
+    s->fd = fd;
+    if (name)
+        strncpy(s->name, name, XSK_NAME_MAX);
+    table_insert(l, s);
+    return s;
+}
+
+static void stream_free(struct xsk_link *l, struct stream *s)
+{
+    s->readable = 0;
+    ready_update(l, s);
+    table_remove(l, s);
+    free(s->pend);
+    free(s);
+}
+
+static void close_fd(struct xsk_link *l, struct stream *s)
+{
+    if (s->fd >= 0) {
+        epoll_ctl(l->epfd, EPOLL_CTL_DEL, s->fd, NULL);
+        close(s->fd);
+        s->fd = -1;
+    }
+    s->readable = 0;
+    ready_update(l, s);
+}
+
+/* Ends a stream locally with a reason; tells the peer with RESET when send_reset. */
+static void stream_end(struct xsk_link *l, struct stream *s, uint32_t reason, int send_reset)
+{
+    int had_fd = s->fd >= 0;
+    close_fd(l, s);
+    if (had_fd || s->state == ST_OPENING)
+        push_event(l, XSK_EV_CLOSED, s, s->id, (int32_t)reason);
+    if (send_reset) {
+        s->state = ST_ZOMBIE;
+        s->ctl_reset = 1;
+        s->reset_reason = reason;
+        ctl_queue(l, s);
+    } else if (!s->on_ctl) {
+        stream_free(l, s);
+    } else {
+        s->state = ST_ZOMBIE; /* freed once its queued control frames are out */
+    }
+}
+
+static void check_done(struct xsk_link *l, struct stream *s)
+{
+    if (s->fin_sent && s->wr_shut && s->fd >= 0)
+        stream_end(l, s, XSK_R_DONE, 0);
+    else if ((s->fin_sent || s->wr_shut) && s->state == ST_OPEN)
+        s->state = ST_HALF;
+}
+
+static int stream_watch(struct xsk_link *l, struct stream *s)
+{
+    struct epoll_event ev = { .events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
+                              .data.u64 = ((uint64_t)3 << 32) | s->id };
+    int rc = set_nonblock(s->fd);
+    if (rc < 0)
+        return rc;
+    if (epoll_ctl(l->epfd, EPOLL_CTL_ADD, s->fd, &ev) < 0)
+        return -errno;
+    s->readable = 1; /* optimistic: a read will say EAGAIN if not */
+    return 0;
+}
+
+/* ---- delivery to the application ------------------------------------------------------ */
+
+static void delivered(struct xsk_link *l, struct stream *s, uint32_t n)
+{
+    relaxed_add(&s->bytes_in, n);
+    relaxed_add(&l->stats.bytes_in, n);
+    s->rx_uncredited += n;
+    /* Credit back in quarters of the window: few CREDIT frames, and the sender never waits
+     * for more than a quarter of its window to come back. */
+    if (s->rx_uncredited >= l->window / 4 && !s->ctl_credit) {
+        s->ctl_credit = 1;
+        ctl_queue(l, s);
+    }
+}
+
+/* Returns bytes written (>= 0), -EAGAIN when the socket is full, or another -errno. */
+static ssize_t send_iov(int fd, struct iovec *iov, int n)
+{
+    struct msghdr mh = { .msg_iov = iov, .msg_iovlen = (size_t)n };
+    ssize_t r = sendmsg(fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (r < 0)
+        return errno == EWOULDBLOCK ? -EAGAIN : -errno;
+    return r;
+}
+
+static void app_write_failed(struct xsk_link *l, struct stream *s)
+{
+    /* The application no longer reads: drop what is in flight to it and abort the stream. */
+    s->wr_dead = 1;
+    free(s->pend);
+    s->pend = NULL;
+    s->pend_len = s->pend_off = 0;
+    stream_end(l, s, XSK_R_ABORTED, 1);
+}
+
+/* Writes buffered bytes to the application; finishes a pending half-close. */
+static void flush_pending(struct xsk_link *l, struct stream *s)
+{
+    while (s->pend_len && s->fd >= 0) {
+        struct iovec iov = { s->pend + s->pend_off, s->pend_len };
+        ssize_t n = send_iov(s->fd, &iov, 1);
+        if (n == -EAGAIN)
+            return;
+        if (n < 0) {
+            app_write_failed(l, s);
+            return;
+        }
+        s->pend_off += (uint32_t)n;
+        s->pend_len -= (uint32_t)n;
+        delivered(l, s, (uint32_t)n);
+    }
+    if (s->fd >= 0 && s->pend_len == 0) {
+        free(s->pend); /* a stalled reader's buffer is released once drained */
+        s->pend = NULL;
+        s->pend_off = 0;
+        if (s->peer_fin && !s->wr_shut) {
+            shutdown(s->fd, SHUT_WR);
+            s->wr_shut = 1;
+            check_done(l, s);
+        }
+    }
+}
+
+static int append_pending(struct xsk_link *l, struct stream *s, const uint8_t *a, uint32_t alen,
+                          const uint8_t *b, uint32_t blen)
+{
+    /* Bounded: pending bytes are part of rx_inflight, which never exceeds the window. */
+    if (!s->pend) {
+        s->pend = malloc(l->window);
+        if (!s->pend)
+            return -ENOMEM;
+        s->pend_off = s->pend_len = 0;
+    }
+    if (s->pend_off + s->pend_len + alen + blen > l->window) {
+        memmove(s->pend, s->pend + s->pend_off, s->pend_len);
+        s->pend_off = 0;
+    }
+    if (s->pend_off + s->pend_len + alen + blen > l->window)
+        return -EPROTO;
+    memcpy(s->pend + s->pend_off + s->pend_len, a, alen);
+    memcpy(s->pend + s->pend_off + s->pend_len + alen, b, blen);
+    s->pend_len += alen + blen;
+    return 0;
+}
+
+/* ---- the rx ring: frames from the peer ------------------------------------------------- */
+
+/* Splits payload bytes [from, from+len) of the frame at index idx into up to two pieces. */
+static int payload_iov(struct ring *r, uint32_t idx, uint32_t from, uint32_t len,
+                       struct iovec iov[2])
+{
+    uint32_t off = (idx + XSK_FRAME_HDR + from) & r->mask;
+    uint32_t first = r->size - off;
+    if (first >= len) {
+        iov[0] = (struct iovec){ r->data_shr + off, len };
+        return 1;
+    }
+    iov[0] = (struct iovec){ r->data_shr + off, first };
+    iov[1] = (struct iovec){ r->data_shr, len - first };
+    return 2;
+}
+
+/* Returns 1 if every frame after the head up to prod is DATA of stream id: holding the head
+ * in the ring then blocks nobody else.  A hint only: frames are validated when consumed. */
+static int only_stream_behind(struct xsk_link *l, uint32_t prod, uint32_t id)
+{
+    struct ring *r = &l->rx;
+    uint32_t idx = r->pvt + XSK_FRAME_HDR + ALIGN16(l->head.hdr.len);
+    for (int i = 0; i < HOLD_SCAN_MAX; i++) {
+        if (idx == prod)
+            return 1;
+        struct xsk_frame f;
+        memcpy(&f, r->data_shr + (idx & r->mask), sizeof(f));
+        if (f.type != XSK_F_DATA || f.stream != id || f.len > r->size)
+            return 0;
+        uint32_t step = XSK_FRAME_HDR + ALIGN16(f.len);
+        if (step > prod - idx)
+            return 0;
+        idx += step;
+    }
+    return 0;
+}
+
+/* Returns 1 when the head frame is consumed, 0 when it must stay (its reader is full), or
+ * -errno when the peer broke the protocol. */
+static int rx_data(struct xsk_link *l, uint32_t prod)
+{
+    struct xsk_frame *h = &l->head.hdr;
+    struct stream *s = lookup(l, h->stream);
+    if (!s || s->state == ST_ZOMBIE || s->wr_dead)
+        return 1; /* in flight when we reset the stream: discard */
+    if (s->state == ST_OPENING || s->state == ST_ACCEPTING || s->peer_fin)
+        return -EPROTO;
+    if (l->head.first) {
+        if (h->len > l->window - s->rx_inflight)
+            return -EPROTO; /* more than the credit we granted */
+        s->rx_inflight += h->len;
+        l->head.first = 0;
+    }
+    uint32_t left = h->len - l->head.done;
+    if (s->fd < 0 || left == 0)
+        return 1;
+    struct iovec iov[2];
+    if (s->pend_len == 0) {
+        int n = payload_iov(&l->rx, l->rx.pvt, l->head.done, left, iov);
+        ssize_t w = send_iov(s->fd, iov, n);
+        if (w < 0 && w != -EAGAIN) {
+            app_write_failed(l, s);
+            return 1;
+        }
+        if (w > 0) {
+            l->head.done += (uint32_t)w;
+            delivered(l, s, (uint32_t)w);
+            left -= (uint32_t)w;
+        }
+        if (left == 0)
+            return 1;
+        if (only_stream_behind(l, prod, s->id)) {
+            s->hol = 1; /* wait for EPOLLOUT with the bytes still in the ring: no copy */
+            return 0;
+        }
+    }
+    /* Others are queued behind this stream: copy its bytes out so that they can proceed. */
+    int n = payload_iov(&l->rx, l->rx.pvt, l->head.done, left, iov);
+    int rc = append_pending(l, s, iov[0].iov_base, (uint32_t)iov[0].iov_len,
+                            n == 2 ? iov[1].iov_base : NULL, n == 2 ? (uint32_t)iov[1].iov_len : 0);
+    s->hol = 0;
+    return rc < 0 ? rc : 1;
+}
+
+static int valid_name(const char *p, uint32_t len)
+{
+    for (uint32_t i = 0; i < len; i++) {
+        char c = p[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '_' || c == '-' || c == '.'))
+            return 0;
+    }
+    return 1;
+}
+
+static void orphan_reset(struct xsk_link *l, uint32_t id, uint32_t reason)
+{
+    if (l->norphan < ORPHAN_RESETS) {
+        l->orphan[l->norphan].id = id;
+        l->orphan[l->norphan].reason = reason;
+        l->norphan++;
+    } /* else: the peer floods us with opens; it gets no answer for these */
+}
+
+static int rx_frame(struct xsk_link *l, uint32_t prod)
+{
+    struct xsk_frame *h = &l->head.hdr;
+    struct stream *s;
+    if (h->type != XSK_F_DATA && h->type != XSK_F_OPEN && h->len != 0)
+        return -EPROTO;
+    switch (h->type) {
+    case XSK_F_DATA:
+        return rx_data(l, prod);
+    case XSK_F_OPEN: {
+        char name[XSK_NAME_MAX + 1];
+        struct iovec iov[2];
+        if (!is_peer_id(l, h->stream) || lookup(l, h->stream) || h->len > XSK_NAME_MAX ||
+            h->arg == 0 || h->arg > MAX_WINDOW)
+            return -EPROTO;
+        int n = payload_iov(&l->rx, l->rx.pvt, 0, h->len, iov);
+        memcpy(name, iov[0].iov_base, iov[0].iov_len);
+        if (n == 2)
+            memcpy(name + iov[0].iov_len, iov[1].iov_base, iov[1].iov_len);
+        name[h->len] = 0;
+        if (!valid_name(name, h->len))
+            return -EPROTO;
+        if (l->nstreams >= l->max_streams) {
+            orphan_reset(l, h->stream, XSK_R_TOO_MANY);
+            return 1;
+        }
+        s = stream_new(l, h->stream, -1, name);
+        if (!s)
+            return -ENOMEM;
+        s->state = ST_ACCEPTING;
+        s->peer_window = s->tx_credit = h->arg;
+        push_event(l, XSK_EV_OPEN_REQUEST, s, s->id, 0);
+        return 1;
+    }
+    case XSK_F_ACCEPT:
+        s = lookup(l, h->stream);
+        if (!s || is_peer_id(l, h->stream))
+            return -EPROTO;
+        if (s->state == ST_ZOMBIE)
+            return 1; /* we closed it meanwhile; our RESET is on its way */
+        if (s->state != ST_OPENING || h->arg == 0 || h->arg > MAX_WINDOW)
+            return -EPROTO;
+        s->state = ST_OPEN;
+        s->peer_window = s->tx_credit = h->arg;
+        push_event(l, XSK_EV_OPENED, s, s->id, 0);
+        ready_update(l, s);
+        return 1;
+    case XSK_F_CREDIT:
+        s = lookup(l, h->stream);
+        if (!s || s->state == ST_ZOMBIE)
+            return 1;
+        if (s->state == ST_OPENING || s->state == ST_ACCEPTING ||
+            h->arg > s->peer_window - s->tx_credit)
+            return -EPROTO; /* more credit than data we sent */
+        s->tx_credit += h->arg;
+        ready_update(l, s);
+        return 1;
+    case XSK_F_FIN:
+        s = lookup(l, h->stream);
+        if (!s || s->state == ST_ZOMBIE || s->wr_dead)
+            return 1;
+        if (s->state == ST_OPENING || s->state == ST_ACCEPTING || s->peer_fin)
+            return -EPROTO;
+        s->peer_fin = 1;
+        flush_pending(l, s); /* half-closes the socket once its buffer is drained */
+        return 1;
+    case XSK_F_RESET:
+        s = lookup(l, h->stream);
+        if (!s)
+            return 1;
+        if (s->state == ST_ZOMBIE) {
+            s->ctl_reset = 0; /* both sides reset: nothing more to say */
+            if (!s->on_ctl)
+                stream_free(l, s);
+            return 1;
+        }
+        stream_end(l, s, h->arg <= XSK_R_LINK_DOWN ? h->arg : XSK_R_ABORTED, 0);
+        return 1;
+    case XSK_F_GOODBYE:
+        return h->stream == 0 ? -ESHUTDOWN : -EPROTO;
+    default:
+        return -EPROTO;
+    }
+}
+
+/* Consumes frames from the rx ring.  Returns >0 on progress, 0 if none, -errno to stop. */
+static int rx_consume(struct xsk_link *l)
+{
+    struct ring *r = &l->rx;
+    uint32_t prod = load_acquire(&r->shr->prod); /* pairs with the peer's store_release */
+    uint32_t fill = prod - r->pvt;
+    int progress = 0;
+    if (fill > r->size || (fill & 15u))
+        return -EPROTO;
+    l->rx_seen_prod = prod;
+    while (r->pvt != prod) {
+        if (!l->head.valid) {
+            /* Copy the header once; from here on only the copy is used. */
+            memcpy(&l->head.hdr, r->data_shr + (r->pvt & r->mask), sizeof(l->head.hdr));
+            uint32_t len = l->head.hdr.len;
+            if (len > r->size - XSK_FRAME_HDR || XSK_FRAME_HDR + ALIGN16(len) > prod - r->pvt)
+                return -EPROTO;
+            l->head.valid = 1;
+            l->head.first = 1;
+            l->head.done = 0;
+            relaxed_add(&l->stats.frames_in, 1);
+        }
+        int rc = rx_frame(l, prod);
+        if (rc < 0)
+            return rc;
+        if (rc == 0)
+            break;
+        r->pvt += XSK_FRAME_HDR + ALIGN16(l->head.hdr.len);
+        l->head.valid = 0;
+        /* Our reads of the frame happen before the producer may reuse its space. */
+        store_release(&r->shr->cons, r->pvt);
+        l->want_notify_rx = 1;
+        progress = 1;
+    }
+    return progress;
+}
+
+/* ---- the tx ring: frames to the peer --------------------------------------------------- */
+
+/* Returns free bytes in the tx ring, or -EPROTO if the peer's cons is impossible. */
+static int64_t tx_free(struct xsk_link *l)
+{
+    struct ring *r = &l->tx;
+    uint32_t cons = load_acquire(&r->shr->cons); /* the peer finished reading before this */
+    uint32_t used = r->pvt - cons;
+    if (used > r->size)
+        return -EPROTO;
+    return (int64_t)(r->size - used);
+}
+
+static void tx_put(struct xsk_link *l, uint32_t id, uint16_t type, uint32_t arg,
+                   const char *payload, uint32_t len)
+{
+    struct ring *r = &l->tx;
+    struct xsk_frame f = { .stream = id, .type = type, .len = len, .arg = arg };
+    memcpy(r->data_shr + (r->pvt & r->mask), &f, sizeof(f));
+    if (len) {
+        struct iovec iov[2];
+        int n = payload_iov(r, r->pvt, 0, len, iov);
+        memcpy(iov[0].iov_base, payload, iov[0].iov_len);
+        if (n == 2)
+            memcpy(iov[1].iov_base, payload + iov[0].iov_len, iov[1].iov_len);
+    }
+    r->pvt += XSK_FRAME_HDR + ALIGN16(len);
+    store_release(&r->shr->prod, r->pvt); /* frame bytes before prod */
+    relaxed_add(&l->stats.frames_out, 1);
+    l->want_notify_tx = 1;
+}
+
+/* Sends queued control frames.  Returns >0 on progress, 0 if none or blocked, -errno. */
+static int tx_control(struct xsk_link *l)
+{
+    int progress = 0;
+    int64_t fr = tx_free(l);
+    if (fr < 0)
+        return (int)fr;
+    while (l->norphan && fr >= XSK_FRAME_HDR) {
+        l->norphan--;
+        tx_put(l, l->orphan[l->norphan].id, XSK_F_RESET, l->orphan[l->norphan].reason, NULL, 0);
+        fr -= XSK_FRAME_HDR;
+        progress = 1;
+    }
+    while (l->ctl_head) {
+        struct stream *s = l->ctl_head;
+        uint32_t need = XSK_FRAME_HDR * 4 + ALIGN16(XSK_NAME_MAX);
+        if (fr < need)
+            break;
+        if (s->ctl_open) {
+            uint32_t nl = (uint32_t)strlen(s->name);
+            tx_put(l, s->id, XSK_F_OPEN, l->window, s->name, nl);
+            s->ctl_open = 0;
+        }
+        if (s->ctl_accept) {
+            tx_put(l, s->id, XSK_F_ACCEPT, l->window, NULL, 0);
+            s->ctl_accept = 0;
+        }
+        if (s->ctl_credit) {
+            tx_put(l, s->id, XSK_F_CREDIT, s->rx_uncredited, NULL, 0);
+            s->rx_inflight -= s->rx_uncredited;
+            s->rx_uncredited = 0;
+            s->ctl_credit = 0;
+        }
+        if (s->ctl_fin) {
+            tx_put(l, s->id, XSK_F_FIN, 0, NULL, 0);
+            s->ctl_fin = 0;
+            s->fin_sent = 1;
+        }
+        if (s->ctl_reset) {
+            tx_put(l, s->id, XSK_F_RESET, s->reset_reason, NULL, 0);
+            s->ctl_reset = 0;
+        }
+        l->ctl_head = s->ctl_next;
+        if (!l->ctl_head)
+            l->ctl_tail = NULL;
+        s->on_ctl = 0;
+        progress = 1;
+        fr = tx_free(l);
+        if (fr < 0)
+            return (int)fr;
+        if (s->state == ST_ZOMBIE)
+            stream_free(l, s);
+        else {
+            ready_update(l, s);
+            check_done(l, s);
+        }
+    }
+    return progress;
+}
+
+/* Reads from ready application sockets straight into the tx ring. */
+static int tx_data(struct xsk_link *l)
+{
+    struct ring *r = &l->tx;
+    int progress = 0;
+    while (l->ready_head.ready_next != &l->ready_head) {
+        struct stream *s = l->ready_head.ready_next;
+        int64_t fr = tx_free(l);
+        if (fr < 0)
+            return (int)fr;
+        /* DATA may not use the control reserve; small frames are not worth the header. */
+        int64_t room = fr - (int64_t)l->ctl_reserve - XSK_FRAME_HDR;
+        uint32_t want = s->tx_credit;
+        if (want > r->size / 2)
+            want = r->size / 2; /* two frames in the ring: the peer drains one while we fill */
+        if (room < (int64_t)(want < 1024 ? want : 1024))
+            break; /* wait for space */
+        uint32_t max = (uint32_t)room & ~15u;
+        if (max > want)
+            max = want;
+        struct iovec iov[2];
+        int n = payload_iov(r, r->pvt, 0, max, iov);
+        struct msghdr mh = { .msg_iov = iov, .msg_iovlen = (size_t)n };
+        ssize_t got = recvmsg(s->fd, &mh, MSG_DONTWAIT);
+        /* Round-robin: the stream goes to the back of the ready list. */
+        s->readable = 0;
+        ready_update(l, s);
+        if (got > 0) {
+            struct xsk_frame f = { .stream = s->id, .type = XSK_F_DATA, .len = (uint32_t)got };
+            memcpy(r->data_shr + (r->pvt & r->mask), &f, sizeof(f));
+            r->pvt += XSK_FRAME_HDR + ALIGN16((uint32_t)got);
+            store_release(&r->shr->prod, r->pvt); /* payload and header before prod */
+            l->want_notify_tx = 1;
+            s->tx_credit -= (uint32_t)got;
+            relaxed_add(&s->bytes_out, (uint64_t)got);
+            relaxed_add(&l->stats.bytes_out, (uint64_t)got);
+            relaxed_add(&l->stats.frames_out, 1);
+            s->readable = 1;
+            progress = 1;
+        } else if (got == 0) {
+            s->rd_eof = 1;
+            s->ctl_fin = 1;
+            ctl_queue(l, s);
+            progress = 1;
+        } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            /* edge-triggered: EPOLLIN sets readable again */
+        } else if (errno != EINTR) {
+            stream_end(l, s, XSK_R_ABORTED, 1);
+            progress = 1;
+            continue;
+        } else {
+            s->readable = 1;
+        }
+        ready_update(l, s);
+    }
+    return progress;
+}
+
+/* ---- commands from Python ------------------------------------------------------------- */
+
+static int enqueue(struct xsk_link *l, struct cmd *c)
+{
+    pthread_mutex_lock(&l->cmd_lock);
+    if (l->stopped) {
+        pthread_mutex_unlock(&l->cmd_lock);
+        free(c);
+        return -ESHUTDOWN;
+    }
+    c->next = NULL;
+    if (l->cmd_tail)
+        l->cmd_tail->next = c;
+    else
+        l->cmd_head = c;
+    l->cmd_tail = c;
+    pthread_mutex_unlock(&l->cmd_lock);
+    uint64_t one = 1;
+    ssize_t r = write(l->cmd_fd, &one, sizeof(one));
+    (void)r;
+    return 0;
+}
+
+/* Returns 1 if a stop was requested (and whether to say goodbye in *goodbye). */
+static int run_commands(struct xsk_link *l, int *goodbye)
+{
+    pthread_mutex_lock(&l->cmd_lock);
+    struct cmd *c = l->cmd_head;
+    l->cmd_head = l->cmd_tail = NULL;
+    pthread_mutex_unlock(&l->cmd_lock);
+    int stop = 0;
+    while (c) {
+        struct cmd *next = c->next;
+        struct stream *s;
+        switch (c->type) {
+        case CMD_OPEN:
+            if (l->nstreams >= l->max_streams) {
+                struct stream tmp = { .id = c->id };
+                strncpy(tmp.name, c->name, XSK_NAME_MAX);
+                push_event(l, XSK_EV_CLOSED, &tmp, c->id, XSK_R_TOO_MANY);
+                close(c->fd);
+                break;
+            }
+            s = stream_new(l, c->id, c->fd, c->name);
+            if (!s) {
+                close(c->fd);
+                break;
+            }
+            s->state = ST_OPENING;
+            s->ctl_open = 1;
+            ctl_queue(l, s);
+            if (stream_watch(l, s) < 0)
+                stream_end(l, s, XSK_R_ABORTED, 1);
+            break;
+        case CMD_ACCEPT:
+            s = lookup(l, c->id);
+            if (!s || s->state != ST_ACCEPTING) {
+                close(c->fd); /* the peer reset it meanwhile */
+                break;
+            }
+            s->fd = c->fd;
+            s->state = ST_OPEN;
+            s->ctl_accept = 1;
+            ctl_queue(l, s);
+            if (stream_watch(l, s) < 0)
+                stream_end(l, s, XSK_R_NO_SERVICE, 1);
+            break;
+        case CMD_REJECT:
+            s = lookup(l, c->id);
+            if (s && s->state == ST_ACCEPTING)
+                stream_end(l, s, c->arg, 1);
+            break;
+        case CMD_CLOSE:
+            s = lookup(l, c->id);
+            if (s && s->state != ST_ZOMBIE)
+                stream_end(l, s, XSK_R_CLOSED, 1);
+            break;
+        case CMD_STOP:
+            stop = 1;
+            *goodbye = (int)c->arg;
+            break;
+        }
+        free(c);
+        c = next;
+    }
+    return stop;
+}
+
+/* ---- the pump ------------------------------------------------------------------------- */
+
+static void handle_epoll(struct xsk_link *l, struct epoll_event *evs, int n)
+{
+    for (int i = 0; i < n; i++) {
+        uint32_t tag = (uint32_t)(evs[i].data.u64 >> 32);
+        uint32_t id = (uint32_t)evs[i].data.u64;
+        if (tag == 1) {
+            evtchn_clear(l);
+        } else if (tag == 2) {
+            uint64_t v;
+            ssize_t r = read(l->cmd_fd, &v, sizeof(v));
+            (void)r;
+        } else if (tag == 3) {
+            struct stream *s = lookup(l, id);
+            if (!s || s->fd < 0)
+                continue; /* closed since epoll reported it */
+            if (evs[i].events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
+                s->readable = 1;
+                ready_update(l, s);
+            }
+            if (evs[i].events & (EPOLLOUT | EPOLLHUP | EPOLLERR)) {
+                s->hol = 0; /* the head frame is retried by rx_consume */
+                flush_pending(l, s);
+            }
+        }
+    }
+}
+
+static void notify_peer_if_waiting(struct xsk_link *l)
+{
+    /* Our index updates (store_release above) must be visible before we read the flags. */
+    full_fence();
+    int notify = 0;
+    if (l->want_notify_tx && __atomic_exchange_n(&l->tx.shr->cons_wants, 0, __ATOMIC_SEQ_CST))
+        notify = 1;
+    if (l->want_notify_rx && __atomic_exchange_n(&l->rx.shr->prod_wants, 0, __ATOMIC_SEQ_CST))
+        notify = 1;
+    l->want_notify_tx = l->want_notify_rx = 0;
+    if (notify)
+        evtchn_notify(l);
+}
+
+static void close_all(struct xsk_link *l, uint32_t reason)
+{
+    for (uint32_t i = 0; i <= l->table_mask; i++) {
+        struct stream *s;
+        while ((s = l->table[i]) != NULL) {
+            if (s->fd >= 0 || s->state == ST_OPENING)
+                push_event(l, XSK_EV_CLOSED, s, s->id, (int32_t)reason);
+            close_fd(l, s);
+            s->on_ctl = 0;
+            stream_free(l, s);
+        }
+    }
+    l->ctl_head = l->ctl_tail = NULL;
+}
+
+static void *pump(void *arg)
+{
+    struct xsk_link *l = arg;
+    struct epoll_event evs[64];
+    int goodbye = 0, err = 0;
+
+    store_release(own_live(l), 1);
+    evtchn_notify(l);
+    for (;;) {
+        if (run_commands(l, &goodbye))
+            break;
+        uint8_t pl = load_acquire(peer_live(l));
+        if (pl == 1 && !l->peer_up) {
+            l->peer_up = 1;
+            push_event(l, XSK_EV_PEER_UP, NULL, 0, 0);
+        } else if (pl != 1 && l->peer_up) {
+            /* The peer left (its unmap notification cleared its live byte): deliver what it
+             * wrote before going, and tell a goodbye from a crash. */
+            err = rx_consume(l) == -ESHUTDOWN ? -ESHUTDOWN : -ECONNRESET;
+            break;
+        }
+        int progress = 0, rc;
+        if ((rc = rx_consume(l)) < 0) { err = rc; break; }
+        progress |= rc;
+        if ((rc = tx_control(l)) < 0) { err = rc; break; }
+        progress |= rc;
+        if ((rc = tx_data(l)) < 0) { err = rc; break; }
+        progress |= rc;
+        notify_peer_if_waiting(l);
+        if (l->ev_overflow) { err = -ENOBUFS; break; }
+
+        int timeout = 0;
+        if (!progress) {
+            /* About to sleep: ask the peer to notify us, then look once more, so that an
+             * update made between our last look and the flag is not missed. */
+            int tx_waiting = l->ready_head.ready_next != &l->ready_head || l->ctl_head ||
+                             l->norphan;
+            __atomic_store_n(&l->rx.shr->cons_wants, 1, __ATOMIC_SEQ_CST);
+            if (tx_waiting)
+                __atomic_store_n(&l->tx.shr->prod_wants, 1, __ATOMIC_SEQ_CST);
+            full_fence();
+            int more = load_acquire(&l->rx.shr->prod) != l->rx_seen_prod;
+            int64_t fr = tx_free(l);
+            if (tx_waiting && fr >= (int64_t)(l->ctl_reserve + XSK_FRAME_HDR + 1024))
+                more = 1;
+            timeout = more ? 0 : SAFETY_TIMEOUT_MS;
+            relaxed_add(&l->stats.wakeups, 1);
+        }
+        int n = epoll_wait(l->epfd, evs, 64, timeout);
+        if (n > 0)
+            handle_epoll(l, evs, n);
+    }
+
+    if (goodbye && err == 0) {
+        int64_t fr = tx_free(l);
+        if (fr >= XSK_FRAME_HDR)
+            tx_put(l, 0, XSK_F_GOODBYE, 0, NULL, 0);
+    }
+    store_release(own_live(l), 0);
+    evtchn_notify(l);
+    close_all(l, XSK_R_LINK_DOWN);
+    pthread_mutex_lock(&l->cmd_lock);
+    l->stopped = 1;
+    struct cmd *c = l->cmd_head;
+    l->cmd_head = l->cmd_tail = NULL;
+    pthread_mutex_unlock(&l->cmd_lock);
+    while (c) { /* fds handed over after the end: close them */
+        struct cmd *next = c->next;
+        if (c->type == CMD_OPEN || c->type == CMD_ACCEPT)
+            close(c->fd);
+        free(c);
+        c = next;
+    }
+    if (err)
+        push_event(l, XSK_EV_LINK_DOWN, NULL, 0, err);
+    return NULL;
+}
+
+/* ---- public API ----------------------------------------------------------------------- */
+
+/* Returns the number of pages a link with this ring size shares (control page + 2 rings). */
+int xsk_link_pages(uint32_t ring_size)
+{
+    if (ring_size < XSK_PAGE_SIZE || ring_size > (1u << 24) || (ring_size & (ring_size - 1)))
+        return -EINVAL;
+    return 1 + 2 * (int)(ring_size / XSK_PAGE_SIZE);
+}
+
+/* Returns 0 and a new link in *out; the pump is not running until xsk_link_start. */
+int xsk_link_new(const struct xsk_link_params *p, struct xsk_link **out)
+{
+    if (xsk_link_pages(p->ring_size) < 0 || p->role > 1 || !p->control || !p->ring0 ||
+        !p->ring1 || p->stream_window < 4096 || p->stream_window > MAX_WINDOW ||
+        (p->stream_window & (p->stream_window - 1)) || p->max_streams == 0 ||
+        p->max_streams > 65536 ||
+        (p->evtchn_kind != XSK_EVTCHN_EVENTFD && p->evtchn_kind != XSK_EVTCHN_XEN))
+        return -EINVAL;
+    struct xsk_link *l = calloc(1, sizeof(*l));
+    if (!l)
+        return -ENOMEM;
+    uint8_t *ctl = p->control;
+    l->live_shr = ctl + XSK_OFF_LIVE;
+    struct xsk_ring_shr *r0 = (void *)(ctl + XSK_OFF_RING0), *r1 = (void *)(ctl + XSK_OFF_RING1);
+    int init = p->role == XSK_ROLE_INITIATOR;
+    l->tx = (struct ring){ init ? r0 : r1, init ? p->ring0 : p->ring1, p->ring_size,
+                           p->ring_size - 1, 0 };
+    l->rx = (struct ring){ init ? r1 : r0, init ? p->ring1 : p->ring0, p->ring_size,
+                           p->ring_size - 1, 0 };
+    /* Indices start where the shared page says (0 for a fresh link); read once. */
+    l->tx.pvt = load_acquire(&l->tx.shr->prod);
+    l->rx.pvt = load_acquire(&l->rx.shr->cons);
+    if (l->tx.pvt != 0 || l->rx.pvt != 0) {
+        free(l);
+        return -EPROTO; /* our own indices start at 0 on a new link; else stale or forged */
+    }
+    l->role = p->role;
+    l->evtchn_kind = p->evtchn_kind;
+    l->evtchn_fd = p->evtchn_fd;
+    l->evtchn_notify_fd = p->evtchn_notify_fd;
+    l->evtchn_port = p->evtchn_port;
+    l->window = p->stream_window;
+    l->max_streams = p->max_streams;
+    l->ctl_reserve = p->ring_size / 16 > 256 ? p->ring_size / 16 : 256;
+    l->next_id = init ? 1 : 2;
+    l->ready_head.ready_next = l->ready_head.ready_prev = &l->ready_head;
+    uint32_t cap = 16;
+    while (cap < 2 * (p->max_streams + ORPHAN_RESETS))
+        cap <<= 1;
+    l->table = calloc(cap, sizeof(*l->table));
+    l->table_mask = cap - 1;
+    l->epfd = epoll_create1(EPOLL_CLOEXEC);
+    l->cmd_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    l->ev_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    pthread_mutex_init(&l->table_lock, NULL);
+    pthread_mutex_init(&l->cmd_lock, NULL);
+    pthread_mutex_init(&l->ev_lock, NULL);
+    int rc = 0;
+    if (!l->table || l->epfd < 0 || l->cmd_fd < 0 || l->ev_fd < 0)
+        rc = -ENOMEM;
+    struct epoll_event ev = { .events = EPOLLIN, .data.u64 = (uint64_t)1 << 32 };
+    if (!rc && epoll_ctl(l->epfd, EPOLL_CTL_ADD, l->evtchn_fd, &ev) < 0)
+        rc = -errno;
+    ev.data.u64 = (uint64_t)2 << 32;
+    if (!rc && epoll_ctl(l->epfd, EPOLL_CTL_ADD, l->cmd_fd, &ev) < 0)
+        rc = -errno;
+    if (rc) {
+        xsk_link_free(l);
+        return rc;
+    }
+    *out = l;
+    return 0;
+}
+
+/* Returns 0 once the pump thread runs; it sets our live byte and notifies the peer. */
+int xsk_link_start(struct xsk_link *l)
+{
+    if (l->started)
+        return -EALREADY;
+    int rc = pthread_create(&l->thread, NULL, pump, l);
+    if (rc)
+        return -rc;
+    l->started = 1;
+    return 0;
+}
+
+/* Returns the eventfd that is readable when xsk_link_events has something. */
+int xsk_link_event_fd(struct xsk_link *l) { return l->ev_fd; }
+
+/* Returns 0 and the new stream's id; the link owns fd from now on, even on failure. */
+int xsk_link_open_stream(struct xsk_link *l, int fd, const char *service, uint32_t *id_out)
+{
+    size_t nl = service ? strlen(service) : 0;
+    if (nl > XSK_NAME_MAX || !valid_name(service ? service : "", (uint32_t)nl)) {
+        close(fd);
+        return -EINVAL;
+    }
+    struct cmd *c = calloc(1, sizeof(*c));
+    if (!c) {
+        close(fd);
+        return -ENOMEM;
+    }
+    c->type = CMD_OPEN;
+    c->fd = fd;
+    c->id = __atomic_fetch_add(&l->next_id, 2, __ATOMIC_RELAXED);
+    if (service)
+        memcpy(c->name, service, nl);
+    *id_out = c->id;
+    int rc = enqueue(l, c);
+    if (rc < 0)
+        close(fd);
+    return rc;
+}
+
+/* Returns 0; the link owns fd from now on (closes it if the peer reset the stream). */
+int xsk_link_accept_stream(struct xsk_link *l, uint32_t id, int fd)
+{
+    struct cmd *c = calloc(1, sizeof(*c));
+    if (!c) {
+        close(fd);
+        return -ENOMEM;
+    }
+    c->type = CMD_ACCEPT;
+    c->id = id;
+    c->fd = fd;
+    int rc = enqueue(l, c);
+    if (rc < 0)
+        close(fd);
+    return rc;
+}
+
+static int simple_cmd(struct xsk_link *l, enum cmd_type t, uint32_t id, uint32_t arg)
+{
+    struct cmd *c = calloc(1, sizeof(*c));
+    if (!c)
+        return -ENOMEM;
+    c->type = t;
+    c->id = id;
+    c->arg = arg;
+    c->fd = -1;
+    return enqueue(l, c);
+}
+
+/* Returns 0; the peer's stream request is answered with RESET(reason). */
+int xsk_link_reject_stream(struct xsk_link *l, uint32_t id, uint32_t reason)
+{
+    return simple_cmd(l, CMD_REJECT, id, reason);
+}
+
+/* Returns 0; the stream is aborted on both sides (a CLOSED event follows). */
+int xsk_link_close_stream(struct xsk_link *l, uint32_t id)
+{
+    return simple_cmd(l, CMD_CLOSE, id, 0);
+}
+
+/* Returns the number of events copied into out (at most max), without blocking. */
+int xsk_link_events(struct xsk_link *l, struct xsk_event *out, int max)
+{
+    uint64_t v;
+    ssize_t r = read(l->ev_fd, &v, sizeof(v));
+    (void)r;
+    pthread_mutex_lock(&l->ev_lock);
+    int n = 0;
+    while (n < max && l->ev_count) {
+        out[n++] = l->events[l->ev_head];
+        l->ev_head = (l->ev_head + 1) % l->ev_cap;
+        l->ev_count--;
+    }
+    if (l->ev_count) {
+        uint64_t one = 1;
+        r = write(l->ev_fd, &one, sizeof(one)); /* more to collect */
+    }
+    pthread_mutex_unlock(&l->ev_lock);
+    return n;
+}
+
+/* Returns 0 with the link's counters in *out. */
+int xsk_link_stats(struct xsk_link *l, struct xsk_link_stats *out)
+{
+    out->bytes_in = relaxed_load(&l->stats.bytes_in);
+    out->bytes_out = relaxed_load(&l->stats.bytes_out);
+    out->frames_in = relaxed_load(&l->stats.frames_in);
+    out->frames_out = relaxed_load(&l->stats.frames_out);
+    out->notify_sent = relaxed_load(&l->stats.notify_sent);
+    out->wakeups = relaxed_load(&l->stats.wakeups);
+    pthread_mutex_lock(&l->table_lock);
+    out->streams = l->nstreams;
+    pthread_mutex_unlock(&l->table_lock);
+    out->peer_live = load_acquire(peer_live(l)) == 1;
+    return 0;
+}
+
+/* Returns the number of streams described in out (at most max). */
+int xsk_link_streams(struct xsk_link *l, struct xsk_stream_info *out, int max)
+{
+    int n = 0;
+    pthread_mutex_lock(&l->table_lock);
+    for (uint32_t i = 0; i <= l->table_mask && n < max; i++) {
+        struct stream *s = l->table[i];
+        if (!s)
+            continue;
+        out[n].id = s->id;
+        out[n].state = relaxed_load(&s->state);
+        out[n].bytes_in = relaxed_load(&s->bytes_in);
+        out[n].bytes_out = relaxed_load(&s->bytes_out);
+        out[n].tx_credit = relaxed_load(&s->tx_credit);
+        out[n].rx_buffered = relaxed_load(&s->pend_len);
+        n++;
+    }
+    pthread_mutex_unlock(&l->table_lock);
+    return n;
+}
+
+/* Returns 0 once the pump has stopped and closed every stream's socket (blocks; called
+ * without the GIL).  goodbye: tell the peer we are leaving on purpose. */
+int xsk_link_stop(struct xsk_link *l, int goodbye)
+{
+    if (!l->started)
+        return 0;
+    int rc = simple_cmd(l, CMD_STOP, 0, (uint32_t)goodbye);
+    (void)rc; /* -ESHUTDOWN: the pump already ended by itself */
+    pthread_join(l->thread, NULL);
+    l->started = 0;
+    return 0;
+}
+
+/* Frees the link; stops the pump first if it still runs.  The shared memory is not ours. */
+void xsk_link_free(struct xsk_link *l)
+{
+    if (!l)
+        return;
+    xsk_link_stop(l, 0);
+    if (l->table)
+        close_all(l, XSK_R_LINK_DOWN);
+    struct cmd *c = l->cmd_head;
+    while (c) {
+        struct cmd *next = c->next;
+        if (c->type == CMD_OPEN || c->type == CMD_ACCEPT)
+            close(c->fd);
+        free(c);
+        c = next;
+    }
+    if (l->epfd >= 0)
+        close(l->epfd);
+    if (l->cmd_fd >= 0)
+        close(l->cmd_fd);
+    if (l->ev_fd >= 0)
+        close(l->ev_fd);
+    free(l->table);
+    free(l->events);
+    pthread_mutex_destroy(&l->table_lock);
+    pthread_mutex_destroy(&l->cmd_lock);
+    pthread_mutex_destroy(&l->ev_lock);
+    free(l);
+}

@@ -1,0 +1,1 @@
+"""The simulated Xen host: XenStore server, grant table and event channels for several domains."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import resource
 import signal
 import sys
 from collections.abc import Sequence
@@ -100,10 +101,18 @@ def _log_channels(manager: object) -> None:
     log.info("channel table (%s):\n%s", manager.status(), "\n".join(rows))
 
 
+def _raise_fd_limit() -> None:
+    # Every stream holds one socket in this process: allow as many as the hard limit does.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run(config: Config, backend_name: str, domid: int | None) -> int:
     from xsockd.loop import Loop
     from xsockd.manager import Manager
 
+    _raise_fd_limit()
     backend = make_backend(backend_name, domid, config.daemon.sim_dir)
     loop = Loop()
     manager = Manager(config, backend, loop)

@@ -112,6 +112,8 @@ class DaemonProcess:
 
 def serve_echo(path: str) -> int:
     """Echoes every connection back and prints ``sha256 <hex> <bytes>`` per connection."""
+    if os.path.exists(path):
+        os.unlink(path)  # a stale socket of an earlier run
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(path)
     srv.listen(64)
@@ -149,15 +151,20 @@ def stream_through(path: str, total: int, progress: bool = True) -> tuple[str, s
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(path)
 
+    failure: list[BaseException] = []
+
     def writer() -> None:
         i = 0
-        while counters["sent"] < total:
-            chunk = blocks[i % len(blocks)][: total - counters["sent"]]
-            sock.sendall(chunk)
-            sent_hash.update(chunk)
-            counters["sent"] += len(chunk)
-            i += 1
-        sock.shutdown(socket.SHUT_WR)
+        try:
+            while counters["sent"] < total:
+                chunk = blocks[i % len(blocks)][: total - counters["sent"]]
+                sock.sendall(chunk)
+                sent_hash.update(chunk)
+                counters["sent"] += len(chunk)
+                i += 1
+            sock.shutdown(socket.SHUT_WR)
+        except OSError as e:
+            failure.append(e)
 
     start = time.monotonic()
     t = threading.Thread(target=writer, daemon=True)
@@ -182,6 +189,10 @@ def stream_through(path: str, total: int, progress: bool = True) -> tuple[str, s
     elapsed = time.monotonic() - start
     t.join()
     sock.close()
+    if failure or counters["back"] != total:
+        raise ConnectionError(f"the stream ended after {counters['sent']} bytes sent and "
+                              f"{counters['back']} received back of {total}: "
+                              f"{failure[0] if failure else 'early EOF'}")
     if progress:
         print(_bar(counters["back"], total, counters["back"] / elapsed), file=sys.stderr)
     return sent_hash.hexdigest(), back_hash.hexdigest(), elapsed
@@ -241,7 +252,9 @@ def _demo(work: Path, total: int, ring_size: str) -> bool:
                    DaemonProcess(2, conf2, work / "xsockd-2.log")]
         try:
             assert echo.stdout is not None
-            echo.stdout.readline()  # "listening"
+            if echo.stdout.readline().strip() != "listening":
+                print(f"  FAILED: the echo service did not start at {echo_sock}")
+                return False
             for d in daemons:
                 d.start()
             print(f"  xsockd running for domains 1 and 2; echo service in domain 2 at {echo_sock}")

@@ -76,7 +76,7 @@ class Offer:
 
 def _int(value: bytes, what: str, lo: int, hi: int) -> int:
     text = value.decode("ascii", "replace")
-    if not text.isdigit() or len(text) > 12 or not lo <= int(text) <= hi:
+    if not text.isdigit() or len(text) > 20 or not lo <= int(text) <= hi:
         raise ProtocolError(f"{what} is {text[:32]!r}, not an integer in {lo}..{hi}")
     return int(text)
 

@@ -329,7 +329,8 @@ class Manager:
             self.counters["peer_faults"] += 1
             log.warning("cannot attach link offered by domain %d at %s: %s", peer,
                         offer_path(peer, self.domid), e, extra={"XSOCK_PEER": peer})
-            self._answer(path, f"refused {type(e).__name__}")
+            self._answer(path, "refused malformed-offer" if isinstance(e, ProtocolError)
+                         else f"refused attach-failed-{e.errno}")
             return
         self._add_link(link)
         self._answer(path, f"accepted {generation}")

@@ -351,7 +351,7 @@ static struct stream *stream_new(struct xsk_link *l, uint32_t id, int fd, const 
     s->id = id;
     s->fd = fd;
     if (name)
-        strncpy(s->name, name, XSK_NAME_MAX);
+        memcpy(s->name, name, strnlen(name, XSK_NAME_MAX)); /* calloc'ed: stays terminated */
     table_insert(l, s);
     return s;
 }
@@ -916,7 +916,7 @@ static int run_commands(struct xsk_link *l, int *goodbye)
         case CMD_OPEN:
             if (l->nstreams >= l->max_streams) {
                 struct stream tmp = { .id = c->id };
-                strncpy(tmp.name, c->name, XSK_NAME_MAX);
+                memcpy(tmp.name, c->name, sizeof(tmp.name));
                 push_event(l, XSK_EV_CLOSED, &tmp, c->id, XSK_R_TOO_MANY);
                 close(c->fd);
                 break;

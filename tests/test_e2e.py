@@ -1,0 +1,283 @@
+"""End to end between real xsockd processes on the simulated host."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import select
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from simworld import SimWorld, echo_roundtrip, stream_hashes
+
+from xsockd.link import offer_path, request_dir
+from xsockd.ring import link_pages
+
+GiB = 1 << 30
+
+
+@pytest.fixture
+def world(tmp_path):
+    w = SimWorld(tmp_path)
+    yield w
+    w.close()
+
+
+def link_nodes(world: SimWorld, a: int, b: int) -> list[str]:
+    return world.xs_tree(offer_path(a, b)) + world.xs_tree(f"{request_dir(b)}/{a}")
+
+
+def test_one_gib_each_way_arrives_intact(world):
+    world.start(1, 2)
+    with world.connect(1, 2, timeout=120) as s:
+        sent, got = stream_hashes(s, GiB)
+    assert sent == got
+    line = world.echo.proc.stdout.readline().split()
+    assert line == ["sha256", sent, str(GiB)]  # what the service received, hashed there
+
+
+def test_thousand_concurrent_streams_within_the_grant_budget(world):
+    world.start(1, 2)
+    n = 1000
+    socks = [world.connect(1, 2) for _ in range(n)]
+    payloads = [os.urandom(2048) + struct.pack("<I", i) for i in range(n)]
+    for s, data in zip(socks, payloads, strict=True):
+        s.sendall(data)
+    # All 1000 are open at once on one link: granted pages stay within Linux's default limit.
+    acct = world.wait_for("1000 channels", lambda: world.accounting(1))
+    assert 0 < acct["granted"] <= 1024
+    assert acct["granted"] == link_pages(256 * 1024)
+    for s in socks:
+        s.shutdown(socket.SHUT_WR)
+    for s, data in zip(socks, payloads, strict=True):
+        got = bytearray()
+        while chunk := s.recv(65536):
+            got += chunk
+        assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+        s.close()
+
+
+def test_stalled_reader_does_not_slow_other_streams(world):
+    world.start(1, 2)
+    stalled = world.connect(1, 2)
+    stalled.setblocking(False)
+    pushed = 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # fill every buffer on the way until the writer blocks
+        try:
+            pushed += stalled.send(b"z" * 65536)
+        except BlockingIOError:
+            if not select.select([], [stalled], [], 0.5)[1]:
+                break
+    assert pushed > 0
+    with world.connect(1, 2, timeout=60) as s:
+        start = time.monotonic()
+        sent, got = stream_hashes(s, 256 << 20)
+        took = time.monotonic() - start
+    assert sent == got
+    assert took < 30, f"256 MiB beside a stalled stream took {took:.1f} s"
+    stalled.close()
+
+
+def test_half_close_and_either_side_closing(world):
+    world.start(1, 2)
+    with world.connect(1, 2) as s:
+        s.sendall(b"ping")
+        s.shutdown(socket.SHUT_WR)  # EOF reaches the echo; its reply still flows back
+        assert s.recv(10) == b"ping"
+        assert s.recv(10) == b""
+    # The application closes without reading: the stream ends on both sides, nothing leaks.
+    s = world.connect(1, 2)
+    s.sendall(os.urandom(100_000))
+    s.close()
+    world.wait_for("channels to close", lambda: "closed" in world.daemons[1].log())
+    with world.connect(1, 2) as s:
+        assert echo_roundtrip(s, b"x" * 1000) == b"x" * 1000
+
+
+@pytest.mark.parametrize("victim", [1, 2])
+def test_kill9_of_either_daemon_ends_streams_and_releases_everything(world, victim):
+    world.start(1, 2)
+    survivor = 3 - victim
+    s = world.connect(1, 2)
+    s.sendall(b"a" * 10000)
+    assert s.recv(10000)
+    stop = threading.Event()
+
+    def keep_writing() -> None:
+        try:
+            while not stop.is_set():
+                s.send(b"b" * 65536)
+        except OSError:
+            pass
+    t = threading.Thread(target=keep_writing)
+    t.start()
+    time.sleep(0.3)
+    world.kill9(victim)
+    # The application on domain 1 (or the echo service's connection) sees EOF or a reset,
+    # quickly, not a hang.
+    start = time.monotonic()
+    with pytest.raises((ConnectionResetError, BrokenPipeError, EOFError, TimeoutError)):
+        s.settimeout(5)
+        while True:
+            if not s.recv(1 << 20):
+                raise EOFError
+    stop.set()
+    t.join()
+    s.close()
+    assert time.monotonic() - start < 5
+    # The survivor released every grant, mapping, port and XenStore node of the link.
+    world.wait_for("the survivor to release the link", lambda: (
+        world.accounting(survivor)["granted"] == 0 and world.accounting(survivor)["mapped"] == 0
+        and world.accounting(survivor)["ports"] == 0))
+    nodes_of_survivor = (world.xs_tree(offer_path(survivor, victim))
+                         + world.xs_tree(f"{request_dir(victim)}/{survivor}"))
+    assert nodes_of_survivor == []
+    assert "link with domain" in world.daemons[survivor].log()
+    # The killed daemon comes back; a new connection works.
+    world.daemons[victim].start()
+    with world.connect(1, 2) as s2:
+        assert echo_roundtrip(s2, b"again" * 1000) == b"again" * 1000
+
+
+def test_refused_domain_and_missing_service(world):
+    world.start(1, 2, 3, echo=False)
+    # Domain 3 is a peer of nothing in domain 2's configuration except... it is not: refused.
+    world2_conf = world.daemons[2].config.read_text()
+    assert "peers = [1]" in world2_conf
+    with world.connect(3, 2) as s:
+        assert s.recv(10) == b""  # refused: EOF, not a hang
+    world.wait_for("domain 2 to log the refusal",
+                   lambda: "refused link from domain 3" in world.daemons[2].log())
+    world.wait_for("domain 3 to log the refusal",
+                   lambda: "refused our link" in world.daemons[3].log())
+    # Domain 1 is allowed, but the echo service is not running: clear log line, EOF.
+    with world.connect(1, 2) as s:
+        assert s.recv(10) == b""
+    world.wait_for("the missing service to be logged",
+                   lambda: "unreachable" in world.daemons[2].log())
+    for d in (1, 2, 3):
+        assert world.daemons[d].proc.poll() is None, f"daemon {d} died"
+
+
+def test_bad_config_value_is_refused_with_its_key(tmp_path):
+    conf = tmp_path / "bad.conf"
+    conf.write_text('[daemon]\nrundir = "/tmp/x"\npeers = [2]\n\n[link]\nring_size = 5000\n')
+    r = subprocess.run([sys.executable, "-m", "xsockd.daemon", "--backend", "sim", "--domid",
+                        "1", "--config", str(conf)], capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0
+    assert "ring_size" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_malformed_xenstore_entries_are_logged_and_survived(world):
+    world.start(1, 2)
+    xs3 = world.host.xenstore(3)
+    try:
+        # Domain 3 (not a peer) and garbage names in domain 2's request directory.
+        xs3.write(f"{request_dir(2)}/garbage", b"offer 12")
+        xs3.write(f"{request_dir(2)}/3", b"\xff\xfe nonsense")
+        # Domain 3 forges a request in domain 1's name.
+        xs3.write(f"{request_dir(2)}/1", b"offer 42")
+    finally:
+        xs3.close()
+    world.wait_for("the malformed request to be logged",
+                   lambda: "malformed link request" in world.daemons[2].log())
+    world.wait_for("the forged request to be logged",
+                   lambda: "not 1" in world.daemons[2].log() or "created by domain 3"
+                   in world.daemons[2].log())
+    # A peer offering a malformed link is refused with a log line naming the offer.
+    xs1 = world.host.xenstore(1)
+    try:
+        base = offer_path(1, 2)
+        for name, value in (("version", "1"), ("generation", "7"), ("ring-size", "12345"),
+                            ("control-ref", "9"), ("event-channel", "3")):
+            xs1.write(f"{base}/{name}", value)
+        from xsockd.backend import XenStorePerm
+        xs1.set_perms(base, [XenStorePerm(1, "n"), XenStorePerm(2, "r")])
+        req = f"{request_dir(2)}/1"
+        xs1.write(req, b"offer 7")
+        xs1.set_perms(req, [XenStorePerm(1, "n"), XenStorePerm(2, "b")])
+    finally:
+        xs1.close()
+    world.wait_for("the malformed offer to be refused",
+                   lambda: "ring-size" in world.daemons[2].log())
+    assert world.daemons[2].proc.poll() is None
+    with world.connect(1, 2) as s:
+        assert echo_roundtrip(s, b"still fine") == b"still fine"
+
+
+def test_hostile_peer_scribbling_on_the_ring_breaks_only_its_link(tmp_path):
+    """A process acting as domain 2 maps the link's pages and writes garbage while data flows.
+
+    Domain 1's daemon survives, ends only that link (its application sees EOF or a reset), sets
+    a new one up on the next connection; its link with domain 3 never notices.
+    """
+    world = SimWorld(tmp_path, peers={1: [2, 3], 2: [1], 3: [1]}, echo_on=(2, 3))
+    try:
+        world.start(1, 2, 3)
+        # A stream from 1 to 3 runs through the whole attack on the link from 1 to 2.
+        bystander = world.connect(1, 3, timeout=60)
+        result: dict[str, tuple[str, str]] = {}
+        side = threading.Thread(target=lambda: result.update(r=stream_hashes(bystander, 256 << 20)))
+        side.start()
+        victim = world.connect(1, 2, timeout=20)
+        victim.sendall(b"x" * 1000)
+        assert victim.recv(1000)
+        world.wait_for("the offer", lambda: world.xs_tree(offer_path(1, 2)))
+        code = f"""
+import sys, time, os, struct
+from xsockd.backend_sim import SimBackend
+from xsockd.link import read_offer
+b = SimBackend(2, {str(world.sim_dir)!r})
+xs = b.open_xenstore()
+offer = read_offer(xs, 1, 2)
+ctl = b.map(1, [offer.control_ref])
+rings = b.map(1, offer.ring_refs)
+c, r = ctl.buffer, rings.buffer
+print("mapped", flush=True)
+end = time.monotonic() + 3
+while time.monotonic() < end:
+    for off in (64, 128, 192, 256):
+        c[off:off + 4] = os.urandom(4)
+    o = int.from_bytes(os.urandom(4), "little") % (len(r) - 16)
+    r[o & ~15:(o & ~15) + 16] = os.urandom(16)
+del c, r
+rings.close(); ctl.close(); xs.close(); b.close()
+"""
+        attacker = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                                    text=True)
+        assert attacker.stdout.readline().strip() == "mapped"
+        victim.settimeout(10)
+        try:
+            while True:
+                victim.sendall(b"y" * 65536)
+                if not victim.recv(1 << 20):
+                    break
+        except (ConnectionResetError, BrokenPipeError, TimeoutError):
+            pass
+        attacker.wait(20)
+        attacker.stdout.close()
+        victim.close()
+        world.wait_for("domain 1 to drop the attacked link",
+                       lambda: "link with domain 2 down" in world.daemons[1].log())
+        assert world.daemons[1].proc.poll() is None
+        assert world.daemons[2].proc.poll() is None
+        with world.connect(1, 2, timeout=20) as s:
+            assert echo_roundtrip(s, b"recovered" * 100) == b"recovered" * 100
+        side.join(60)
+        bystander.close()
+        assert result["r"][0] == result["r"][1]
+        assert "link with domain 3 down" not in world.daemons[1].log()
+    finally:
+        world.close()
+
+
+def test_unconfigured_domain_has_no_socket(world):
+    world.start(1, 2)
+    with pytest.raises(FileNotFoundError):
+        world.connect(1, 7)  # not a configured peer: no socket exists for it

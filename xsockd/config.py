@@ -1,0 +1,269 @@
+"""The configuration file: TOML in, frozen dataclasses out.  All validation lives here.
+
+A bad file is refused whole, naming the file, the table, the key and (where it can be found)
+the line; nothing is ever ignored with a warning.  ``xsockd --check-config`` uses the same code.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from xsockd.constants import (
+    DEFAULT_GRANT_LIMIT,
+    DEFAULT_MAX_STREAMS,
+    DEFAULT_RING_SIZE,
+    DEFAULT_RUNDIR,
+    DEFAULT_SIM_DIR,
+    DEFAULT_STREAM_WINDOW,
+    MAX_RING_SIZE,
+    MAX_STREAM_WINDOW,
+    MIN_RING_SIZE,
+    MIN_STREAM_WINDOW,
+    PAGE_SIZE,
+)
+from xsockd.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "DaemonConfig",
+    "LinkConfig",
+    "ServiceConfig",
+    "check_config_main",
+    "load_config",
+    "parse_config",
+    "parse_size",
+]
+
+DOMID_MAX = 0x7FEF  # DOMID_FIRST_RESERVED - 1
+SUN_PATH_MAX = 107
+SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_SIZE = re.compile(r"(\d+)\s*(KiB|MiB|K|M)?")
+_UNITS = {None: 1, "K": 1024, "KiB": 1024, "M": 1 << 20, "MiB": 1 << 20}
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    rundir: str = DEFAULT_RUNDIR
+    peers: tuple[int, ...] = ()
+    default_service: str | None = None
+    backend: str = "xen"
+    sim_dir: str = DEFAULT_SIM_DIR
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    ring_size: int = DEFAULT_RING_SIZE
+    stream_window: int = DEFAULT_STREAM_WINDOW
+    max_streams: int = DEFAULT_MAX_STREAMS
+    grant_pages: int = DEFAULT_GRANT_LIMIT
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    name: str
+    socket: str
+    allow: tuple[int, ...]
+    caller_header: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    link: LinkConfig = field(default_factory=LinkConfig)
+    services: Mapping[str, ServiceConfig] = field(default_factory=dict)
+
+    def services_for(self, peer: int) -> list[str]:
+        """Returns the names of the services ``peer`` may reach."""
+        return sorted(n for n, s in self.services.items() if peer in s.allow)
+
+    def service_for(self, peer: int, name: str | None) -> ServiceConfig | None:
+        """Returns the service ``name`` (None: the default) if ``peer`` may reach it."""
+        name = name or self.daemon.default_service
+        service = self.services.get(name) if name else None
+        return service if service is not None and peer in service.allow else None
+
+    def link_pages(self) -> int:
+        """Returns the pages one link we initiate grants: a control page and two rings."""
+        return 1 + 2 * self.link.ring_size // PAGE_SIZE
+
+
+def parse_size(value: object) -> int:
+    """Returns bytes for ``4096``, ``"256KiB"`` or ``"1MiB"``; raises ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError("a size, not a boolean")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and (m := _SIZE.fullmatch(value.strip())):
+        return int(m.group(1)) * _UNITS[m.group(2)]
+    raise ValueError(f"{value!r} is not a size such as 4096, \"256KiB\" or \"1MiB\"")
+
+
+class _Reader:
+    """Walks the parsed TOML, raising ConfigError that names file, table, key and line."""
+
+    def __init__(self, text: str, path: str) -> None:
+        self.text, self.path = text, path
+
+    def line_of(self, table: str, key: str | None) -> int | None:
+        lines = self.text.splitlines()
+        start = 0
+        header = re.compile(r"\s*\[\s*" + re.escape(table).replace(r"\.", r"\s*\.\s*")
+                            + r"\s*\]")
+        for i, ln in enumerate(lines):
+            if header.match(ln):
+                start = i
+                if key is None:
+                    return i + 1
+                break
+        else:
+            return None
+        for i in range(start + 1, len(lines)):
+            if lines[i].lstrip().startswith("["):
+                break
+            if re.match(r"\s*" + re.escape(key) + r"\s*=", lines[i]):
+                return i + 1
+        return None
+
+    def error(self, table: str, key: str | None, message: str) -> ConfigError:
+        return ConfigError(message, path=self.path, table=table, key=key,
+                           line=self.line_of(table, key))
+
+    def table(self, data: Mapping[str, Any], name: str, allowed: set[str]) -> dict[str, Any]:
+        value = data.get(name, {})
+        if not isinstance(value, dict):
+            raise self.error(name, None, f"[{name}] must be a table")
+        for key in value:
+            if key not in allowed:
+                raise self.error(name, key, f"unknown key; expected one of {sorted(allowed)}")
+        return value
+
+    def domids(self, table: str, key: str, value: object) -> tuple[int, ...]:
+        if not isinstance(value, list) or not all(type(v) is int for v in value):
+            raise self.error(table, key, "must be a list of domain ids (integers)")
+        for v in value:
+            if not 0 <= v <= DOMID_MAX:
+                raise self.error(table, key, f"domain id {v} is outside 0..{DOMID_MAX}")
+        if len(set(value)) != len(value):
+            raise self.error(table, key, "lists a domain twice")
+        return tuple(value)
+
+    def path_value(self, table: str, key: str, value: object, socket: bool) -> str:
+        if not isinstance(value, str) or not value.startswith("/"):
+            raise self.error(table, key, "must be an absolute path (a string starting with /)")
+        if socket and len(value.encode()) > SUN_PATH_MAX:
+            raise self.error(table, key, f"is longer than a Unix socket path may be "
+                                         f"({SUN_PATH_MAX} bytes)")
+        return value
+
+    def size(self, table: str, key: str, value: object, lo: int, hi: int) -> int:
+        try:
+            n = parse_size(value)
+        except ValueError as e:
+            raise self.error(table, key, str(e)) from None
+        if not lo <= n <= hi or n & (n - 1):
+            raise self.error(table, key, f"{n} is not a power of two from {lo} to {hi}")
+        return n
+
+    def integer(self, table: str, key: str, value: object, lo: int, hi: int) -> int:
+        if type(value) is not int or not lo <= value <= hi:
+            raise self.error(table, key, f"must be an integer from {lo} to {hi}")
+        return value
+
+
+def parse_config(text: str, path: str = "<string>") -> Config:
+    """Returns the validated configuration in ``text``; raises ConfigError."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        m = re.search(r"line (\d+)", str(e))
+        raise ConfigError(f"not valid TOML: {e}", path=path,
+                          line=int(m.group(1)) if m else None) from None
+    r = _Reader(text, path)
+    for name in data:
+        if name not in ("daemon", "link", "services"):
+            raise r.error(name, None, "unknown table; expected [daemon], [link], [services.NAME]")
+
+    d = r.table(data, "daemon", {"rundir", "peers", "default_service", "backend", "sim_dir"})
+    backend = d.get("backend", "xen")
+    if backend not in ("xen", "sim"):
+        raise r.error("daemon", "backend", f"{backend!r} is not \"xen\" or \"sim\"")
+    peers = r.domids("daemon", "peers", d.get("peers", []))
+    daemon = DaemonConfig(
+        rundir=r.path_value("daemon", "rundir", d.get("rundir", DEFAULT_RUNDIR), False),
+        peers=peers, backend=backend,
+        sim_dir=r.path_value("daemon", "sim_dir", d.get("sim_dir", DEFAULT_SIM_DIR), False),
+        default_service=d.get("default_service"))
+
+    lk = r.table(data, "link", {"ring_size", "stream_window", "max_streams", "grant_pages"})
+    link = LinkConfig(
+        ring_size=r.size("link", "ring_size", lk.get("ring_size", DEFAULT_RING_SIZE),
+                         MIN_RING_SIZE, MAX_RING_SIZE),
+        stream_window=r.size("link", "stream_window",
+                             lk.get("stream_window", DEFAULT_STREAM_WINDOW),
+                             MIN_STREAM_WINDOW, MAX_STREAM_WINDOW),
+        max_streams=r.integer("link", "max_streams", lk.get("max_streams", DEFAULT_MAX_STREAMS),
+                              1, 65536),
+        grant_pages=r.integer("link", "grant_pages", lk.get("grant_pages", DEFAULT_GRANT_LIMIT),
+                              1, 1 << 20))
+    pages = 1 + 2 * link.ring_size // PAGE_SIZE
+    if pages > link.grant_pages:
+        raise r.error("link", "ring_size", f"a link of this ring size needs {pages} pages, more "
+                                           f"than grant_pages = {link.grant_pages}")
+
+    services: dict[str, ServiceConfig] = {}
+    raw = data.get("services", {})
+    if not isinstance(raw, dict):
+        raise r.error("services", None, "must be tables [services.NAME]")
+    for name, body in raw.items():
+        table = f"services.{name}"
+        if not SERVICE_NAME.fullmatch(name):
+            raise r.error(table, None, "service names are 1-64 of A-Z a-z 0-9 _ . - "
+                                       "(starting with a letter or digit)")
+        if not isinstance(body, dict):
+            raise r.error(table, None, "must be a table")
+        for key in body:
+            if key not in ("socket", "allow", "caller_header"):
+                raise r.error(table, key, "unknown key; expected socket, allow, caller_header")
+        if "socket" not in body:
+            raise r.error(table, None, "needs socket = \"/path/of/the/service.sock\"")
+        allow = r.domids(table, "allow", body.get("allow", list(peers)))
+        for dom in allow:
+            if dom not in peers:
+                raise r.error(table, "allow", f"domain {dom} is not in [daemon] peers")
+        header = body.get("caller_header", False)
+        if not isinstance(header, bool):
+            raise r.error(table, "caller_header", "must be true or false")
+        services[name] = ServiceConfig(name, r.path_value(table, "socket", body["socket"], True),
+                                       allow, header)
+    if daemon.default_service is not None and daemon.default_service not in services:
+        raise r.error("daemon", "default_service",
+                      f"names no service; define [services.{daemon.default_service}]")
+    return Config(daemon, link, services)
+
+
+def load_config(path: str) -> Config:
+    """Returns the validated configuration in the file ``path``; raises ConfigError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read: {e.strerror}", path=path) from None
+    except UnicodeDecodeError:
+        raise ConfigError("is not UTF-8 text", path=path) from None
+    return parse_config(text, path)
+
+
+def check_config_main(path: str) -> int:
+    """``xsockd --check-config FILE``: prints a verdict; returns the exit status."""
+    try:
+        cfg = load_config(path)
+    except ConfigError as e:
+        print(f"xsockd: {e}", file=sys.stderr)
+        return 1
+    print(f"{path}: OK ({len(cfg.daemon.peers)} peers, {len(cfg.services)} services)")
+    return 0

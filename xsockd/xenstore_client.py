@@ -1,0 +1,217 @@
+"""A XenStore connection over xenstored's Unix socket or the kernel's /dev/xen/xenbus.
+
+Both speak the same wire protocol (``xenstore_wire``), so one client serves the sim and real
+Xen.  Requests are synchronous; watch events that arrive meanwhile are queued for
+``read_events``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+import stat
+import warnings
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+from xsockd.backend import WatchEvent, XenStore, XenStorePerm
+from xsockd.errors import XenStoreError
+from xsockd.xenstore_wire import ERRORS, Message, Op, Parser, encode, split_strings
+
+__all__ = ["XenStoreClient", "transact"]
+
+T = TypeVar("T")
+REPLY_TIMEOUT = 30.0
+
+
+class XenStoreClient(XenStore):
+    """One connection.  ``path`` is a Unix socket or a character device (/dev/xen/xenbus).
+
+    Lifecycle: open -> closed (``close()`` is idempotent).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = -1
+        self._sock: socket.socket | None = None
+        try:
+            is_dev = stat.S_ISCHR(os.stat(path).st_mode)
+        except OSError as e:
+            raise XenStoreError(e.errno or errno.ENOENT,
+                                f"no XenStore at {path}: {e.strerror}", path) from None
+        try:
+            if is_dev:
+                self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            else:
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self._sock.connect(path)
+                self._fd = self._sock.fileno()
+        except OSError as e:
+            if self._sock:
+                self._sock.close()
+            raise XenStoreError(e.errno or errno.EIO,
+                                f"cannot connect to XenStore at {path}: {e.strerror}",
+                                path) from None
+        self._parser = Parser()
+        self._events: list[WatchEvent] = []
+        self._replies: list[Message] = []
+        self._next_id = 1
+
+    def __repr__(self) -> str:
+        return f"<XenStoreClient {self.path} {'closed' if self._fd < 0 else 'open'}>"
+
+    def __enter__(self) -> XenStoreClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
+            self.close()
+
+    # ---- transport ----------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+
+    def _pump(self, timeout: float | None) -> bool:
+        """Reads what is available (waiting up to ``timeout``); returns False on timeout."""
+        if self._fd < 0:
+            raise XenStoreError(errno.EBADF, "XenStore connection is closed", self.path)
+        ready, _, _ = select.select([self._fd], [], [], timeout)
+        if not ready:
+            return False
+        data = os.read(self._fd, 65536)
+        if not data:
+            raise XenStoreError(errno.ECONNRESET, f"XenStore at {self.path} hung up", self.path)
+        try:
+            messages = self._parser.feed(data)
+        except ValueError as e:
+            raise XenStoreError(errno.EPROTO, str(e), self.path) from None
+        for m in messages:
+            if m.op == Op.WATCH_EVENT:
+                parts = split_strings(m.payload)
+                if len(parts) >= 2:
+                    self._events.append(WatchEvent(parts[0].decode(errors="replace"),
+                                                   parts[1].decode(errors="replace")))
+            else:
+                self._replies.append(m)
+        return True
+
+    def _request(self, op: Op, payload: bytes, tx: int = 0, path: str | None = None) -> bytes:
+        req_id = self._next_id
+        self._next_id = (self._next_id + 1) & 0xFFFFFFFF or 1
+        try:
+            self._write(encode(op, req_id, tx, payload))
+        except ValueError as e:
+            raise XenStoreError(errno.E2BIG, str(e), path) from None
+        while True:
+            for i, m in enumerate(self._replies):
+                if m.req_id == req_id:
+                    del self._replies[i]
+                    if m.op == Op.ERROR:
+                        name = m.payload.rstrip(b"\0").decode(errors="replace")
+                        code = ERRORS.get(name, errno.EIO)
+                        raise XenStoreError(code, f"XenStore {op.name} {path or ''}: {name}",
+                                            path)
+                    return m.payload
+            if not self._pump(REPLY_TIMEOUT):
+                raise XenStoreError(errno.ETIMEDOUT, f"XenStore did not answer {op.name}", path)
+
+    # ---- XenStore -----------------------------------------------------------------------
+
+    def read(self, path: str, tx: int = 0) -> bytes:
+        return self._request(Op.READ, path.encode() + b"\0", tx, path)
+
+    def write(self, path: str, value: bytes | str, tx: int = 0) -> None:
+        data = value.encode() if isinstance(value, str) else value
+        self._request(Op.WRITE, path.encode() + b"\0" + data, tx, path)
+
+    def mkdir(self, path: str, tx: int = 0) -> None:
+        self._request(Op.MKDIR, path.encode() + b"\0", tx, path)
+
+    def rm(self, path: str, tx: int = 0) -> None:
+        self._request(Op.RM, path.encode() + b"\0", tx, path)
+
+    def directory(self, path: str, tx: int = 0) -> list[str]:
+        reply = self._request(Op.DIRECTORY, path.encode() + b"\0", tx, path)
+        return [p.decode(errors="replace") for p in split_strings(reply)]
+
+    def get_perms(self, path: str, tx: int = 0) -> list[XenStorePerm]:
+        reply = self._request(Op.GET_PERMS, path.encode() + b"\0", tx, path)
+        try:
+            return [XenStorePerm.parse(p.decode()) for p in split_strings(reply)]
+        except (ValueError, UnicodeDecodeError) as e:
+            raise XenStoreError(errno.EPROTO, f"bad permissions of {path}: {e}", path) from None
+
+    def set_perms(self, path: str, perms: Sequence[XenStorePerm], tx: int = 0) -> None:
+        payload = path.encode() + b"\0" + b"".join(str(p).encode() + b"\0" for p in perms)
+        self._request(Op.SET_PERMS, payload, tx, path)
+
+    def transaction_start(self) -> int:
+        reply = self._request(Op.TRANSACTION_START, b"\0")
+        return int(reply.rstrip(b"\0"))
+
+    def transaction_end(self, tx: int, commit: bool = True) -> bool:
+        try:
+            self._request(Op.TRANSACTION_END, b"T\0" if commit else b"F\0", tx)
+        except XenStoreError as e:
+            if e.errno == errno.EAGAIN:
+                return False
+            raise
+        return True
+
+    def get_domain_path(self, domid: int) -> str:
+        return self._request(Op.GET_DOMAIN_PATH, b"%d\0" % domid).rstrip(b"\0").decode()
+
+    def watch(self, path: str, token: str) -> None:
+        self._request(Op.WATCH, path.encode() + b"\0" + token.encode() + b"\0", 0, path)
+
+    def unwatch(self, path: str, token: str) -> None:
+        self._request(Op.UNWATCH, path.encode() + b"\0" + token.encode() + b"\0", 0, path)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def read_events(self) -> list[WatchEvent]:
+        while self._pump(0):
+            pass
+        events, self._events = self._events, []
+        return events
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        if self._sock is not None:
+            self._sock.close()
+        else:
+            os.close(self._fd)
+        self._fd = -1
+
+
+def transact(xs: XenStore, fn: Callable[[int], T], retries: int = 16) -> T:
+    """Returns ``fn(tx)`` run inside a XenStore transaction, retried while commits lose races.
+
+    The one way xsockd uses transactions.  An exception from ``fn`` aborts the transaction.
+    """
+    for _ in range(retries):
+        tx = xs.transaction_start()
+        try:
+            result = fn(tx)
+        except BaseException:
+            try:
+                xs.transaction_end(tx, commit=False)
+            except XenStoreError:
+                pass
+            raise
+        if xs.transaction_end(tx, commit=True):
+            return result
+    raise XenStoreError(errno.EAGAIN, f"XenStore transaction still conflicting after {retries} "
+                                      "tries")

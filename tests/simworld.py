@@ -81,15 +81,19 @@ class SimWorld:
 
     def connect(self, src: int, dst: int, timeout: float = 30.0) -> socket.socket:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(str(self.rundir(src) / f"{dst}.sock"))  # blocking: waits for the backlog
+        except OSError:
+            s.close()
+            raise
         s.settimeout(timeout)
-        s.connect(str(self.rundir(src) / f"{dst}.sock"))
         return s
 
     def kill9(self, dom: int) -> None:
         d = self.daemons[dom]
         assert d.proc is not None
         d.proc.send_signal(signal.SIGKILL)
-        d.proc.wait()
+        d.stop()  # reaps it and closes its log pipe
 
     def restart(self, dom: int) -> None:
         self.daemons[dom].stop()

@@ -116,7 +116,7 @@ def serve_echo(path: str) -> int:
         os.unlink(path)  # a stale socket of an earlier run
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(path)
-    srv.listen(64)
+    srv.listen(socket.SOMAXCONN)
     print("listening", flush=True)
 
     def echo(conn: socket.socket) -> None:
@@ -125,11 +125,15 @@ def serve_echo(path: str) -> int:
         view = memoryview(buf)
         total = 0
         with conn:
-            while n := conn.recv_into(buf):
-                h.update(view[:n])
-                conn.sendall(view[:n])
-                total += n
-            conn.shutdown(socket.SHUT_WR)
+            try:
+                while n := conn.recv_into(buf):
+                    h.update(view[:n])
+                    conn.sendall(view[:n])
+                    total += n
+                conn.shutdown(socket.SHUT_WR)
+            except OSError as e:  # the caller went away: report it, serve the others
+                print(f"error {e.strerror} {total}", flush=True)
+                return
         print(f"sha256 {h.hexdigest()} {total}", flush=True)
 
     while True:

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 LINK_SETUP_TIMEOUT = 10.0  # seconds for a peer to attach to our offer
 SOCKET_MODE = 0o660
+CONNECT_PATIENCE = 5.0  # seconds to wait for a service whose listen backlog is full
 
 
 def caller_header(domid: int, service: str) -> bytes:
@@ -139,7 +140,7 @@ class Manager:
         sock.setblocking(False)
         sock.bind(path)
         os.chmod(path, SOCKET_MODE)
-        sock.listen(128)
+        sock.listen(socket.SOMAXCONN)
         self._listeners[peer] = sock
         self.loop.add_reader(sock.fileno(), lambda: self._on_connect(peer))
 
@@ -293,7 +294,11 @@ class Manager:
             owner = self.xs.get_perms(path)[0].domid
         except XenStoreError as e:
             if e.errno != errno.ENOENT:
-                log.warning("unreadable link request from domain %d: %s", peer, e)
+                # A real requester lets us read its request in the transaction that creates
+                # it; this one was made by someone else (another domain forging it, or junk).
+                log.warning("removing unreadable link request %s (%s): not made by an xsockd "
+                            "of domain %d", path, os.strerror(e.errno or errno.EIO), peer)
+                self._quiet_rm(path)
             return
         words = value.decode("ascii", "replace").split()
         if len(words) != 2 or words[0] != "offer" or not words[1].isdigit():
@@ -391,30 +396,43 @@ class Manager:
                         name or "(default)", extra={"XSOCK_PEER": peer})
             link.ring.reject_stream(stream, Reason.REFUSED)
             return
-        sock = self._connect_service(peer, name, service)
-        if sock is None:
-            link.ring.reject_stream(stream, Reason.NO_SERVICE)
-            return
-        link.ring.accept_stream(stream, sock)
-        ch = self._add_channel(link, stream, name, "in")
-        ch.state = "open"
+        self._connect_service(link, stream, name, service, time.monotonic() + CONNECT_PATIENCE)
 
-    def _connect_service(self, peer: int, name: str, service: ServiceConfig
-                         ) -> socket.socket | None:
+    def _connect_service(self, link: Link, stream: int, name: str, service: ServiceConfig,
+                         deadline: float, delay: float = 0.005) -> None:
+        """Connects to the service; while its backlog is full, retries until ``deadline``."""
+        if link.closed:
+            return
+        peer = link.peer
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
             sock.connect(service.socket)
             if service.caller_header:
                 sock.send(caller_header(peer, name))
+        except BlockingIOError:
+            sock.close()
+            if time.monotonic() < deadline:  # backlog full: a burst of connections
+                self.loop.call_later(delay, lambda: self._connect_service(
+                    link, stream, name, service, deadline, min(delay * 2, 0.2)))
+                return
+            self._refuse_unreachable(link, stream, name, service, "its backlog stayed full")
+            return
         except OSError as e:
             sock.close()
-            self.counters["streams_refused"] += 1
-            log.warning("service %r at %s unreachable for domain %d: %s", name or "(default)",
-                        service.socket, peer, e.strerror or e,
-                        extra={"XSOCK_PEER": peer, "XSOCK_SERVICE": name})
-            return None
-        return sock
+            self._refuse_unreachable(link, stream, name, service, e.strerror or str(e))
+            return
+        link.ring.accept_stream(stream, sock)
+        ch = self._add_channel(link, stream, name, "in")
+        ch.state = "open"
+
+    def _refuse_unreachable(self, link: Link, stream: int, name: str, service: ServiceConfig,
+                            why: str) -> None:
+        self.counters["streams_refused"] += 1
+        log.warning("service %r at %s unreachable for domain %d: %s", name or "(default)",
+                    service.socket, link.peer, why,
+                    extra={"XSOCK_PEER": link.peer, "XSOCK_SERVICE": name})
+        link.ring.reject_stream(stream, Reason.NO_SERVICE)
 
     def _add_channel(self, link: Link, stream: int, service: str, direction: str) -> Channel:
         ch = Channel(next(self._ids), link.peer, stream, service, direction, link)

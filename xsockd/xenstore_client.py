@@ -58,6 +58,13 @@ class XenStoreClient(XenStore):
         self._events: list[WatchEvent] = []
         self._replies: list[Message] = []
         self._next_id = 1
+        # fileno() must be readable while events wait in our queue, not only while the socket
+        # has data: events that arrive during a request are read along with its reply.  An
+        # epoll set of the connection and an eventfd ("queued") is readable in both cases.
+        self._queued = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._poll = select.epoll()
+        self._poll.register(self._fd, select.EPOLLIN)
+        self._poll.register(self._queued, select.EPOLLIN)
 
     def __repr__(self) -> str:
         return f"<XenStoreClient {self.path} {'closed' if self._fd < 0 else 'open'}>"
@@ -101,6 +108,7 @@ class XenStoreClient(XenStore):
                 if len(parts) >= 2:
                     self._events.append(WatchEvent(parts[0].decode(errors="replace"),
                                                    parts[1].decode(errors="replace")))
+                    os.eventfd_write(self._queued, 1)
             else:
                 self._replies.append(m)
         return True
@@ -178,10 +186,14 @@ class XenStoreClient(XenStore):
         self._request(Op.UNWATCH, path.encode() + b"\0" + token.encode() + b"\0", 0, path)
 
     def fileno(self) -> int:
-        return self._fd
+        return self._poll.fileno()
 
     def read_events(self) -> list[WatchEvent]:
         while self._pump(0):
+            pass
+        try:
+            os.eventfd_read(self._queued)
+        except BlockingIOError:
             pass
         events, self._events = self._events, []
         return events
@@ -189,6 +201,8 @@ class XenStoreClient(XenStore):
     def close(self) -> None:
         if self._fd < 0:
             return
+        self._poll.close()
+        os.close(self._queued)
         if self._sock is not None:
             self._sock.close()
         else:

@@ -150,7 +150,8 @@ class XsockdPath:
         c2 = write_config(work / "d2.conf", rundir=work / "run2", sim_dir=work / "sim",
                           peers=[1], services={"sink": self.sink}, default="sink",
                           ring_size=ring_size)
-        self.daemons = [DaemonProcess(1, c1, work / "d1.log"), DaemonProcess(2, c2, work / "d2.log")]
+        self.daemons = [DaemonProcess(1, c1, work / "d1.log"),
+                        DaemonProcess(2, c2, work / "d2.log")]
         for d in self.daemons:
             d.start()
 

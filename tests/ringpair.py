@@ -14,7 +14,7 @@ import socket
 import time
 from dataclasses import dataclass
 
-from xsockd.ring import EventType, PAGE_SIZE, RingEvent, RingLink, Role
+from xsockd.ring import PAGE_SIZE, EventType, RingEvent, RingLink, Role
 
 
 @dataclass

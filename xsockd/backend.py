@@ -244,6 +244,12 @@ class Backend(abc.ABC):
     def close(self) -> None:
         """Releases whatever the backend itself holds (not the objects it returned)."""
 
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 # A factory that builds a backend for a domain: ``make(domid) -> Backend``.
 BackendFactory = Callable[[int], Backend]

@@ -210,7 +210,8 @@ def _table(daemon: DaemonProcess, before: int, timeout: float = 5.0) -> str:
         text = daemon.log()[before:]
         if "channel table" in text and "link peer" in text:
             lines = text[text.index("channel table"):].splitlines()
-            keep = [ln for ln in lines if ln.strip() and "INFO" not in ln or "channel table" in ln]
+            keep = [ln for ln in lines
+                    if (ln.strip() and "INFO" not in ln) or "channel table" in ln]
             return "\n".join("    " + ln for ln in keep[:12])
         time.sleep(0.05)
     return "    (no table logged)"
@@ -271,7 +272,7 @@ def _demo(work: Path, total: int, ring_size: str) -> bool:
             def transfer() -> None:
                 try:
                     result["r"] = stream_through(path, total)
-                except Exception as e:  # noqa: BLE001 - reported below
+                except Exception as e:
                     result["e"] = e
 
             t = threading.Thread(target=transfer)

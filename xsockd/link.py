@@ -225,6 +225,9 @@ def offer_link(backend: Backend, xs: XenStore, peer: int, *, ring_size: int, win
         req = request_path(peer, me)
 
         def ask(tx: int) -> None:
+            # Any domain may create children of the request directory, so a hostile one may
+            # squat on ours; it left them writable by others, so we replace it atomically.
+            xs.rm(req, tx)
             xs.write(req, f"offer {generation}", tx)
             xs.set_perms(req, [XenStorePerm(me, "n"), XenStorePerm(peer, "b")], tx)
 

@@ -44,7 +44,7 @@ class Loop:
     def _guard(self, callback: Callable[[], object]) -> None:
         try:
             callback()
-        except BaseException as e:  # noqa: BLE001 - re-raised from run()
+        except BaseException as e:
             if self._error is None:
                 self._error = e
             self._loop.quit()

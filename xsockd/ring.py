@@ -22,13 +22,13 @@ from xsockd._ring_core import ffi, lib  # type: ignore[import-not-found]
 __all__ = [
     "FRAME_HEADER",
     "LIVE_OFFSET",
+    "EventType",
+    "Reason",
     "RingEvent",
     "RingLink",
     "Role",
     "StreamInfo",
     "link_pages",
-    "Reason",
-    "EventType",
 ]
 
 FRAME_HEADER = lib.XSK_FRAME_HDR

@@ -85,6 +85,7 @@ class Transaction:
     base_gen: int
     touched: set[str] = field(default_factory=set)
     changed: set[str] = field(default_factory=set)
+    targets: list[str] = field(default_factory=list)   # paths to fire watches for at commit
 
 
 @dataclass
@@ -340,8 +341,8 @@ class XenStoreServer:
                 value = b""
             if dom != 0 and len(value) > MAX_VALUE:
                 raise XsErr(errno.E2BIG)
-            changed = self._write(store, tx, dom, path, value, m.op == Op.MKDIR)
-            self._commit_or_fire(tx, changed)
+            if self._write(store, tx, dom, path, value, m.op == Op.MKDIR):
+                self._fire_or_defer(tx, path)
             return ok
         if m.op == Op.RM:
             path = self._abs(conn, args[0] if args else b"")
@@ -353,13 +354,12 @@ class XenStoreServer:
                 if _parent(path) in store:
                     return ok  # as xenstored: removing a missing child of an existing node
                 raise XsErr(errno.ENOENT)
-            node_for(path, "w")
+            root = node_for(path, "w")
             removed = self._remove(store, path)
             if tx:
                 tx.changed.update(removed)
                 tx.changed.add(_parent(path))
-            else:
-                self._fire(removed)
+            self._fire_or_defer(tx, path, dict.fromkeys(removed, root))
             return ok
         if m.op == Op.SET_PERMS:
             if len(args) < 2:
@@ -377,8 +377,7 @@ class XenStoreServer:
             self._set(store, path, perms=perms)
             if tx:
                 tx.changed.add(path)
-            else:
-                self._fire([path])
+            self._fire_or_defer(tx, path)
             return ok
         if m.op == Op.WATCH:
             if len(args) < 2:
@@ -464,25 +463,28 @@ class XenStoreServer:
             tx.changed.update(changed)
         return changed
 
-    def _commit_or_fire(self, tx: Transaction | None, changed: list[str]) -> None:
+    def _fire_or_defer(self, tx: Transaction | None, path: str,
+                       gone: dict[str, Node] | None = None) -> None:
+        """Fires watches for a change to path now, or at the commit of its transaction."""
         if tx is None:
-            self._fire(changed)
+            self._fire([path], perms_of=gone)
+        else:
+            tx.targets.append(path)
 
     def _commit(self, tx: Transaction) -> None:
         for p in tx.touched | tx.changed:
             node = self.store.get(p)
-            if (node is not None and node.gen > tx.base_gen) or self.deleted.get(p, 0) > tx.base_gen:
+            changed_since = node.gen if node is not None else self.deleted.get(p, 0)
+            if changed_since > tx.base_gen:
                 raise XsErr(errno.EAGAIN)
-        fired = []
+        gone: dict[str, Node | None] = {}
         for p in tx.changed:
             if p in tx.store:
                 self.store[p] = replace(tx.store[p], gen=self._bump())
-                fired.append(p)
             elif p in self.store:
-                self.store.pop(p)
+                gone[p] = self.store.pop(p)
                 self.deleted[p] = self._bump()
-                fired.append(p)
-        self._fire(fired, perms_of={p: tx.store.get(p) for p in fired})
+        self._fire(list(dict.fromkeys(tx.targets)), perms_of=gone)
 
     # ---- watches ------------------------------------------------------------------------
 
@@ -501,7 +503,6 @@ class XenStoreServer:
                             continue
                         self._send_event(conn, w, p if not w.path.startswith(p + "/")
                                          else w.path)
-                        break
 
     def _send_event(self, conn: Connection, w: Watch, path: str) -> None:
         if w.relative:

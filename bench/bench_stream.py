@@ -33,7 +33,6 @@ from xsockd.demo import DaemonProcess, write_config
 from xsockd.sim.host import SimHost
 
 MiB = 1 << 20
-SIZES = [4096, 65536, MiB]
 
 # The reader: accept one connection, read to EOF into a reused buffer, print bytes and the
 # CLOCK_MONOTONIC time of EOF (comparable across processes).
@@ -140,16 +139,16 @@ def bench_socat(work: Path, total: int, size: int, repeat: int) -> float:
 class XsockdPath:
     """A simulated host with xsockd for domains 1 and 2; domain 2's service is the reader."""
 
-    def __init__(self, work: Path, ring_size: str) -> None:
+    def __init__(self, work: Path, ring_size: str, window: str) -> None:
         self.work = work
         self.sink = work / "sink.sock"
         self.host = SimHost(work / "sim", domains=[0, 1, 2])
         self.host.__enter__()
         c1 = write_config(work / "d1.conf", rundir=work / "run1", sim_dir=work / "sim",
-                          peers=[2], ring_size=ring_size)
+                          peers=[2], ring_size=ring_size, window=window)
         c2 = write_config(work / "d2.conf", rundir=work / "run2", sim_dir=work / "sim",
                           peers=[1], services={"sink": self.sink}, default="sink",
-                          ring_size=ring_size)
+                          ring_size=ring_size, window=window)
         self.daemons = [DaemonProcess(1, c1, work / "d1.log"),
                         DaemonProcess(2, c2, work / "d2.log")]
         for d in self.daemons:
@@ -172,16 +171,18 @@ def main() -> int:
     p.add_argument("--mib", type=int, default=512, help="MiB per transfer (default 512)")
     p.add_argument("--repeat", type=int, default=3, help="transfers per figure; the median")
     p.add_argument("--ring-size", default="1MiB", help="xsockd ring bytes per direction")
+    p.add_argument("--window", default="1MiB", help="xsockd per-stream window")
+    p.add_argument("--sizes", default="4096,65536,1048576", help="write sizes to measure")
     args = p.parse_args()
     if not shutil.which("socat"):
         print("bench: socat is missing (apt-get install socat, or ./run setup)", file=sys.stderr)
         return 2
     total = args.mib * MiB
     work = Path(tempfile.mkdtemp(prefix="xsockd-bench-"))
-    xs = XsockdPath(work, args.ring_size)
+    xs = XsockdPath(work, args.ring_size, args.window)
     rows = []
     try:
-        for size in SIZES:
+        for size in [int(x) for x in args.sizes.split(",")]:
             d = bench_direct(work, total, size, args.repeat)
             s = bench_socat(work, total, size, args.repeat)
             x = best_of(args.repeat, lambda size=size: xs.once(total, size))
@@ -192,7 +193,7 @@ def main() -> int:
         xs.close()
         shutil.rmtree(work, ignore_errors=True)
     print(f"\none stream, {args.mib} MiB per transfer, median of {args.repeat}, "
-          f"xsockd ring {args.ring_size} per direction (sim backend)")
+          f"xsockd ring {args.ring_size} per direction, window {args.window} (sim backend)")
     print(f"{'write':>8} {'direct':>9} {'socat/TCP':>10} {'xsockd':>9} {'x/direct':>9} "
           f"{'x/socat':>8}")
     ok = True

@@ -33,13 +33,16 @@ MiB = 1 << 20
 
 def write_config(path: Path, *, rundir: Path, sim_dir: Path, peers: Sequence[int],
                  services: dict[str, Path] | None = None, default: str | None = None,
-                 ring_size: str = "256KiB", extra: str = "") -> Path:
+                 ring_size: str = "256KiB", window: str | None = None, extra: str = "") -> Path:
     """Writes an xsockd configuration file for a simulated domain; returns its path."""
     lines = ["[daemon]", f'rundir = "{rundir}"', f"peers = {list(peers)}",
              'backend = "sim"', f'sim_dir = "{sim_dir}"']
     if default:
         lines.append(f'default_service = "{default}"')
-    lines += ["", "[link]", f'ring_size = "{ring_size}"', ""]
+    lines += ["", "[link]", f'ring_size = "{ring_size}"']
+    if window:
+        lines.append(f'stream_window = "{window}"')
+    lines.append("")
     for name, sock in (services or {}).items():
         lines += [f"[services.{name}]", f'socket = "{sock}"', ""]
     path.write_text("\n".join(lines) + extra + "\n")

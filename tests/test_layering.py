@@ -1,0 +1,56 @@
+"""The module layering of STYLE.md, checked on the import statements of every module."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).parent.parent / "xsockd"
+
+# module -> xsockd modules it may import (None: anything in the package)
+ALLOWED: dict[str, set[str] | None] = {
+    "errors": set(),
+    "constants": set(),
+    "backend": set(),
+    "ring": {"_ring_core"},
+    "config": {"constants", "errors"},
+    "xenstore_wire": set(),
+    "xenstore_client": {"backend", "errors", "xenstore_wire"},
+    "link": {"backend", "constants", "errors", "ring", "xenstore_client"},
+    "manager": {"backend", "config", "constants", "errors", "link", "loop", "ring"},
+    "backend_sim": {"backend", "errors", "sim.hypervisor", "xenstore_client"},
+}
+FORBIDDEN_EVERYWHERE_BUT = {"gi": {"loop", "dbus_face"}, "pydbus": {"dbus_face"},
+                            "systemd": {"service"}}
+
+
+def imports_of(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+    return found
+
+
+def test_layering():
+    problems = []
+    for path in sorted(PKG.rglob("*.py")):
+        name = str(path.relative_to(PKG).with_suffix("")).replace("/", ".")
+        mods = imports_of(path)
+        ours = {m.removeprefix("xsockd.") for m in mods if m.startswith("xsockd.")}
+        allowed = ALLOWED.get(name)
+        if allowed is not None and not ours <= allowed:
+            problems.append(f"{name} imports {sorted(ours - allowed)}")
+        if "daemon" in ours:
+            problems.append(f"{name} imports daemon (nothing may)")
+        for lib, who in FORBIDDEN_EVERYWHERE_BUT.items():
+            if any(m == lib or m.startswith(lib + ".") for m in mods) and name not in who:
+                problems.append(f"{name} imports {lib}")
+    assert not problems, problems
+
+
+def test_manager_knows_no_faces():
+    mods = imports_of(PKG / "manager.py")
+    assert not {m for m in mods if m.split(".")[-1] in ("dbus_face", "service", "daemon")}

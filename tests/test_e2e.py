@@ -132,6 +132,9 @@ def test_kill9_of_either_daemon_ends_streams_and_releases_everything(world, vict
     t.join()
     s.close()
     assert time.monotonic() - start < 5
+    # The application on the other side (the echo service's connection) ended too.
+    assert select.select([world.echo.proc.stdout], [], [], 5)[0], "the echo service never saw EOF"
+    assert world.echo.proc.stdout.readline().split()[0] in ("sha256", "error")
     # The survivor released every grant, mapping, port and XenStore node of the link.
     world.wait_for("the survivor to release the link", lambda: (
         world.accounting(survivor)["granted"] == 0 and world.accounting(survivor)["mapped"] == 0
@@ -290,3 +293,35 @@ def test_unconfigured_domain_has_no_socket(world):
     world.start(1, 2)
     with pytest.raises(FileNotFoundError):
         world.connect(1, 7)  # not a configured peer: no socket exists for it
+
+
+def test_destroyed_peer_domain_ends_streams_and_the_link_comes_back(world):
+    world.start(1, 2)
+    s = world.connect(1, 2)
+    assert echo_roundtrip_partial(s, b"q" * 5000) == b"q" * 5000
+    world.host.destroy_domain(2)  # like xl destroy: every handle of domain 2 is gone
+    s.settimeout(5)
+    try:
+        assert s.recv(100) == b""
+    except ConnectionResetError:
+        pass
+    s.close()
+    world.wait_for("domain 1 to release the link", lambda: (
+        world.accounting(1)["granted"] == 0 and world.accounting(1)["ports"] == 0
+        and world.xs_tree(offer_path(1, 2)) == []))
+    # Domain 2's daemon lost its XenStore and exits with a clear message, not a traceback.
+    assert world.daemons[2].proc.wait(10) == 1
+    assert "hung up" in world.daemons[2].log() and "Traceback" not in world.daemons[2].log()
+    world.host.create_domain(2)
+    world.daemons[2].stop()
+    world.daemons[2].start()
+    with world.connect(1, 2) as s2:
+        assert echo_roundtrip(s2, b"back" * 100) == b"back" * 100
+
+
+def echo_roundtrip_partial(sock: socket.socket, data: bytes) -> bytes:
+    sock.sendall(data)
+    got = b""
+    while len(got) < len(data):
+        got += sock.recv(65536)
+    return got

@@ -82,11 +82,18 @@ class XenStoreClient(XenStore):
 
     # ---- transport ----------------------------------------------------------------------
 
+    def _hung_up(self, e: OSError) -> XenStoreError:
+        return XenStoreError(errno.ECONNRESET, f"XenStore at {self.path} hung up ({e.strerror})",
+                             self.path)
+
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
+        try:
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+        except OSError as e:
+            raise self._hung_up(e) from None
 
     def _pump(self, timeout: float | None) -> bool:
         """Reads what is available (waiting up to ``timeout``); returns False on timeout."""
@@ -95,7 +102,10 @@ class XenStoreClient(XenStore):
         ready, _, _ = select.select([self._fd], [], [], timeout)
         if not ready:
             return False
-        data = os.read(self._fd, 65536)
+        try:
+            data = os.read(self._fd, 65536)
+        except OSError as e:
+            raise self._hung_up(e) from None
         if not data:
             raise XenStoreError(errno.ECONNRESET, f"XenStore at {self.path} hung up", self.path)
         try:

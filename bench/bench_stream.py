@@ -84,6 +84,19 @@ def wait_for_socket(path: str, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
+def wait_for_tcp_listener(port: int, timeout: float = 10.0) -> None:
+    """Waits until something listens on 127.0.0.1:port (read from /proc: no probe connection,
+    which a single-connection socat would take for the real one)."""
+    want = f"0100007F:{port:04X}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open("/proc/net/tcp") as f:
+            if any(ln.split()[1] == want and ln.split()[3] == "0A" for ln in list(f)[1:]):
+                return
+        time.sleep(0.01)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
 def best_of(repeat: int, fn: Callable[[], float]) -> float:
     return statistics.median(fn() for _ in range(repeat))
 
@@ -107,28 +120,16 @@ def bench_socat(work: Path, total: int, size: int, repeat: int) -> float:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        # -b 1 MiB: socat's buffer, so that it is not the bottleneck at large writes.
-        procs = []
+        # -b 1 MiB: socat's buffer, so that it is not the bottleneck at large writes.  The
+        # back socat connects to the reader only when the writer's connection arrives.
+        procs = [subprocess.Popen(["socat", "-b", str(MiB),
+                                   f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr",
+                                   f"UNIX-CONNECT:{back}"])]
         try:
-            reader = subprocess.Popen([sys.executable, "-c", READER, back],
-                                      stdout=subprocess.PIPE, text=True)
-            assert reader.stdout is not None
-            reader.stdout.readline()
-            procs.append(subprocess.Popen(
-                ["socat", "-b", str(MiB), f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr",
-                 f"UNIX-CONNECT:{back}"]))
-            time.sleep(0.2)
-            procs.append(subprocess.Popen(
-                ["socat", "-b", str(MiB), f"UNIX-LISTEN:{front}", f"TCP:127.0.0.1:{port}"]))
-            wait_for_socket(front)
-            writer = subprocess.run([sys.executable, "-c", WRITER, front, str(total), str(size)],
-                                    capture_output=True, text=True, timeout=300, check=True)
-            got, t_end = reader.stdout.readline().split()
-            reader.wait(30)
-            reader.stdout.close()
-            if int(got) != total:
-                raise RuntimeError(f"socat path delivered {got} of {total}")
-            return total / (float(t_end) - float(writer.stdout.split()[0])) / 1e6
+            wait_for_tcp_listener(port)
+            procs.append(subprocess.Popen(["socat", "-b", str(MiB), f"UNIX-LISTEN:{front}",
+                                           f"TCP:127.0.0.1:{port}"]))
+            return run_once(front, back, total, size)
         finally:
             for p in procs:
                 p.kill()

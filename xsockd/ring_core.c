@@ -410,6 +410,11 @@ static int stream_watch(struct xsk_link *l, struct stream *s)
     int rc = set_nonblock(s->fd);
     if (rc < 0)
         return rc;
+    /* A send buffer of a window lets one sendmsg hand over a whole frame; FORCE where we may
+     * exceed wmem_max (root), the plain option otherwise.  Best effort. */
+    int sndbuf = (int)l->window;
+    if (setsockopt(s->fd, SOL_SOCKET, SO_SNDBUFFORCE, &sndbuf, sizeof(sndbuf)) < 0)
+        (void)setsockopt(s->fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
     if (epoll_ctl(l->epfd, EPOLL_CTL_ADD, s->fd, &ev) < 0)
         return -errno;
     s->readable = 1; /* optimistic: a read will say EAGAIN if not */

@@ -132,6 +132,9 @@ def test_backpressure_stops_the_writer_without_unbounded_buffering(pair):
 
 
 def test_a_stalled_reader_does_not_stall_other_streams():
+    """Regression: a stalled stream whose frames filled the ring (all but the control reserve)
+    was held there waiting for its reader, and no other stream had room to send.  A receiver
+    now holds a blocked stream's frames in the ring only while they fill at most half of it."""
     p = RingPair(ring_size=65536, window=65536)
     try:
         slow_app, slow_svc, _ = p.open()

@@ -578,12 +578,15 @@ static int rx_data(struct xsk_link *l, uint32_t prod)
         }
         if (left == 0)
             return 1;
-        if (only_stream_behind(l, prod, s->id)) {
-            s->hol = 1; /* wait for EPOLLOUT with the bytes still in the ring: no copy */
+        /* Wait for EPOLLOUT with the bytes still in the ring (no copy) only while nobody
+         * else is queued behind them and they fill at most half the ring, so that the
+         * other streams always have room to send. */
+        if (prod - l->rx.pvt <= l->rx.size / 2 && only_stream_behind(l, prod, s->id)) {
+            s->hol = 1;
             return 0;
         }
     }
-    /* Others are queued behind this stream: copy its bytes out so that they can proceed. */
+    /* Copy the blocked stream's bytes out (at most its window) so that others proceed. */
     int n = payload_iov(&l->rx, l->rx.pvt, l->head.done, left, iov);
     int rc = append_pending(l, s, iov[0].iov_base, (uint32_t)iov[0].iov_len,
                             n == 2 ? iov[1].iov_base : NULL, n == 2 ? (uint32_t)iov[1].iov_len : 0);

@@ -108,19 +108,50 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def run(config: Config, backend_name: str, domid: int | None) -> int:
+def run(config: Config, args: argparse.Namespace) -> int:
     from xsockd.loop import Loop
     from xsockd.manager import Manager
+    from xsockd.service import ServiceNotifier
 
     _raise_fd_limit()
-    backend = make_backend(backend_name, domid, config.daemon.sim_dir)
+    backend = make_backend(config.daemon.backend, args.domid, config.daemon.sim_dir)
     loop = Loop()
     manager = Manager(config, backend, loop)
+    notifier = ServiceNotifier()
+
+    def stop() -> None:
+        notifier.stopping()
+        loop.stop()
+
+    def reload() -> None:
+        try:
+            new = _apply_overrides(load_config(args.config), args)
+        except XsockError as e:
+            log.error("reload refused, the old configuration stays: %s", e)
+            return
+        changes = manager.reload(new)
+        log.info("configuration reloaded from %s: %s", args.config,
+                 ", ".join(changes) or "no change to peers")
+
+    def status() -> None:
+        notifier.status(manager.status())
+        loop.call_later(5.0, status)
+
     try:
-        loop.add_signal(signal.SIGTERM, loop.stop)
-        loop.add_signal(signal.SIGINT, loop.stop)
+        loop.add_signal(signal.SIGTERM, stop)
+        loop.add_signal(signal.SIGINT, stop)
+        loop.add_signal(signal.SIGHUP, reload)
         loop.add_signal(signal.SIGUSR1, lambda: _log_channels(manager))
         manager.start()
+        notifier.ready(manager.status())
+        interval = notifier.watchdog_interval()
+        if interval:
+            # Pinged from the loop itself: a loop that stops turning gets us restarted.
+            def ping() -> None:
+                notifier.ping()
+                loop.call_later(interval, ping)
+            ping()
+        loop.call_later(5.0, status)
         print(f"xsockd: domain {backend.domid} ready", file=sys.stderr, flush=True)
         loop.run()
         log.info("stopping: %s", manager.status())
@@ -140,11 +171,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.check_config:
         return check_config_main(args.check_config)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="xsockd[%(process)d] %(levelname)s %(message)s")
+    from xsockd.service import setup_logging
+
+    setup_logging(args.verbose)
     try:
         config = _apply_overrides(load_config(args.config), args)
-        return run(config, config.daemon.backend, args.domid)
+        return run(config, args)
     except XsockError as e:
         print(f"xsockd: {e}", file=sys.stderr)
         return 1

@@ -6,6 +6,7 @@ Everything here runs on the one loop; bytes never pass through it.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import itertools
 import logging
@@ -123,6 +124,27 @@ class Manager:
                 log.debug("removing our XenStore nodes: %s", e)
         self.xs.close()
         self._started = False
+
+    def reload(self, config: Config) -> list[str]:
+        """Switches to ``config``: new peers get sockets, removed peers' sockets go.
+
+        Open links and channels survive; a removed peer may open no new streams or links.
+        Returns what changed, one phrase each.  rundir changes need a restart.
+        """
+        changes = []
+        if config.daemon.rundir != self.config.daemon.rundir:
+            config = dataclasses.replace(
+                config, daemon=dataclasses.replace(config.daemon, rundir=self.config.daemon.rundir))
+            changes.append("rundir kept (a new one takes effect at restart)")
+        old, new = set(self.config.daemon.peers), set(config.daemon.peers)
+        self.config = config
+        for peer in sorted(new - old):
+            self._listen(peer)
+            changes.append(f"peer {peer} added")
+        for peer in sorted(old - new):
+            self._unlisten(peer)
+            changes.append(f"peer {peer} removed")
+        return changes
 
     # ---- local sockets ------------------------------------------------------------------
 

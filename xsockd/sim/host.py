@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from xsockd.service import ServiceNotifier
 from xsockd.sim.hypervisor import Hypervisor, recv_message, send_message
 from xsockd.sim.xenstored import XenStoreServer
 from xsockd.xenstore_client import XenStoreClient
@@ -209,6 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     print("ready", flush=True)
+    ServiceNotifier().ready(f"domains {args.domains} in {args.dir}")  # under systemd
     try:
         host.run()
     finally:

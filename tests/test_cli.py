@@ -31,3 +31,11 @@ def test_sim_backend_without_domid_or_host_says_what_to_do(tmp_path):
     assert r.returncode == 1 and "--domid" in r.stderr and "Traceback" not in r.stderr
     r = xsockd("--backend", "sim", "--domid", "1", "--config", str(conf))
     assert r.returncode == 1 and "xsockd.sim.host" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_xen_backend_without_xen_names_the_fix(tmp_path):
+    conf = tmp_path / "c.conf"
+    conf.write_text(f'[daemon]\npeers = [2]\nrundir = "{tmp_path}/run"\n')
+    r = xsockd("--backend", "xen", "--config", str(conf))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "/dev/xen is missing" in r.stderr and "xen-gntalloc" in r.stderr

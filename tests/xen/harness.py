@@ -37,6 +37,9 @@ PACKAGES = [
     "libxentoollog1", "libyajl2", "libxendevicemodel1", "libxentoolcore1", "libxenhypfs1",
     f"linux-image-{KERNEL}", "python3.11-minimal", "libpython3.11-minimal",
     "libpython3.11-stdlib", "libffi8", "libexpat1", "libncurses6", "libtinfo6",
+    # The daemon's loop is GLib's (through Debian's python3-gi), as on a real Xen host.
+    "python3-gi", "gir1.2-glib-2.0", "libgirepository-1.0-1", "libglib2.0-0", "libpcre2-8-0",
+    "libmount1", "libselinux1", "libblkid1",
 ]
 HOST_LIBS = ["libc.so.6", "libm.so.6", "liblzma.so.5", "libuuid.so.1", "libz.so.1",
              "libzstd.so.1", "libgcc_s.so.1", "libpthread.so.0", "libdl.so.2", "librt.so.1",
@@ -71,6 +74,8 @@ wait_domu() {
 (while [ ! -f /var/log/xen/guest-domu.log ]; do sleep 0.2; done
  tail -f /var/log/xen/guest-domu.log | while IFS= read -r l; do echo "DOMU: $l"; done) &
 . /scenario/dom0.sh
+# The relay polls; replay what the domU said so that nothing is lost at power-off.
+sleep 2; grep -v '^\[' /var/log/xen/guest-domu.log | sed 's/^/DOMU: /'
 step dom0-done PASS
 sleep 1
 poweroff -f
@@ -173,9 +178,13 @@ def _base_tree(root: Path, d: Path) -> None:
     _copy_tree(cffi_dir, site / "cffi")
     for so in cffi_dir.parent.glob("_cffi_backend*.so"):
         shutil.copy(so, site)
+    import pycparser  # cffi's ABI mode parses declarations with it
+
+    _copy_tree(Path(pycparser.__file__).parent, site / "pycparser")
     libs = cffi_dir.parent / "cffi.libs"
     if libs.exists():
         _copy_tree(libs, site / "cffi.libs")
+    _copy_tree(root / "usr/lib/python3/dist-packages/gi", site / "gi")
     _copy_tree(ROOT / "xsockd", site / "xsockd")
     for junk in site.rglob("__pycache__"):
         shutil.rmtree(junk)

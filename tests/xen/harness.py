@@ -241,8 +241,8 @@ def boot(dom0_script: str, domu_script: str, timeout: float = 600) -> Iterator[s
         raise RuntimeError("qemu-system-x86_64 is missing: apt-get install qemu-system-x86")
     xen, kernel, initrd = build(dom0_script, domu_script)
     cpu = os.environ.get("XSOCK_QEMU_CPU", "max")
-    cmd = ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg,thread=multi", "-cpu", cpu,
-           "-smp", "2", "-m", "2048", "-nographic", "-no-reboot", "-kernel", str(xen),
+    cmd = ["qemu-system-x86_64", "-machine", "q35", "-accel", os.environ.get("XSOCK_QEMU_ACCEL", "tcg,thread=multi"), "-cpu", cpu,
+           "-smp", os.environ.get("XSOCK_QEMU_SMP", "2"), "-m", "2048", "-nographic", "-no-reboot", "-kernel", str(xen),
            "-append", "console=com1 com1=115200 dom0_mem=1024M,max:1024M smap=0 smep=0",
            "-initrd", f"{kernel} console=hvc0,{initrd}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

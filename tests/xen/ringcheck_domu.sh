@@ -1,0 +1,1 @@
+step domu-idle PASS

@@ -240,9 +240,12 @@ def boot(dom0_script: str, domu_script: str, timeout: float = 600) -> Iterator[s
     if shutil.which("qemu-system-x86_64") is None:
         raise RuntimeError("qemu-system-x86_64 is missing: apt-get install qemu-system-x86")
     xen, kernel, initrd = build(dom0_script, domu_script)
-    cpu = os.environ.get("XSOCK_QEMU_CPU", "max")
-    cmd = ["qemu-system-x86_64", "-machine", "q35", "-accel", os.environ.get("XSOCK_QEMU_ACCEL", "tcg,thread=multi"), "-cpu", cpu,
-           "-smp", os.environ.get("XSOCK_QEMU_SMP", "2"), "-m", "2048", "-nographic", "-no-reboot", "-kernel", str(xen),
+    # XSOCK_QEMU_CPU / _ACCEL / _SMP vary the emulation (see docs/XEN.md).
+    env = os.environ.get
+    cmd = ["qemu-system-x86_64", "-machine", "q35",
+           "-accel", env("XSOCK_QEMU_ACCEL", "tcg,thread=multi"),
+           "-cpu", env("XSOCK_QEMU_CPU", "max"), "-smp", env("XSOCK_QEMU_SMP", "2"),
+           "-m", "2048", "-nographic", "-no-reboot", "-kernel", str(xen),
            "-append", "console=com1 com1=115200 dom0_mem=1024M,max:1024M smap=0 smep=0",
            "-initrd", f"{kernel} console=hvc0,{initrd}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

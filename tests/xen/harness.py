@@ -288,7 +288,8 @@ def main(argv: list[str]) -> int:
     """``python tests/xen/harness.py SCENARIO``: runs tests/xen/SCENARIO_dom0.sh and _domu.sh."""
     here = Path(__file__).parent
     name = argv[0] if argv else "stream"
-    r = run((here / f"{name}_dom0.sh").read_text(), (here / f"{name}_domu.sh").read_text())
+    r = run((here / f"{name}_dom0.sh").read_text(), (here / f"{name}_domu.sh").read_text(),
+            timeout=float(os.environ.get("XSOCK_XEN_TIMEOUT", "1800")))
     ok = bool(r.steps) and all(passed for passed, _ in r.steps.values())
     print(f"{name}: {'PASS' if ok else 'FAIL'} in {r.seconds:.0f} s")
     if not ok:

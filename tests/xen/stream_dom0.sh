@@ -21,11 +21,11 @@ while True:
     threading.Thread(target=echo, args=(srv.accept()[0],), daemon=True).start()
 ' > /tmp/echo.log 2>&1 &
 # Start the Python processes one after the other: two starting at once under TCG crashed one.
-i=0; while [ ! -S /run/echo.sock ] && [ $i -lt 120 ]; do sleep 1; i=$((i+1)); done
+i=0; while [ ! -S /run/echo.sock ] && [ $i -lt 400 ]; do sleep 1; i=$((i+1)); done
 python3 -m xsockd.daemon --config /etc/xsockd/x.conf -v > /tmp/xsockd.log 2>&1 &
-i=0; while { [ ! -S /run/xsock/$DOMU.sock ] || [ ! -S /run/echo.sock ]; } && [ $i -lt 120 ]; do sleep 1; i=$((i+1)); done
+i=0; while { [ ! -S /run/xsock/$DOMU.sock ] || [ ! -S /run/echo.sock ]; } && [ $i -lt 400 ]; do sleep 1; i=$((i+1)); done
 if [ -S /run/xsock/$DOMU.sock ] && [ -S /run/echo.sock ]; then step dom0-xsockd PASS
 else step dom0-xsockd FAIL; tail -20 /tmp/xsockd.log /tmp/echo.log; fi
 xenstore-write /local/domain/$DOMU/data/dom0-ready 1
-wait_domu stream 300 || step domu-stream-timeout FAIL
+wait_domu stream 900 || step domu-stream-timeout FAIL
 sed 's/^/DOM0-XSOCKD: /' /tmp/xsockd.log | tail -25

@@ -6,8 +6,8 @@ peers = [0]
 backend = "xen"
 EOC
 python3 -m xsockd.daemon --config /etc/xsockd/x.conf -v > /tmp/xsockd.log 2>&1 &
-i=0; while ! xenstore-read data/dom0-ready >/dev/null 2>&1 && [ $i -lt 600 ]; do sleep 0.2; i=$((i+1)); done
-i=0; while [ ! -S /run/xsock/0.sock ] && [ $i -lt 120 ]; do sleep 1; i=$((i+1)); done; echo "DOMU-XSOCKD: socket wait $i s"; ps | grep -v "\[" | tail -8 | sed "s/^/DOMU-PS: /"
+i=0; while ! xenstore-read data/dom0-ready >/dev/null 2>&1 && [ $i -lt 900 ]; do sleep 1; i=$((i+1)); done
+i=0; while [ ! -S /run/xsock/0.sock ] && [ $i -lt 400 ]; do sleep 1; i=$((i+1)); done; echo "DOMU-XSOCKD: socket wait $i s"; ps | grep -v "\[" | tail -8 | sed "s/^/DOMU-PS: /"
 python3 - <<EOP
 from xsockd.demo import stream_through
 try:

@@ -51,7 +51,8 @@ class EchoService:
 class SimWorld:
     def __init__(self, work: Path, *, peers: dict[int, list[int]] | None = None,
                  ring_size: str = "256KiB", extra: dict[int, str] | None = None,
-                 echo_on: tuple[int, ...] = (2,)) -> None:
+                 echo_on: tuple[int, ...] = (2,),
+                 dbus: dict[int, str] | None = None) -> None:
         raise_fd_limit()
         self.work = work
         self.sim_dir = work / "sim"
@@ -67,7 +68,8 @@ class SimWorld:
                                 sim_dir=self.sim_dir, peers=dom_peers, services=services,
                                 default="echo" if services else None, ring_size=ring_size,
                                 extra=(extra or {}).get(dom, ""))
-            self.daemons[dom] = DaemonProcess(dom, conf, work / f"xsockd-{dom}.log", verbose=True)
+            self.daemons[dom] = DaemonProcess(dom, conf, work / f"xsockd-{dom}.log", verbose=True,
+                                              dbus_address=(dbus or {}).get(dom))
 
     def rundir(self, dom: int) -> Path:
         return self.work / f"run{dom}"

@@ -32,6 +32,7 @@ __all__ = [
     "Config",
     "DaemonConfig",
     "LinkConfig",
+    "RemoteConfig",
     "ServiceConfig",
     "check_config_main",
     "load_config",
@@ -44,6 +45,8 @@ SUN_PATH_MAX = 107
 SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _SIZE = re.compile(r"(\d+)\s*(KiB|MiB|K|M)?")
 _UNITS = {None: 1, "K": 1024, "KiB": 1024, "M": 1 << 20, "MiB": 1 << 20}
+DEFAULT_STOP_TIMEOUT = 10.0  # seconds a stopping daemon lets in-flight data drain
+MAX_STOP_TIMEOUT = 3600
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class DaemonConfig:
     default_service: str | None = None
     backend: str = "xen"
     sim_dir: str = DEFAULT_SIM_DIR
+    stop_timeout: float = DEFAULT_STOP_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -72,10 +76,24 @@ class ServiceConfig:
 
 
 @dataclass(frozen=True)
+class RemoteConfig:
+    """``[remote.N]``: what we reach of peer domain N besides its default service."""
+
+    domid: int
+    services: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     link: LinkConfig = field(default_factory=LinkConfig)
     services: Mapping[str, ServiceConfig] = field(default_factory=dict)
+    remotes: Mapping[int, RemoteConfig] = field(default_factory=dict)
+
+    def local_sockets(self) -> list[tuple[int, str]]:
+        """Returns (peer, service) for every socket in rundir; service "" is the default."""
+        named = [(r.domid, name) for r in self.remotes.values() for name in r.services]
+        return sorted([(peer, "") for peer in self.daemon.peers] + named)
 
     def services_for(self, peer: int) -> list[str]:
         """Returns the names of the services ``peer`` may reach."""
@@ -169,6 +187,11 @@ class _Reader:
             raise self.error(table, key, f"{n} is not a power of two from {lo} to {hi}")
         return n
 
+    def seconds(self, table: str, key: str, value: object, hi: int) -> float:
+        if type(value) not in (int, float) or not 0 <= value <= hi:  # type: ignore[operator]
+            raise self.error(table, key, f"must be a number of seconds from 0 to {hi}")
+        return float(value)  # type: ignore[arg-type]
+
     def integer(self, table: str, key: str, value: object, lo: int, hi: int) -> int:
         if type(value) is not int or not lo <= value <= hi:
             raise self.error(table, key, f"must be an integer from {lo} to {hi}")
@@ -185,10 +208,12 @@ def parse_config(text: str, path: str = "<string>") -> Config:
                           line=int(m.group(1)) if m else None) from None
     r = _Reader(text, path)
     for name in data:
-        if name not in ("daemon", "link", "services"):
-            raise r.error(name, None, "unknown table; expected [daemon], [link], [services.NAME]")
+        if name not in ("daemon", "link", "services", "remote"):
+            raise r.error(name, None, "unknown table; expected [daemon], [link], "
+                                      "[services.NAME], [remote.DOMID]")
 
-    d = r.table(data, "daemon", {"rundir", "peers", "default_service", "backend", "sim_dir"})
+    d = r.table(data, "daemon", {"rundir", "peers", "default_service", "backend", "sim_dir",
+                                 "stop_timeout"})
     backend = d.get("backend", "xen")
     if backend not in ("xen", "sim"):
         raise r.error("daemon", "backend", f"{backend!r} is not \"xen\" or \"sim\"")
@@ -197,7 +222,9 @@ def parse_config(text: str, path: str = "<string>") -> Config:
         rundir=r.path_value("daemon", "rundir", d.get("rundir", DEFAULT_RUNDIR), False),
         peers=peers, backend=backend,
         sim_dir=r.path_value("daemon", "sim_dir", d.get("sim_dir", DEFAULT_SIM_DIR), False),
-        default_service=d.get("default_service"))
+        default_service=d.get("default_service"),
+        stop_timeout=r.seconds("daemon", "stop_timeout",
+                               d.get("stop_timeout", DEFAULT_STOP_TIMEOUT), MAX_STOP_TIMEOUT))
 
     lk = r.table(data, "link", {"ring_size", "stream_window", "max_streams", "grant_pages"})
     link = LinkConfig(
@@ -243,7 +270,44 @@ def parse_config(text: str, path: str = "<string>") -> Config:
     if daemon.default_service is not None and daemon.default_service not in services:
         raise r.error("daemon", "default_service",
                       f"names no service; define [services.{daemon.default_service}]")
-    return Config(daemon, link, services)
+    return Config(daemon, link, services, _remotes(r, data, daemon))
+
+
+def _remotes(r: _Reader, data: Mapping[str, Any], daemon: DaemonConfig) -> dict[int, RemoteConfig]:
+    """Returns the ``[remote.DOMID]`` tables: the named services of peers we may reach."""
+    raw = data.get("remote", {})
+    if not isinstance(raw, dict):
+        raise r.error("remote", None, "must be tables [remote.DOMID]")
+    remotes: dict[int, RemoteConfig] = {}
+    for key, body in raw.items():
+        table = f"remote.{key}"
+        if not key.isdigit() or not 0 <= int(key) <= DOMID_MAX:
+            raise r.error(table, None, f"[remote.DOMID] takes a domain id from 0 to {DOMID_MAX}")
+        domid = int(key)
+        if domid not in daemon.peers:
+            raise r.error(table, None, f"domain {domid} is not in [daemon] peers")
+        if not isinstance(body, dict):
+            raise r.error(table, None, "must be a table")
+        for k in body:
+            if k != "services":
+                raise r.error(table, k, "unknown key; expected services")
+        names = body.get("services", [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise r.error(table, "services", "must be a list of service names (strings)")
+        for name in names:
+            if not SERVICE_NAME.fullmatch(name):
+                raise r.error(table, "services", f"{name!r} is not a service name: 1-64 of "
+                                                 "A-Z a-z 0-9 _ . - (starting with a letter "
+                                                 "or digit)")
+            path = f"{daemon.rundir.rstrip('/')}/{domid}/{name}.sock"
+            if len(path.encode()) > SUN_PATH_MAX:
+                raise r.error(table, "services", f"the socket {path} would be longer than a "
+                                                 f"Unix socket path may be ({SUN_PATH_MAX} "
+                                                 "bytes)")
+        if len(set(names)) != len(names):
+            raise r.error(table, "services", "lists a service twice")
+        remotes[domid] = RemoteConfig(domid, tuple(names))
+    return remotes
 
 
 def load_config(path: str) -> Config:

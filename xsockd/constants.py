@@ -28,3 +28,7 @@ PROTOCOL_VERSION = 1
 DBUS_NAME = "org.xsockd.Xsockd1"
 DBUS_PATH = "/org/xsockd/Xsockd1"
 DBUS_INTERFACE = "org.xsockd.Xsockd1"
+# The interface's introspection XML, a file of the package (also its documentation).
+DBUS_XML = "org.xsockd.Xsockd1.xml"
+# The group whose members may read (list, get, statistics, properties) over the system bus.
+DBUS_READ_GROUP = "xsock"

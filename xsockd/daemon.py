@@ -12,12 +12,18 @@ import resource
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from xsockd import __version__
 from xsockd.backend import Backend
 from xsockd.config import Config, check_config_main, load_config
 from xsockd.constants import DEFAULT_CONFIG
 from xsockd.errors import XsockError
+
+if TYPE_CHECKING:
+    from xsockd.dbus_face import DBusFace
+    from xsockd.loop import Loop
+    from xsockd.manager import Manager
 
 __all__ = ["main", "make_backend"]
 
@@ -26,12 +32,18 @@ log = logging.getLogger("xsockd")
 DESCRIPTION = """\
 xsockd links this Xen domain with peer domains through granted shared memory. For each peer
 domain N in the configuration, applications connect to the Unix socket <rundir>/N.sock and
-reach the service that domain N exposes to us.
+reach the service that domain N exposes to us; <rundir>/N/NAME.sock reaches its service NAME
+(for each NAME in [remote.N] services). SIGHUP reloads the configuration; SIGTERM stops after
+in-flight data has drained ([daemon] stop_timeout, default 10 s).
 
 Commands:
   xsockd [options]             run the daemon (what systemd starts)
   xsockd demo [--help]         run two simulated domains and stream data between them
   xsockd --check-config FILE   validate a configuration file and exit
+
+The daemon serves the D-Bus interface org.xsockd.Xsockd1 on the system bus (or the bus of
+--dbus-address); xsockctl talks to it. Without a reachable system bus it logs one warning and
+runs without D-Bus.
 """
 
 
@@ -66,6 +78,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="where to create <domid>.sock for each peer (default: [daemon] rundir)")
     p.add_argument("--check-config", metavar="FILE",
                    help="validate FILE, print the result and exit (0 if valid)")
+    bus = p.add_mutually_exclusive_group()
+    bus.add_argument("--dbus-address", metavar="ADDR",
+                     help="serve D-Bus on the bus at ADDR (e.g. unix:path=/run/x.sock) instead "
+                          "of the system bus; failing to reach it is an error")
+    bus.add_argument("--no-dbus", action="store_true",
+                     help="do not serve the D-Bus interface (xsockctl cannot reach us)")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.add_argument("--version", action="version", version=f"xsockd {__version__}")
     return p
@@ -101,6 +119,31 @@ def _log_channels(manager: object) -> None:
     log.info("channel table (%s):\n%s", manager.status(), "\n".join(rows))
 
 
+def _start_dbus(manager: Manager, loop: Loop, backend_name: str,
+                args: argparse.Namespace) -> DBusFace | None:
+    """Returns the started D-Bus face, or None (with one warning) when there is no bus."""
+    if args.no_dbus:
+        return None
+    try:
+        from xsockd.dbus_face import DBusFace
+    except ImportError as e:
+        if args.dbus_address:
+            raise XsockError(f"--dbus-address needs pydbus and PyGObject: {e}") from e
+        log.warning("D-Bus interface off: %s; install xsockd[service] (pydbus)", e)
+        return None
+    face = DBusFace(manager, loop, backend_name)
+    try:
+        face.start(args.dbus_address)
+    except XsockError as e:
+        if args.dbus_address:
+            raise
+        log.warning("D-Bus interface off (xsockctl will not reach us): %s. Start the system "
+                    "bus (apt-get install dbus; systemctl start dbus), or pass --dbus-address "
+                    "ADDR or --no-dbus", e)
+        return None
+    return face
+
+
 def _raise_fd_limit() -> None:
     # Every stream holds one socket in this process: allow as many as the hard limit does.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -118,10 +161,14 @@ def run(config: Config, args: argparse.Namespace) -> int:
     loop = Loop()
     manager = Manager(config, backend, loop)
     notifier = ServiceNotifier()
+    face: DBusFace | None = None
 
     def stop() -> None:
+        # Graceful: no new streams, in-flight bytes drain (up to [daemon] stop_timeout), then
+        # the loop ends and manager.stop() says goodbye and releases everything.  A second
+        # SIGTERM or SIGINT stops at once.
         notifier.stopping()
-        loop.stop()
+        manager.drain(manager.config.daemon.stop_timeout, loop.stop)
 
     def reload() -> None:
         try:
@@ -143,6 +190,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
         loop.add_signal(signal.SIGHUP, reload)
         loop.add_signal(signal.SIGUSR1, lambda: _log_channels(manager))
         manager.start()
+        face = _start_dbus(manager, loop, config.daemon.backend, args)
         notifier.ready(manager.status())
         interval = notifier.watchdog_interval()
         if interval:
@@ -157,6 +205,8 @@ def run(config: Config, args: argparse.Namespace) -> int:
         log.info("stopping: %s", manager.status())
     finally:
         manager.stop()
+        if face is not None:
+            face.close()
         loop.close()
         backend.close()
     return 0

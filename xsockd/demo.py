@@ -52,11 +52,14 @@ def write_config(path: Path, *, rundir: Path, sim_dir: Path, peers: Sequence[int
 class DaemonProcess:
     """An ``xsockd --backend sim`` process whose log is kept in a file.
 
-    ``start()`` returns once the daemon says it is ready (its sockets exist).
+    ``start()`` returns once the daemon says it is ready (its sockets exist).  It serves D-Bus
+    only on the bus ``dbus_address`` names (never on the system bus).
     """
 
-    def __init__(self, domid: int, config: Path, log_path: Path, verbose: bool = False) -> None:
+    def __init__(self, domid: int, config: Path, log_path: Path, verbose: bool = False,
+                 dbus_address: str | None = None) -> None:
         self.domid = domid
+        self.dbus_address = dbus_address
         self.config = config
         self.log_path = log_path
         self.verbose = verbose
@@ -68,6 +71,7 @@ class DaemonProcess:
                "--domid", str(self.domid), "--config", str(self.config)]
         if self.verbose:
             cmd.append("-v")
+        cmd += ["--dbus-address", self.dbus_address] if self.dbus_address else ["--no-dbus"]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
         ready = threading.Event()

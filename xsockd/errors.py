@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 __all__ = [
+    "DBUS_ERRORS",
+    "AccessDenied",
     "BackendError",
     "ConfigError",
+    "DaemonNotRunning",
     "GrantLimitError",
+    "NoSuchChannel",
     "PeerGone",
     "ProtocolError",
     "RefusedError",
@@ -65,3 +69,28 @@ class PeerGone(XsockError, ConnectionResetError):
     def __init__(self, domid: int, message: str = "peer gone") -> None:
         super().__init__(message)
         self.domid = domid
+
+
+class NoSuchChannel(XsockError, LookupError):
+    """No open channel has the id ``channel_id`` (None when only the message is known)."""
+
+    def __init__(self, channel_id: int | None, message: str | None = None) -> None:
+        super().__init__(message or f"no channel {channel_id}")
+        self.channel_id = channel_id
+
+
+class AccessDenied(XsockError, PermissionError):
+    """The caller may not do this (a D-Bus caller who is not root closing a channel)."""
+
+
+class DaemonNotRunning(XsockError, ConnectionError):
+    """No xsockd owns the D-Bus name on the bus asked (xsockctl's side)."""
+
+
+# The one table of D-Bus error names: exception class -> name of the error reply.  The D-Bus
+# face replies with these; xsockctl maps them back.  Anything else is a bug and says so.
+DBUS_ERRORS: dict[type[XsockError], str] = {
+    NoSuchChannel: "org.xsockd.Xsockd1.Error.NoSuchChannel",
+    AccessDenied: "org.xsockd.Xsockd1.Error.AccessDenied",
+    XsockError: "org.xsockd.Xsockd1.Error.Failed",
+}

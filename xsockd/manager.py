@@ -14,12 +14,20 @@ import os
 import socket
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from xsockd.backend import Backend, XenStorePerm
 from xsockd.config import Config, ServiceConfig
 from xsockd.constants import XS_ROOT
-from xsockd.errors import BackendError, ProtocolError, RefusedError, XenStoreError, XsockError
+from xsockd.errors import (
+    BackendError,
+    NoSuchChannel,
+    ProtocolError,
+    RefusedError,
+    XenStoreError,
+    XsockError,
+)
 from xsockd.link import (
     Link,
     accept_link,
@@ -33,13 +41,18 @@ from xsockd.link import (
 from xsockd.loop import Loop, Timer
 from xsockd.ring import EventType, Reason, RingEvent, Role, link_pages
 
-__all__ = ["Channel", "Manager", "caller_header"]
+__all__ = ["Channel", "ChannelObserver", "Manager", "caller_header"]
 
 log = logging.getLogger(__name__)
 
 LINK_SETUP_TIMEOUT = 10.0  # seconds for a peer to attach to our offer
 SOCKET_MODE = 0o660
 CONNECT_PATIENCE = 5.0  # seconds to wait for a service whose listen backlog is full
+# Seconds to wait for a service whose socket is missing or has no listener (ENOENT,
+# ECONNREFUSED): one being restarted, or started after us; a socket unit never needs it.
+SERVICE_START_PATIENCE = 2.0
+DIR_MODE = 0o755
+DRAIN_POLL = 0.05  # seconds between looks at the bytes a stopping daemon still holds
 
 
 def caller_header(domid: int, service: str) -> bytes:
@@ -61,6 +74,19 @@ class Channel:
     state: str = "opening"
 
 
+class ChannelObserver:
+    """What a face (D-Bus) hears of the channel table; ``Manager.add_observer`` adds one.
+
+    Both run on the loop, after the table changed; they must not block.
+    """
+
+    def channel_opened(self, channel: Channel) -> None:
+        """A channel entered the table (an "out" one still "opening" until the peer accepts)."""
+
+    def channel_closed(self, channel: Channel, reason: str) -> None:
+        """A channel left the table; ``reason`` is a short word ("done", "link-down"...)."""
+
+
 class Manager:
     """Owns every link, listener and channel of one daemon.
 
@@ -76,13 +102,18 @@ class Manager:
         self.links: dict[tuple[int, Role], Link] = {}
         self.channels: dict[int, Channel] = {}
         self._by_stream: dict[tuple[int, int], Channel] = {}
-        self._listeners: dict[int, socket.socket] = {}
+        # (peer, service) -> listener of <rundir>/<peer>.sock ("") or <rundir>/<peer>/<service>.sock
+        self._listeners: dict[tuple[int, str], socket.socket] = {}
+        self._draining = False
+        self._drain_timer: Timer | None = None
         self._timers: dict[int, Timer] = {}
         self._answered: dict[int, int] = {}
         self._ids = itertools.count(1)
         self.counters = {"links_refused": 0, "streams_refused": 0, "peer_faults": 0,
                          "links_opened": 0, "streams_opened": 0}
         self._started = False
+        self.started_at = time.time()
+        self._observers: list[ChannelObserver] = []
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -101,16 +132,19 @@ class Manager:
         self.xs.watch(request_dir(self.domid), "requests")
         self.loop.add_reader(self.xs.fileno(), self._on_xenstore)
         os.makedirs(self.config.daemon.rundir, mode=0o755, exist_ok=True)
-        for peer in self.config.daemon.peers:
-            self._listen(peer)
+        for peer, service in self.config.local_sockets():
+            self._listen(peer, service)
         self._started = True
         log.info("xsockd domain %d ready: %d peers, rundir %s", self.domid,
                  len(self.config.daemon.peers), self.config.daemon.rundir)
 
     def stop(self) -> None:
         """Closes listeners and links (telling peers goodbye) and removes our nodes."""
-        for peer in list(self._listeners):
-            self._unlisten(peer)
+        for key in list(self._listeners):
+            self._unlisten(*key)
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
         for link in list(self.links.values()):
             self._drop_link(link, goodbye=True)
         for timer in self._timers.values():
@@ -125,8 +159,55 @@ class Manager:
         self.xs.close()
         self._started = False
 
+    def drain(self, timeout: float, done: Callable[[], object]) -> None:
+        """Begins a graceful stop: no new streams, then ``done()`` once in-flight bytes drained.
+
+        Takes the connections already queued on our sockets, closes every listener, and from
+        now on refuses the streams and links peers open.  ``done`` runs on the loop as soon as
+        no link holds a byte on its way (``held``) or after ``timeout`` seconds; ``stop`` then
+        closes what is left.  Called again while draining, it calls ``done`` at once.
+        """
+        if self._draining:
+            done()
+            return
+        self._draining = True
+        for peer, service in list(self._listeners):
+            self._on_connect(peer, service)  # clients whose connect() already succeeded
+            self._unlisten(peer, service)
+        deadline = time.monotonic() + timeout
+        log.info("stopping: no new streams; %d channels may drain for up to %g s",
+                 len(self.channels), timeout)
+
+        def check() -> None:
+            self._drain_timer = None
+            held = self.held()
+            pending = sum(v for k, v in held.items() if k != "streams")
+            if pending and time.monotonic() < deadline:
+                self._drain_timer = self.loop.call_later(DRAIN_POLL, check)
+                return
+            if pending:
+                log.warning("stop_timeout of %g s reached: closing %d streams with %d bytes "
+                            "still on their way (%s)", timeout, held["streams"], pending,
+                            ", ".join(f"{k} {v}" for k, v in held.items() if v and
+                                      k != "streams"))
+            else:
+                log.info("drained: closing %d idle streams", held["streams"])
+            done()
+
+        check()
+
+    def held(self) -> dict[str, int]:
+        """Returns the bytes all links still hold on their way, by kind (see RingLink.held)."""
+        total = {"app_unread": 0, "unacked": 0, "undelivered": 0, "tx_ring": 0, "rx_ring": 0,
+                 "streams": 0}
+        for link in self.links.values():
+            if not link.closed:
+                for k, v in link.ring.held().items():
+                    total[k] += v
+        return total
+
     def reload(self, config: Config) -> list[str]:
-        """Switches to ``config``: new peers get sockets, removed peers' sockets go.
+        """Switches to ``config``: new peers and named services get sockets, removed ones' go.
 
         Open links and channels survive; a removed peer may open no new streams or links.
         Returns what changed, one phrase each.  rundir changes need a restart.
@@ -136,23 +217,33 @@ class Manager:
             config = dataclasses.replace(
                 config, daemon=dataclasses.replace(config.daemon, rundir=self.config.daemon.rundir))
             changes.append("rundir kept (a new one takes effect at restart)")
-        old, new = set(self.config.daemon.peers), set(config.daemon.peers)
+        old, new = set(self.config.local_sockets()), set(config.local_sockets())
         self.config = config
-        for peer in sorted(new - old):
-            self._listen(peer)
-            changes.append(f"peer {peer} added")
-        for peer in sorted(old - new):
-            self._unlisten(peer)
-            changes.append(f"peer {peer} removed")
+        if self._draining:
+            return changes  # stopping: no listener comes back
+        for peer, service in sorted(old - new):
+            self._unlisten(peer, service)
+            changes.append(f"service {service} of domain {peer} removed" if service
+                           else f"peer {peer} removed")
+        for peer, service in sorted(new - old):
+            self._listen(peer, service)
+            changes.append(f"service {service} of domain {peer} added" if service
+                           else f"peer {peer} added")
         return changes
 
     # ---- local sockets ------------------------------------------------------------------
 
-    def socket_path(self, peer: int) -> str:
+    def socket_path(self, peer: int, service: str = "") -> str:
+        """Returns <rundir>/<peer>.sock (the default service) or <rundir>/<peer>/<service>.sock."""
+        if service:
+            return os.path.join(self.config.daemon.rundir, str(peer), f"{service}.sock")
         return os.path.join(self.config.daemon.rundir, f"{peer}.sock")
 
-    def _listen(self, peer: int) -> None:
-        path = self.socket_path(peer)
+    def _listen(self, peer: int, service: str = "") -> None:
+        path = self.socket_path(peer, service)
+        if service:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.chmod(os.path.dirname(path), DIR_MODE)  # whatever the umask
         try:
             if stat.S_ISSOCK(os.lstat(path).st_mode):
                 os.unlink(path)  # left by an earlier run
@@ -163,20 +254,26 @@ class Manager:
         sock.bind(path)
         os.chmod(path, SOCKET_MODE)
         sock.listen(socket.SOMAXCONN)
-        self._listeners[peer] = sock
-        self.loop.add_reader(sock.fileno(), lambda: self._on_connect(peer))
+        self._listeners[(peer, service)] = sock
+        self.loop.add_reader(sock.fileno(), lambda: self._on_connect(peer, service))
 
-    def _unlisten(self, peer: int) -> None:
-        sock = self._listeners.pop(peer)
+    def _unlisten(self, peer: int, service: str = "") -> None:
+        sock = self._listeners.pop((peer, service))
         self.loop.remove_reader(sock.fileno())
         sock.close()
+        path = self.socket_path(peer, service)
         try:
-            os.unlink(self.socket_path(peer))
+            os.unlink(path)
         except FileNotFoundError:
             pass
+        if service:
+            try:
+                os.rmdir(os.path.dirname(path))  # once its last service is gone
+            except OSError:
+                pass
 
     def _on_connect(self, peer: int, service: str = "") -> None:
-        listener = self._listeners.get(peer)
+        listener = self._listeners.get((peer, service))
         while listener is not None:
             try:
                 conn, _ = listener.accept()
@@ -258,7 +355,7 @@ class Manager:
         self.loop.remove_reader(link.ring.fileno())
         link.close(goodbye)
         for ch in [c for c in self.channels.values() if c.link is link]:
-            self._remove_channel(ch)
+            self._remove_channel(ch, "link-down")
 
     # ---- XenStore -----------------------------------------------------------------------
 
@@ -334,6 +431,12 @@ class Manager:
                         owner, peer)
             self._quiet_rm(path)
             return
+        if self._draining:
+            self.counters["links_refused"] += 1
+            log.warning("refused link from domain %d: we are stopping", peer,
+                        extra={"XSOCK_PEER": peer})
+            self._answer(path, "refused stopping")
+            return
         if peer not in self.config.daemon.peers or peer == self.domid:
             self.counters["links_refused"] += 1
             log.warning("refused link from domain %d: not in [daemon] peers", peer,
@@ -390,14 +493,17 @@ class Manager:
             if ch is not None:
                 if reason in (Reason.REFUSED, Reason.NO_SERVICE, Reason.TOO_MANY) \
                         and ch.direction == "out":
-                    log.warning("domain %d refused stream %d: %s", peer, ch.id,
+                    log.warning("domain %d refused stream %d to service %r: %s", peer, ch.id,
+                                ch.service or "(default)",
                                 Reason(reason).name.lower().replace("_", " "),
-                                extra={"XSOCK_PEER": peer, "XSOCK_CHANNEL": ch.id})
+                                extra={"XSOCK_PEER": peer, "XSOCK_CHANNEL": ch.id,
+                                       "XSOCK_SERVICE": ch.service})
                 log.debug("channel %d closed (%s): %d bytes in, %d out", ch.id, reason,
                           ev.bytes_in, ev.bytes_out,
                           extra={"XSOCK_PEER": peer, "XSOCK_CHANNEL": ch.id,
                                  "XSOCK_BYTES": ev.bytes_in + ev.bytes_out})
-                self._remove_channel(ch)
+                self._remove_channel(ch, Reason(reason).name.lower().replace("_", "-")
+                                     if isinstance(reason, Reason) else f"reason-{reason}")
         elif ev.type == EventType.LINK_DOWN:
             why = {-errno.EPROTO: "the peer broke the ring protocol",
                    -errno.ECONNRESET: "the peer went away",
@@ -412,17 +518,26 @@ class Manager:
         """Connects the peer's new stream to the service it asked for, or refuses it."""
         peer = link.peer
         service = self.config.service_for(peer, name or None)
-        if service is None:
+        if service is None or self._draining:
             self.counters["streams_refused"] += 1
-            log.warning("domain %d asked for service %r: not offered to it", peer,
-                        name or "(default)", extra={"XSOCK_PEER": peer})
+            log.warning("domain %d asked for service %r: %s", peer, name or "(default)",
+                        "we are stopping" if service else "not offered to it",
+                        extra={"XSOCK_PEER": peer, "XSOCK_SERVICE": name})
             link.ring.reject_stream(stream, Reason.REFUSED)
             return
-        self._connect_service(link, stream, name, service, time.monotonic() + CONNECT_PATIENCE)
+        now = time.monotonic()
+        self._connect_service(link, stream, name, service, now + CONNECT_PATIENCE,
+                              now + SERVICE_START_PATIENCE)
 
     def _connect_service(self, link: Link, stream: int, name: str, service: ServiceConfig,
-                         deadline: float, delay: float = 0.005) -> None:
-        """Connects to the service; while its backlog is full, retries until ``deadline``."""
+                         deadline: float, absent_until: float, delay: float = 0.005) -> None:
+        """Connects to the service, retrying with backoff while it cannot take us yet.
+
+        A full backlog (EAGAIN: a burst, or a service slow to accept) is retried until
+        ``deadline``; a missing socket (ENOENT) or one nobody listens on (ECONNREFUSED: a
+        service being restarted or not started yet) until ``absent_until``, a shorter time.
+        A socket unit's listener exists before its service runs, so it needs neither.
+        """
         if link.closed:
             return
         peer = link.peer
@@ -432,17 +547,21 @@ class Manager:
             sock.connect(service.socket)
             if service.caller_header:
                 sock.send(caller_header(peer, name))
-        except BlockingIOError:
-            sock.close()
-            if time.monotonic() < deadline:  # backlog full: a burst of connections
-                self.loop.call_later(delay, lambda: self._connect_service(
-                    link, stream, name, service, deadline, min(delay * 2, 0.2)))
-                return
-            self._refuse_unreachable(link, stream, name, service, "its backlog stayed full")
-            return
         except OSError as e:
             sock.close()
-            self._refuse_unreachable(link, stream, name, service, e.strerror or str(e))
+            if e.errno == errno.EAGAIN:
+                until, why = deadline, "its backlog stayed full"
+            elif e.errno in (errno.ENOENT, errno.ECONNREFUSED):
+                until, why = absent_until, e.strerror or str(e)
+            else:
+                until, why = 0.0, e.strerror or str(e)
+            if self._draining:
+                why = f"{why}, and we are stopping"
+            elif time.monotonic() < until:
+                self.loop.call_later(delay, lambda: self._connect_service(
+                    link, stream, name, service, deadline, absent_until, min(delay * 2, 0.2)))
+                return
+            self._refuse_unreachable(link, stream, name, service, why)
             return
         link.ring.accept_stream(stream, sock)
         ch = self._add_channel(link, stream, name, "in")
@@ -461,19 +580,84 @@ class Manager:
         self.channels[ch.id] = ch
         self._by_stream[(id(link), stream)] = ch
         self.counters["streams_opened"] += 1
+        for obs in self._observers:
+            obs.channel_opened(ch)
         return ch
 
-    def _remove_channel(self, ch: Channel) -> None:
-        self.channels.pop(ch.id, None)
+    def _remove_channel(self, ch: Channel, reason: str = "closed") -> None:
+        if self.channels.pop(ch.id, None) is None:
+            return
         self._by_stream.pop((id(ch.link), ch.stream), None)
+        for obs in self._observers:
+            obs.channel_closed(ch, reason)
 
     # ---- queries and actions for the faces ----------------------------------------------
 
+    def add_observer(self, observer: ChannelObserver) -> None:
+        """Tells ``observer`` of every channel opened or closed from now on."""
+        self._observers.append(observer)
+
     def close_channel(self, channel_id: int) -> None:
+        """Aborts channel ``channel_id``: both applications see the stream end.
+
+        It leaves the table when the pump reports it closed.  Raises NoSuchChannel.
+        """
         ch = self.channels.get(channel_id)
         if ch is None:
-            raise KeyError(channel_id)
+            raise NoSuchChannel(channel_id)
         ch.link.ring.close_stream(ch.stream)
+        ch.state = "closing"
+
+    def list_channels(self) -> list[dict[str, object]]:
+        """Returns every channel as ``channel_info`` describes it, by id."""
+        byte_counts: dict[tuple[int, int], tuple[int, int]] = {}
+        for link in {id(ch.link): ch.link for ch in self.channels.values()}.values():
+            if not link.closed:
+                for s in link.ring.streams():
+                    byte_counts[(id(link), s.id)] = (s.bytes_in, s.bytes_out)
+        return [self._describe(ch, byte_counts.get((id(ch.link), ch.stream), (0, 0)))
+                for ch in sorted(self.channels.values(), key=lambda c: c.id)]
+
+    def channel_info(self, channel_id: int) -> dict[str, object]:
+        """Returns one channel: id, peer, service, direction, state, ring sizes, bytes each
+        way, created (unix time), the link's grant refs, event channel and role.
+
+        Raises NoSuchChannel.
+        """
+        ch = self.channels.get(channel_id)
+        if ch is None:
+            raise NoSuchChannel(channel_id)
+        counts = (0, 0)
+        if not ch.link.closed:
+            counts = next(((s.bytes_in, s.bytes_out) for s in ch.link.ring.streams()
+                           if s.id == ch.stream), counts)
+        return self._describe(ch, counts)
+
+    @staticmethod
+    def _describe(ch: Channel, counts: tuple[int, int]) -> dict[str, object]:
+        link = ch.link
+        return {"id": ch.id, "peer": ch.peer, "service": ch.service, "direction": ch.direction,
+                "state": ch.state, "stream": ch.stream, "ring_size_rx": link.ring.ring_size,
+                "ring_size_tx": link.ring.ring_size, "bytes_in": counts[0],
+                "bytes_out": counts[1], "created": ch.created,
+                "grant_refs": list(link.grant_refs), "event_channel": link.port,
+                "link_role": link.role.name.lower()}
+
+    def statistics(self) -> dict[str, object]:
+        """Returns the daemon's counters: channels, links, grants, bytes and refusals."""
+        totals = dict.fromkeys(("bytes_in", "bytes_out", "frames_in", "frames_out",
+                                "notify_sent", "wakeups"), 0)
+        for link in self.links.values():
+            if not link.closed:
+                st = link.ring.stats()
+                for k in totals:
+                    totals[k] += st[k]
+        return {"domid": self.domid, "channels": len(self.channels),
+                "links": len(self.links),
+                "links_up": sum(1 for lk in self.links.values() if lk.up),
+                "peers": len(self.config.daemon.peers), "granted_pages": self.granted_pages(),
+                "grant_limit": self.config.link.grant_pages, "started": self.started_at,
+                "uptime": time.time() - self.started_at, **totals, **self.counters}
 
     def status(self) -> str:
         up = sum(1 for lk in self.links.values() if lk.up)

@@ -202,6 +202,18 @@ class RingLink:
                                    b.rx_buffered) for b in buf[0:n]]
             cap *= 4
 
+    def held(self) -> dict[str, int]:
+        """Returns the bytes this link still holds on their way, without stopping the pump.
+
+        ``app_unread``: written by local applications, not yet read; ``unacked``: sent, not
+        yet credited back by the peer; ``undelivered``: received, not yet written to the
+        application; ``tx_ring``/``rx_ring``: in the rings, not yet consumed; ``streams``.
+        """
+        h = ffi.new("struct xsk_link_held *")
+        _check(lib.xsk_link_held(self._live(), h), "reading held bytes")
+        return {k: int(getattr(h, k)) for k in (
+            "app_unread", "unacked", "undelivered", "tx_ring", "rx_ring", "streams")}
+
     def stop(self, goodbye: bool = False) -> None:
         """Stops the pump (blocking, without the GIL) and closes every stream's socket."""
         if self._ptr != ffi.NULL:

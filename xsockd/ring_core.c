@@ -369,8 +369,11 @@ static void close_fd(struct xsk_link *l, struct stream *s)
 {
     if (s->fd >= 0) {
         epoll_ctl(l->epfd, EPOLL_CTL_DEL, s->fd, NULL);
+        /* Under table_lock: xsk_link_held asks the socket how much it holds. */
+        pthread_mutex_lock(&l->table_lock);
         close(s->fd);
-        s->fd = -1;
+        __atomic_store_n(&s->fd, -1, __ATOMIC_RELAXED);
+        pthread_mutex_unlock(&l->table_lock);
     }
     s->readable = 0;
     ready_update(l, s);
@@ -479,6 +482,12 @@ static void flush_pending(struct xsk_link *l, struct stream *s)
         if (s->peer_fin && !s->wr_shut) {
             shutdown(s->fd, SHUT_WR);
             s->wr_shut = 1;
+            /* Everything the peer sent is delivered: credit the last part of a quarter too,
+             * so that the sender knows nothing of this stream is held here any more. */
+            if (s->rx_uncredited && !s->ctl_credit) {
+                s->ctl_credit = 1;
+                ctl_queue(l, s);
+            }
             check_done(l, s);
         }
     }
@@ -943,7 +952,10 @@ static int run_commands(struct xsk_link *l, int *goodbye)
         case CMD_ACCEPT:
             s = lookup(l, c->id);
             if (!s || s->state != ST_ACCEPTING) {
-                close(c->fd); /* the peer reset it meanwhile */
+                /* The peer reset it while Python connected the service (which may take a
+                 * while): close the socket and say so, so that the channel leaves the table. */
+                close(c->fd);
+                push_event(l, XSK_EV_CLOSED, NULL, c->id, XSK_R_ABORTED);
                 break;
             }
             s->fd = c->fd;
@@ -1322,6 +1334,37 @@ int xsk_link_streams(struct xsk_link *l, struct xsk_stream_info *out, int max)
     }
     pthread_mutex_unlock(&l->table_lock);
     return n;
+}
+
+/* Returns 0 with what the link still holds in *out: bytes on their way in either direction.
+ * Reads the pump's counters without stopping it, so a busy link's figures are a snapshot. */
+int xsk_link_held(struct xsk_link *l, struct xsk_link_held *out)
+{
+    memset(out, 0, sizeof(*out));
+    /* Our own tx prod and rx cons; the peer's tx cons and rx prod, read once and bounded. */
+    uint32_t tx_used = relaxed_load(&l->tx.shr->prod) - load_acquire(&l->tx.shr->cons);
+    uint32_t rx_used = load_acquire(&l->rx.shr->prod) - relaxed_load(&l->rx.shr->cons);
+    out->tx_ring = tx_used > l->tx.size ? l->tx.size : tx_used;
+    out->rx_ring = rx_used > l->rx.size ? l->rx.size : rx_used;
+    pthread_mutex_lock(&l->table_lock);
+    for (uint32_t i = 0; i <= l->table_mask; i++) {
+        struct stream *s = l->table[i];
+        if (!s)
+            continue;
+        out->streams++;
+        int fd = __atomic_load_n(&s->fd, __ATOMIC_RELAXED); /* closed only under this lock */
+        int unread = 0;
+        if (fd >= 0 && ioctl(fd, FIONREAD, &unread) == 0 && unread > 0)
+            out->app_unread += (uint64_t)unread;
+        uint32_t state = relaxed_load(&s->state);
+        if (state == ST_OPEN || state == ST_HALF) {
+            uint32_t window = relaxed_load(&s->peer_window), credit = relaxed_load(&s->tx_credit);
+            out->unacked += window > credit ? window - credit : 0;
+        }
+        out->undelivered += relaxed_load(&s->pend_len);
+    }
+    pthread_mutex_unlock(&l->table_lock);
+    return 0;
 }
 
 /* Returns 0 once the pump has stopped and closed every stream's socket (blocks; called

@@ -109,6 +109,18 @@ struct xsk_stream_info {
     uint32_t rx_buffered;
 };
 
+/* Bytes a link still holds, for a daemon that stops only once in-flight data has drained. */
+struct xsk_link_held {
+    uint64_t app_unread;    /* written by local applications, not yet read into the ring */
+    uint64_t unacked;       /* sent to the peer, not yet credited back (the peer may still
+                               hold them for its application) */
+    uint64_t undelivered;   /* received from the peer, not yet written to the application */
+    uint32_t tx_ring;       /* bytes in our tx ring that the peer has not consumed */
+    uint32_t rx_ring;       /* bytes in the peer's ring that we have not consumed */
+    uint32_t streams;       /* streams in the table */
+    uint32_t pad;
+};
+
 struct xsk_link;
 
 int xsk_link_pages(uint32_t ring_size);
@@ -122,6 +134,7 @@ int xsk_link_close_stream(struct xsk_link *l, uint32_t id);
 int xsk_link_events(struct xsk_link *l, struct xsk_event *out, int max);
 int xsk_link_stats(struct xsk_link *l, struct xsk_link_stats *out);
 int xsk_link_streams(struct xsk_link *l, struct xsk_stream_info *out, int max);
+int xsk_link_held(struct xsk_link *l, struct xsk_link_held *out);
 int xsk_link_stop(struct xsk_link *l, int goodbye);
 void xsk_link_free(struct xsk_link *l);
 /* CDEF END */

@@ -53,24 +53,29 @@ def test_held_counts_what_an_application_wrote_before_the_stream_opened():
         p.close()
 
 
-def test_held_unacked_returns_to_zero_once_the_peer_delivered_fin():
-    """Regression: the receiver credits the last part of a quarter window when it delivers
-    FIN, so that a stopping sender sees nothing of a finished stream held at the peer."""
+def test_an_idle_stream_returns_its_credit_without_fin():
+    """Regression: credit came back only in quarter windows or with FIN, so a stream that
+    went quiet after a small write looked unacknowledged forever, and a graceful stop waited
+    its whole stop_timeout for an idle interactive connection.  The receiver now returns the
+    remainder when its pump goes idle."""
     p = RingPair(ring_size=65536, window=65536)
     try:
         app, svc, _ = p.open()
-        app.sendall(b"u" * 5000)  # below a quarter window: no CREDIT comes back for it alone
+        app.sendall(b"u" * 5000)  # below a quarter window
         got = b""
         while len(got) < 5000:
             got += svc.recv(8192)
-        held = wait_until("the unacked bytes", lambda: p.a.held()["unacked"] == 5000 and
-                          p.a.held())
-        assert held["app_unread"] == 0 and held["tx_ring"] == 0
+        held = wait_until("the idle credit", lambda: p.a.held()["unacked"] == 0 and p.a.held())
+        assert held["app_unread"] == 0 and held["tx_ring"] == 0 and held["streams"] == 1
+        # Bytes the application has not taken yet are still held, and count.
+        app.sendall(b"v" * 3000)
+        time.sleep(0.2)
+        assert p.b.held()["undelivered"] + p.b.held()["app_unread"] == 0  # socket took them
         app.shutdown(socket.SHUT_WR)
+        assert svc.recv(3000) == b"v" * 3000
         assert svc.recv(10) == b""  # FIN delivered
         assert wait_until("the final credit", lambda: p.a.held()["unacked"] == 0)
-        # The other direction still flows: the stream is half-closed, not gone.
-        svc.sendall(b"back")
+        svc.sendall(b"back")  # half-closed, not gone
         assert app.recv(10) == b"back"
         app.close()
         svc.close()
@@ -187,6 +192,33 @@ def test_sigterm_lets_a_finished_transfer_drain_then_releases_everything(tmp_pat
         assert world.host.leftovers() == {}
     finally:
         sink.close()
+        world.close()
+
+
+def test_an_idle_open_stream_does_not_hold_up_a_stop(tmp_path):
+    world = SimWorld(tmp_path, peers={1: [2], 2: [1]})
+    try:
+        world.start(1, 2)
+        s = world.connect(1, 2)
+        s.sendall(b"hello")  # an interactive session that then goes quiet
+        assert s.recv(5) == b"hello"
+        time.sleep(0.3)
+        d1 = world.daemons[1]
+        start = time.monotonic()
+        d1.signal(signal.SIGTERM)
+        assert d1.proc.wait(15) == 0
+        took = time.monotonic() - start
+        log1 = d1.log()
+        assert "drained: closing 1 idle streams" in log1, log1[-2000:]
+        assert took < 5, f"stop took {took:.1f} s with one idle stream (stop_timeout 10)"
+        s.settimeout(5)
+        try:
+            assert s.recv(10) == b""
+        except ConnectionResetError:
+            pass
+        s.close()
+        assert_link_released(world, gone=1, survivor=2)
+    finally:
         world.close()
 
 

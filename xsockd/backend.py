@@ -184,6 +184,13 @@ class XenStore(abc.ABC):
         """Returns the home path of ``domid`` (``/local/domain/<domid>``)."""
 
     @abc.abstractmethod
+    def domain_exists(self, domid: int) -> bool:
+        """Returns False once ``domid`` is gone (xenstored no longer knows it as introduced).
+
+        Raises XenStoreError where xenstored does not let us ask (EACCES for a domU).
+        """
+
+    @abc.abstractmethod
     def watch(self, path: str, token: str) -> None:
         """Asks for a ``WatchEvent`` whenever ``path`` or anything below it changes.
 

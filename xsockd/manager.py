@@ -130,6 +130,8 @@ class Manager:
         self.xs.set_perms(request_dir(self.domid), [XenStorePerm(self.domid, "w")])
         self.xs.set_perms(f"{home}/{XS_ROOT}", [XenStorePerm(self.domid, "n")])
         self.xs.watch(request_dir(self.domid), "requests")
+        # A destroyed domain runs no unmap notification: @releaseDomain is how we learn of it.
+        self.xs.watch("@releaseDomain", "released")
         self.loop.add_reader(self.xs.fileno(), self._on_xenstore)
         os.makedirs(self.config.daemon.rundir, mode=0o755, exist_ok=True)
         for peer, service in self.config.local_sockets():
@@ -363,9 +365,26 @@ class Manager:
         for ev in self.xs.read_events():
             if ev.token == "requests":
                 self._scan_requests()
+            elif ev.token == "released":
+                self._drop_destroyed_peers()
             elif ev.token.startswith("answer:"):
                 _, peer, gen = ev.token.split(":")
                 self._check_answer(int(peer), int(gen))
+
+    def _drop_destroyed_peers(self) -> None:
+        """Drops the links of peers that xenstored no longer knows (xl destroy, a crash)."""
+        for link in list(self.links.values()):
+            try:
+                exists = self.xs.domain_exists(link.peer)
+            except XenStoreError as e:
+                # A domU may not ask; its peer is dom0 or a driver domain, whose death
+                # ends our own domain or reaches us through the unmap notification.
+                log.debug("cannot ask whether domain %d exists: %s", link.peer, e)
+                return
+            if not exists:
+                log.warning("link with domain %d down: the domain was destroyed", link.peer,
+                            extra={"XSOCK_PEER": link.peer})
+                self._drop_link(link)
 
     def _check_answer(self, peer: int, generation: int) -> None:
         link = self.links.get((peer, Role.INITIATOR))

@@ -168,6 +168,7 @@ struct xsk_link {
     struct xsk_event *events;
     uint32_t ev_head, ev_count, ev_cap;
     int ev_overflow;
+    int idle_credit;            /* a stream holds credit below a quarter: return it when idle */
 
     struct xsk_link_stats stats; /* relaxed atomics */
 };
@@ -436,7 +437,28 @@ static void delivered(struct xsk_link *l, struct stream *s, uint32_t n)
     if (s->rx_uncredited >= l->window / 4 && !s->ctl_credit) {
         s->ctl_credit = 1;
         ctl_queue(l, s);
+    } else if (s->rx_uncredited) {
+        l->idle_credit = 1;
     }
+}
+
+/* The pump is about to sleep: return the credit of every stream whose bytes all reached its
+ * application, so that a sender (and a graceful stop) knows nothing is held here any more.
+ * Runs only when the link goes idle after a delivery, never per chunk.  Returns how many. */
+static int credit_idle_streams(struct xsk_link *l)
+{
+    int n = 0;
+    l->idle_credit = 0;
+    for (uint32_t i = 0; i <= l->table_mask; i++) {
+        struct stream *s = l->table[i];
+        if (s && s->rx_uncredited && !s->ctl_credit && s->pend_len == 0 &&
+            (s->state == ST_OPEN || s->state == ST_HALF)) {
+            s->ctl_credit = 1;
+            ctl_queue(l, s);
+            n++;
+        }
+    }
+    return n;
 }
 
 /* Returns bytes written (>= 0), -EAGAIN when the socket is full, or another -errno. */
@@ -1075,6 +1097,8 @@ static void *pump(void *arg)
         notify_peer_if_waiting(l);
         if (l->ev_overflow) { err = -ENOBUFS; break; }
 
+        if (!progress && l->idle_credit && credit_idle_streams(l))
+            continue; /* send those CREDIT frames before sleeping */
         int timeout = 0;
         if (!progress) {
             /* About to sleep: ask the peer to notify us, then look once more, so that an

@@ -189,6 +189,9 @@ class XenStoreClient(XenStore):
     def get_domain_path(self, domid: int) -> str:
         return self._request(Op.GET_DOMAIN_PATH, b"%d\0" % domid).rstrip(b"\0").decode()
 
+    def domain_exists(self, domid: int) -> bool:
+        return self._request(Op.IS_DOMAIN_INTRODUCED, b"%d\0" % domid).rstrip(b"\0") == b"T"
+
     def watch(self, path: str, token: str) -> None:
         self._request(Op.WATCH, path.encode() + b"\0" + token.encode() + b"\0", 0, path)
 

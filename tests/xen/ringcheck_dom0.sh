@@ -31,5 +31,22 @@ bad = [i for i in range(0, len(data), 4096) if got[i:i + 4096] != data[i:i + 409
 first = next((i for i in range(bad[0], bad[0] + 4096) if got[i] != data[i]), -1) if bad else -1
 print("XSOCK-STEP ringcheck", "PASS" if bytes(got) == data else "FAIL", len(got),
       f"bad pages {len(bad)} first byte {first}", flush=True)
+# Where the wrong bytes came from: each bad run, its length, and where else in the stream
+# (relative offset) the same 64 bytes occur, or "zero"/"nowhere".
+i, runs = 0, 0
+n = min(len(got), len(data))
+while i < n and runs < 12:
+    if got[i] == data[i]:
+        i += 1
+        continue
+    j = i
+    while j < n and (got[j] != data[j] or got[j:j + 8] != data[j:j + 8]):
+        j += 1
+    probe = bytes(got[i:i + 64])
+    where = "zero" if not probe.strip(b"\0") else (
+        f"at {data.find(probe) - i:+d}" if data.find(probe) >= 0 else "nowhere")
+    print(f"XSOCK-DIAG run {i}..{j} len {j - i} ring-off {i % 262144} src {where}", flush=True)
+    runs += 1
+    i = j
 os._exit(0)
 EOP

@@ -160,7 +160,7 @@ class Hypervisor:
                 self.sel.unregister(sock)
             sock.close()
         for conn in [c for c in self.conns if c.domid == domid]:
-            self.drop(conn)
+            self.drop(conn, destroyed=True)
 
     def close(self) -> None:
         for domid in list(self.listeners):
@@ -291,9 +291,10 @@ class Hypervisor:
             if not any(g.fd == fd for g in table.values()):
                 os.close(fd)
 
-    def _ungrant(self, conn: Conn, gid: int) -> None:
+    def _ungrant(self, conn: Conn, gid: int, notify: bool = True) -> None:
         refs, note = conn.grants.pop(gid)
-        self._perform(conn, note)
+        if notify:
+            self._perform(conn, note)
         self._release_grants(conn.domid, refs)
 
     def _map(self, conn: Conn, peer: int, refs: list[int], notify: Any
@@ -322,9 +323,10 @@ class Hypervisor:
         conn.maps[mid] = (peer, refs, note)
         return {"id": mid, "segments": segments}, fds
 
-    def _unmap(self, conn: Conn, mid: int) -> None:
+    def _unmap(self, conn: Conn, mid: int, notify: bool = True) -> None:
         peer, refs, note = conn.maps.pop(mid)
-        self._perform(conn, note)
+        if notify:
+            self._perform(conn, note)
         table = self.grants.get(peer, {})
         released = []
         for ref in refs:
@@ -387,8 +389,13 @@ class Hypervisor:
             if port is not None:
                 os.eventfd_write(port.peer_rx, 1)
 
-    def drop(self, conn: Conn) -> None:
-        """Releases everything a connection held, as the kernel does when a process dies."""
+    def drop(self, conn: Conn, destroyed: bool = False) -> None:
+        """Releases everything a connection held, as the kernel does when a process dies.
+
+        ``destroyed``: the whole domain is gone (xl destroy).  As on Xen, nothing of its kernel
+        runs any more, so its unmap notifications are not performed: peers must learn of it
+        from XenStore's @releaseDomain.
+        """
         if conn not in self.conns:
             return
         self.conns.remove(conn)
@@ -396,8 +403,8 @@ class Hypervisor:
             self.sel.unregister(conn.sock)
         conn.sock.close()
         for mid in list(conn.maps):
-            self._unmap(conn, mid)
+            self._unmap(conn, mid, notify=not destroyed)
         for gid in list(conn.grants):
-            self._ungrant(conn, gid)
+            self._ungrant(conn, gid, notify=not destroyed)
         for number in list(conn.ports):
             self._close_port(conn, number)

@@ -120,11 +120,17 @@ class Manager:
     def start(self) -> None:
         """Publishes our request directory, watches it and opens the peers' sockets."""
         home = domain_path(self.domid)
+        root = f"{home}/{XS_ROOT}"
         try:
-            self.xs.rm(f"{home}/{XS_ROOT}")  # stale nodes of an earlier run
+            stale = [name for name in self.xs.directory(root) if name != "request"]
         except XenStoreError as e:
             if e.errno != errno.ENOENT:
                 raise
+            stale = []
+        # Our offers of an earlier run go.  Requests stay: a peer may have asked while we
+        # were restarting, and the watch's first event makes us look at them.
+        for name in stale:
+            self.xs.rm(f"{root}/{name}")
         self.xs.write(request_dir(self.domid), b"")
         # Any domain may create request/<its domid>; we decide, and say why, when it does.
         self.xs.set_perms(request_dir(self.domid), [XenStorePerm(self.domid, "w")])

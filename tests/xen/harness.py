@@ -18,11 +18,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import queue
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("XSOCK_XEN_CACHE", ROOT / ".cache" / "xen"))
+GUEST = Path(__file__).resolve().parent / "guest"
 KERNEL = "6.1.0-56-amd64"
 PACKAGES = [
     "xen-hypervisor-4.17-amd64", "xen-utils-4.17", "xenstore-utils", "libxencall1",
@@ -49,6 +52,8 @@ XEN_MODULES = ["xen-evtchn", "xen-gntdev", "xen-gntalloc", "xen-privcmd", "xenfs
 # vector-register state now and then (docs/XEN.md, "The emulation and XSAVE").
 QEMU_CPU = "max,-xsave,-avx,-avx2,-avx512f"
 STEP = re.compile(r"XSOCK-STEP (\S+) (PASS|FAIL) ?(.*)")
+FIGURE = re.compile(r"XSOCK-FIGURE (\S+) (\S+)")
+SILENCE = 300.0  # seconds without a console line: the guests are stuck
 
 INIT_COMMON = """#!/bin/sh
 export PATH=/bin:/usr/bin:/usr/lib/xen-4.17/bin
@@ -104,6 +109,7 @@ on_crash = "preserve"
 @dataclass
 class Result:
     steps: dict[str, tuple[bool, str]] = field(default_factory=dict)
+    figures: dict[str, str] = field(default_factory=dict)
     console: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -193,6 +199,12 @@ def _base_tree(root: Path, d: Path) -> None:
         shutil.rmtree(junk)
 
 
+def _copy_guest_files(tree: Path) -> None:
+    """The scenario programs both guests run (tests/xen/guest/*.py) go to /scenario."""
+    for p in GUEST.glob("*.py"):
+        shutil.copy(p, tree / "scenario" / p.name)
+
+
 def _cpio(tree: Path, out: Path) -> None:
     files = subprocess.run(["find", "."], cwd=tree, capture_output=True, check=True).stdout
     data = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=tree, input=files,
@@ -212,6 +224,8 @@ def build(dom0_script: str, domu_script: str) -> tuple[Path, Path, Path]:
         if p.is_file() and "__pycache__" not in p.parts:
             key.update(p.name.encode() + p.read_bytes())
     key.update(Path(__file__).read_bytes() + dom0_script.encode() + domu_script.encode())
+    for p in sorted(GUEST.glob("*.py")):
+        key.update(p.name.encode() + p.read_bytes())
     image = CACHE / f"dom0-{key.hexdigest()[:16]}.gz"
     if image.exists():
         return xen, kernel, image
@@ -221,6 +235,7 @@ def build(dom0_script: str, domu_script: str) -> tuple[Path, Path, Path]:
     _base_tree(root, domu)
     (domu / "init").write_text(DOMU_INIT)
     (domu / "scenario/domu.sh").write_text(domu_script)
+    _copy_guest_files(domu)
     (domu / "init").chmod(0o755)
     _base_tree(root, dom0)
     _copy_tree(root / "usr/lib/xen-4.17", dom0 / "usr/lib/xen-4.17")
@@ -229,6 +244,7 @@ def build(dom0_script: str, domu_script: str) -> tuple[Path, Path, Path]:
     (dom0 / "init").write_text(DOM0_INIT)
     (dom0 / "init").chmod(0o755)
     (dom0 / "scenario/dom0.sh").write_text(dom0_script)
+    _copy_guest_files(dom0)
     _cpio(domu, dom0 / "boot/domu.gz")
     shutil.copy(kernel, dom0 / "boot/vmlinuz")
     for old in CACHE.glob("dom0-*.gz"):
@@ -255,12 +271,28 @@ def boot(dom0_script: str, domu_script: str, timeout: float = 600) -> Iterator[s
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
     assert proc.stdout is not None
+    lines: queue.Queue[bytes | None] = queue.Queue()
+
+    def read() -> None:  # a thread, so that a silent guest cannot block us past the deadline
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            lines.put(raw)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
     deadline = time.monotonic() + timeout
     try:
-        for raw in proc.stdout:
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                raw = lines.get(timeout=max(0.0, min(left, SILENCE)))
+            except queue.Empty:
+                if left <= 0:
+                    raise TimeoutError(f"the Xen guests ran past {timeout:.0f} s") from None
+                raise TimeoutError(f"the guests printed nothing for {SILENCE:.0f} s") from None
+            if raw is None:
+                return
             yield raw.decode(errors="replace").rstrip("\r\n")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the Xen guests ran past {timeout:.0f} s")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -272,10 +304,15 @@ def run(dom0_script: str, domu_script: str, timeout: float = 600, echo: bool = T
     """Returns the steps both guests reported, printing each as it comes."""
     result = Result()
     start = time.monotonic()
-    for line in boot(dom0_script, domu_script, timeout):
-        result.console.append(line)
-        m = STEP.search(line)
-        if m:
+    lines = boot(dom0_script, domu_script, timeout)
+    try:
+        for line in lines:
+            result.console.append(line)
+            if (f := FIGURE.search(line)) and not line.startswith("DOMU:"):
+                result.figures[f.group(1)] = f.group(2)
+            m = STEP.search(line)
+            if not m:
+                continue
             where = "domU" if line.startswith("DOMU:") else "dom0"
             name = f"{where}:{m.group(1)}"
             result.steps[name] = (m.group(2) == "PASS", m.group(3))
@@ -284,7 +321,11 @@ def run(dom0_script: str, domu_script: str, timeout: float = 600, echo: bool = T
                       flush=True)
             if name == "dom0:dom0-done":
                 break
-    result.seconds = time.monotonic() - start
+    except TimeoutError as e:
+        result.steps["harness:timeout"] = (False, str(e))
+    finally:
+        lines.close()  # kills QEMU, also on an exception or an interrupt
+        result.seconds = time.monotonic() - start
     return result
 
 

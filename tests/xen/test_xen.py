@@ -1,0 +1,114 @@
+"""The xen backend on a real hypervisor: Debian's Xen 4.17, a PV dom0 and a PV domU, under QEMU.
+
+One boot runs the whole proof (``tests/xen/guest/xsproof.py``, driven from dom0); each test
+below checks the steps of one claim and shows the guests' consoles when it fails.  The steps
+and figures are printed as they come.  Alone: ``python -m pytest tests/xen``; by hand, with
+everything the guests print: ``python tests/xen/harness.py proof``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import harness
+import pytest
+
+HERE = Path(__file__).parent
+TIMEOUT = float(os.environ.get("XSOCK_XEN_TIMEOUT", "1500"))
+
+
+@pytest.fixture(scope="module")
+def proof(pytestconfig: pytest.Config) -> Iterator[harness.Result]:
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        print("\nxen proof: booting Xen 4.17 with a PV dom0 and a PV domU under QEMU", flush=True)
+        result = harness.run((HERE / "proof_dom0.sh").read_text(),
+                             (HERE / "proof_domu.sh").read_text(), timeout=TIMEOUT)
+        log = harness.CACHE / "proof.console.log"
+        log.write_text("\n".join(result.console) + "\n")
+        print(f"xen proof: {len(result.steps)} steps in {result.seconds:.0f} s; "
+              f"console in {log}", flush=True)
+        print(figure_table(result.figures), flush=True)
+    yield result
+
+
+def figure_table(figures: dict[str, str]) -> str:
+    rows = [("", "xsockd", "vchan-socket-proxy")]
+    for key, label in (("dom0_to_domu_MBps", "dom0 -> domU, MB/s"),
+                       ("domu_to_dom0_MBps", "domU -> dom0, MB/s"),
+                       ("open_first_ms", "first stream open, ms"),
+                       ("open_ms", "later stream open, ms")):
+        rows.append((label, figures.get(f"xsockd.{key}", "-"),
+                     figures.get(f"vchan.{key}", "-")))
+    for key in ("kill9_detect_s", "destroy_detect_s"):
+        rows.append((key.replace("_", " "), figures.get(f"xsockd.{key}", "-"), ""))
+    return "xen proof figures (under emulation: they compare only with each other)\n" + \
+        "\n".join(f"  {a:28} {b:>10} {c:>20}" for a, b, c in rows)
+
+
+def expect(result: harness.Result, *names: str) -> None:
+    """Fails unless dom0 reported every step in ``names`` as passed."""
+    problems = []
+    for name in names:
+        got = result.steps.get(f"dom0:{name}")
+        if got is None:
+            problems.append(f"step {name} was never reported")
+        elif not got[0]:
+            problems.append(f"step {name} FAILED: {got[1]}")
+    failed = [f"{n}: {d}" for n, (ok, d) in result.steps.items() if not ok]
+    if problems:
+        pytest.fail("\n".join(problems) + "\nall failed steps: " + "; ".join(failed)
+                    + "\nlast console lines:\n" + result.tail(60), pytrace=False)
+
+
+def test_both_domains_come_up_and_run_xsockd_on_the_xen_backend(proof: harness.Result) -> None:
+    expect(proof, "xenstored", "init-dom0", "xenconsoled", "domu-created", "agent",
+           "domu-xsockd")
+
+
+def test_a_domain_not_in_the_configuration_is_refused_then_reload_admits_it(proof):
+    expect(proof, "refused-unconfigured", "refused-released", "reload-adds-peer")
+
+
+def test_64_mib_each_way_from_both_sides_sha256_equal(proof):
+    expect(proof, "open", "echo-dom0-app", "echo-domu-app", "throughput-to-domu",
+           "throughput-from-domu")
+
+
+def test_100_concurrent_streams_each_verified(proof):
+    expect(proof, "concurrent-100")
+
+
+def test_a_half_closed_stream_keeps_flowing_the_other_way(proof):
+    expect(proof, "half-close")
+
+
+def test_xenstore_permissions_hold_on_xens_own_xenstored(proof):
+    expect(proof, "xs-permissions", "xs-squat-removed")
+
+
+def test_backend_errors_name_the_fix(proof):
+    expect(proof, "clear-errors")
+
+
+def test_kill_9_of_the_peer_daemon_is_seen_at_once_and_everything_released(proof):
+    expect(proof, "kill9-streaming", "kill9-app-sees-end", "kill9-released", "restart-works")
+
+
+def test_xl_destroy_of_the_peer_domain_is_seen_at_once_and_everything_released(proof):
+    expect(proof, "destroy-streaming", "destroy-app-sees-end", "destroy-released",
+           "dom0-xsockd-alive", "dom0-xsockd-stops")
+
+
+def test_vchan_socket_proxy_baseline_measured_in_the_same_run(proof):
+    expect(proof, "vchan-servers", "vchan-baseline")
+    for key in ("dom0_to_domu_MBps", "domu_to_dom0_MBps", "open_first_ms"):
+        assert float(proof.figures[f"xsockd.{key}"]) > 0
+        assert float(proof.figures[f"vchan.{key}"]) > 0
+
+
+def test_no_step_failed(proof):
+    failed = {n: d for n, (ok, d) in proof.steps.items() if not ok}
+    assert not failed, failed

@@ -130,7 +130,12 @@ def fetch_packages() -> Path:
     missing = [p for p in PACKAGES if p not in have]
     if missing:
         print(f"xen harness: downloading {len(missing)} Debian packages", flush=True)
-        _run(["apt-get", "download", "-qq", *missing], cwd=debs)
+        try:
+            _run(["apt-get", "download", "-qq", *missing], cwd=debs)
+        except subprocess.CalledProcessError:
+            # A machine whose package lists are missing or stale: refresh them once.
+            _run(["apt-get", "update", "-qq"])
+            _run(["apt-get", "download", "-qq", *missing], cwd=debs)
     stamp = root / ".unpacked"
     key = "\n".join(sorted(p.name for p in debs.glob("*.deb")))
     if not stamp.exists() or stamp.read_text() != key:

@@ -154,10 +154,9 @@ def _install(c: SystemdContainer) -> None:
     c.install(f"{ETC}/xsockd.service.d/sim.conf",
               (UNITS / "xsockd.service.d" / "sim.conf").read_text())
     # /usr/local/bin is the host's (read-only, without xsockd): run this project's venv instead.
-    # --verbose: channel records (XSOCK_CHANNEL, XSOCK_BYTES) are logged at debug level.
     c.install(f"{ETC}/xsockd.service.d/zz-test.conf",
               f"[Service]\nExecStart=\nExecStart={VENV_BIN}/xsockd --backend sim --domid 1 "
-              f"--config /etc/xsockd/xsockd.conf --verbose\n")
+              f"--config /etc/xsockd/xsockd.conf\n")
     c.install(f"{ETC}/xsockd-simhost.service.d/zz-test.conf",
               f"[Service]\nExecStart=\nExecStart={VENV_BIN}/xsockd-simhost --dir /run/xsock-sim"
               f" --domains 0,1,2\n")
@@ -406,13 +405,15 @@ def test_journal_holds_structured_fields(c):
         return [json.loads(line) for line in out.splitlines() if line.strip()]
 
     def closed_channel() -> list[dict[str, Any]]:
-        # The channel just used closed with 1 MiB each way (logged at debug level: --verbose).
+        # The channel just used closed with 1 MiB each way (one info record per channel).
         return [r for r in records() if r.get("XSOCK_BYTES") == str(2 * MiB)]
 
     found = wait_for(c, "a journal record with XSOCK_BYTES=2097152", closed_channel, timeout=5,
                      units=("xsockd",))
     rec = found[-1]
     assert rec.get("XSOCK_PEER") == "2" and rec.get("XSOCK_CHANNEL", "").isdigit(), rec
+    assert rec.get("XSOCK_SERVICE") == "(default)" and rec.get("PRIORITY") == "6", rec
+    assert rec.get("XSOCK_BYTES_IN") == rec.get("XSOCK_BYTES_OUT") == str(MiB), rec
     assert rec.get("SYSLOG_IDENTIFIER") == "xsockd" and rec.get("_SYSTEMD_UNIT") == \
         "xsockd.service", rec
     # Info-level records (what a production journal holds) carry the peer too.

@@ -78,6 +78,19 @@ class _DropCallerFaults(logging.Filter):
 logging.getLogger("pydbus.registration").addFilter(_DropCallerFaults())
 
 
+def _bus_name(address: str | None) -> str:
+    return f"the bus at {address}" if address else "the system bus"
+
+
+def _bus_connect(address: str | None) -> Any:
+    """Returns a connection to the bus at ``address`` (None: the system bus); GLib.Error."""
+    if not address:
+        return Gio.bus_get_sync(Gio.BusType.SYSTEM, None)
+    return Gio.DBusConnection.new_for_address_sync(
+        address, Gio.DBusConnectionFlags.AUTHENTICATION_CLIENT
+        | Gio.DBusConnectionFlags.MESSAGE_BUS_CONNECTION, None, None)
+
+
 @functools.lru_cache(maxsize=256)
 def _uint32_array(values: tuple[int, ...]) -> GLib.Variant:
     """Returns an ``au`` Variant, built from bytes: PyGObject's element-by-element builder
@@ -247,14 +260,9 @@ class DBusFace:
         Raises XsockError saying what failed: the bus is unreachable, or the name is
         refused (taken, or the policy file is not installed).
         """
-        self.where = f"the bus at {address}" if address else "the system bus"
+        self.where = _bus_name(address)
         try:
-            if address:
-                self._con = Gio.DBusConnection.new_for_address_sync(
-                    address, Gio.DBusConnectionFlags.AUTHENTICATION_CLIENT
-                    | Gio.DBusConnectionFlags.MESSAGE_BUS_CONNECTION, None, None)
-            else:
-                self._con = Gio.bus_get_sync(Gio.BusType.SYSTEM, None)
+            self._con = _bus_connect(address)
         except GLib.Error as e:
             raise XsockError(f"cannot connect to {self.where}: {e.message}") from None
         # A bus that goes away must not take the daemon with it (GDBus's default).
@@ -356,14 +364,9 @@ class Client:
     """
 
     def __init__(self, address: str | None = None) -> None:
-        self.where = f"the bus at {address}" if address else "the system bus"
+        self.where = _bus_name(address)
         try:
-            if address:
-                self._con = Gio.DBusConnection.new_for_address_sync(
-                    address, Gio.DBusConnectionFlags.AUTHENTICATION_CLIENT
-                    | Gio.DBusConnectionFlags.MESSAGE_BUS_CONNECTION, None, None)
-            else:
-                self._con = Gio.bus_get_sync(Gio.BusType.SYSTEM, None)
+            self._con = _bus_connect(address)
         except GLib.Error as e:
             raise DaemonNotRunning(f"cannot reach {self.where} ({e.message}); is dbus "
                                    f"running?") from None

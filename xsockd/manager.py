@@ -523,12 +523,18 @@ class Manager:
                                 Reason(reason).name.lower().replace("_", " "),
                                 extra={"XSOCK_PEER": peer, "XSOCK_CHANNEL": ch.id,
                                        "XSOCK_SERVICE": ch.service})
-                log.debug("channel %d closed (%s): %d bytes in, %d out", ch.id, reason,
-                          ev.bytes_in, ev.bytes_out,
-                          extra={"XSOCK_PEER": peer, "XSOCK_CHANNEL": ch.id,
-                                 "XSOCK_BYTES": ev.bytes_in + ev.bytes_out})
-                self._remove_channel(ch, Reason(reason).name.lower().replace("_", "-")
-                                     if isinstance(reason, Reason) else f"reason-{reason}")
+                why = (Reason(reason).name.lower().replace("_", "-")
+                       if isinstance(reason, Reason) else f"reason-{reason}")
+                # One record per stream, as a server logs a connection: what an operator
+                # searches the journal for (XSOCK_CHANNEL, XSOCK_PEER, XSOCK_SERVICE, bytes).
+                log.info("channel %d (%s, domain %d, service %s) closed (%s): %d bytes in, "
+                         "%d out", ch.id, ch.direction, peer, ch.service or "(default)", why,
+                         ev.bytes_in, ev.bytes_out,
+                         extra={"XSOCK_PEER": peer, "XSOCK_CHANNEL": ch.id,
+                                "XSOCK_SERVICE": ch.service or "(default)",
+                                "XSOCK_BYTES_IN": ev.bytes_in, "XSOCK_BYTES_OUT": ev.bytes_out,
+                                "XSOCK_BYTES": ev.bytes_in + ev.bytes_out})
+                self._remove_channel(ch, why)
         elif ev.type == EventType.LINK_DOWN:
             why = {-errno.EPROTO: "the peer broke the ring protocol",
                    -errno.ECONNRESET: "the peer went away",
@@ -686,4 +692,5 @@ class Manager:
 
     def status(self) -> str:
         up = sum(1 for lk in self.links.values() if lk.up)
-        return f"{len(self.channels)} channels, {up} of {len(self.links)} links up"
+        return (f"{len(self.channels)} channels, {up} of {len(self.links)} links up, "
+                f"{len(self.config.daemon.peers)} peers configured")

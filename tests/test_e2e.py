@@ -330,3 +330,23 @@ def echo_roundtrip_partial(sock: socket.socket, data: bytes) -> bytes:
     while len(got) < len(data):
         got += sock.recv(65536)
     return got
+
+
+def test_a_configured_peer_that_does_not_exist_is_refused_at_once_with_the_reason(tmp_path):
+    world = SimWorld(tmp_path, peers={1: [2, 9], 2: [1]})  # the host has no domain 9
+    try:
+        world.start(1, 2)
+        with world.connect(1, 9) as s:
+            s.settimeout(5)
+            start = time.monotonic()
+            try:
+                assert s.recv(10) == b""
+            except ConnectionResetError:
+                pass
+            assert time.monotonic() - start < 2  # not the 10 s wait for an attach
+        world.wait_for("the reason in the log",
+                       lambda: "domain 9 does not exist" in world.daemons[1].log())
+        assert world.accounting(1)["granted"] == 0 and world.accounting(1)["ports"] == 0
+        assert world.xs_tree("/local/domain/9") == []  # no junk made for it
+    finally:
+        world.close()

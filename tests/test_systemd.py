@@ -25,6 +25,9 @@ from systemd_container import SystemdContainer
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
+# The project may live below /tmp (CI clones anywhere), which PrivateTmp=yes hides from the
+# services: bind it back into their namespace, read-only, where it is.
+PROJECT_BIND = f"BindReadOnlyPaths={ROOT}\n"
 UNITS = ROOT / "units"
 POLICY = ROOT / "conf" / "org.xsockd.Xsockd1.conf"
 ETC = "/etc/systemd/system"
@@ -71,7 +74,7 @@ Type=notify
 NotifyAccess=main
 RuntimeDirectory=xsock-dom2
 # Domain 2 shares the container's system bus with domain 1: only domain 1 serves D-Bus.
-ExecStart={bin}/xsockd --backend sim --domid 2 --config /etc/xsockd/dom2.conf --no-dbus
+{bind}ExecStart={bin}/xsockd --backend sim --domid 2 --config /etc/xsockd/dom2.conf --no-dbus
 """,
     "xsock-hello.socket": """\
 [Unit]
@@ -155,13 +158,13 @@ def _install(c: SystemdContainer) -> None:
               (UNITS / "xsockd.service.d" / "sim.conf").read_text())
     # /usr/local/bin is the host's (read-only, without xsockd): run this project's venv instead.
     c.install(f"{ETC}/xsockd.service.d/zz-test.conf",
-              f"[Service]\nExecStart=\nExecStart={VENV_BIN}/xsockd --backend sim --domid 1 "
+              f"[Service]\n{PROJECT_BIND}ExecStart=\nExecStart={VENV_BIN}/xsockd --backend sim --domid 1 "
               f"--config /etc/xsockd/xsockd.conf\n")
     c.install(f"{ETC}/xsockd-simhost.service.d/zz-test.conf",
-              f"[Service]\nExecStart=\nExecStart={VENV_BIN}/xsockd-simhost --dir /run/xsock-sim"
+              f"[Service]\n{PROJECT_BIND}ExecStart=\nExecStart={VENV_BIN}/xsockd-simhost --dir /run/xsock-sim"
               f" --domains 0,1,2\n")
     for name, text in TEST_UNITS.items():
-        c.install(f"{ETC}/{name}", text.format(bin=VENV_BIN))
+        c.install(f"{ETC}/{name}", text.format(bin=VENV_BIN, bind=PROJECT_BIND))
     c.install("/etc/xsockd/xsockd.conf", dom1_conf())
     c.install("/etc/xsockd/dom2.conf", DOM2_CONF)
     c.install("/etc/xsockd/hello.sh", HELLO_SH)

@@ -307,6 +307,8 @@ class Manager:
         links = [lk for (p, _), lk in self.links.items() if p == peer]
         if links:
             return min(links, key=lambda lk: not lk.up)  # an up link if there is one
+        if not self._domain_exists(peer):
+            raise RefusedError(f"domain {peer} does not exist (xenstored does not know it)")
         cfg = self.config.link
         need = link_pages(cfg.ring_size)
         if self.granted_pages() + need > cfg.grant_pages:
@@ -377,17 +379,20 @@ class Manager:
                 _, peer, gen = ev.token.split(":")
                 self._check_answer(int(peer), int(gen))
 
+    def _domain_exists(self, domid: int) -> bool:
+        """Asks xenstored; True where we may not ask (a domU), and the link set-up will tell."""
+        try:
+            return self.xs.domain_exists(domid)
+        except XenStoreError as e:
+            log.debug("cannot ask whether domain %d exists: %s", domid, e)
+            return True
+
     def _drop_destroyed_peers(self) -> None:
         """Drops the links of peers that xenstored no longer knows (xl destroy, a crash)."""
+        # A domU may not ask (and gets no @releaseDomain events): its peer is dom0 or a
+        # driver domain, whose death reaches it through the unmap notification.
         for link in list(self.links.values()):
-            try:
-                exists = self.xs.domain_exists(link.peer)
-            except XenStoreError as e:
-                # A domU may not ask; its peer is dom0 or a driver domain, whose death
-                # ends our own domain or reaches us through the unmap notification.
-                log.debug("cannot ask whether domain %d exists: %s", link.peer, e)
-                return
-            if not exists:
+            if not self._domain_exists(link.peer):
                 log.warning("link with domain %d down: the domain was destroyed", link.peer,
                             extra={"XSOCK_PEER": link.peer})
                 self._drop_link(link)

@@ -72,6 +72,10 @@ def test_a_domain_not_in_the_configuration_is_refused_then_reload_admits_it(proo
     expect(proof, "refused-unconfigured", "refused-released", "reload-adds-peer")
 
 
+def test_a_configured_domain_that_does_not_exist_is_refused_at_once(proof):
+    expect(proof, "unknown-domain")
+
+
 def test_64_mib_each_way_from_both_sides_sha256_equal(proof):
     expect(proof, "open", "echo-dom0-app", "echo-domu-app", "throughput-to-domu",
            "throughput-from-domu")

@@ -338,8 +338,8 @@ class Hypervisor:
         self._release_grants(peer, released)
 
     def _alloc_unbound(self, conn: Conn, peer: int) -> tuple[dict[str, Any], list[int]]:
-        if peer not in self.listeners:
-            raise HvError(errno.ESRCH, f"domain {peer} does not exist")
+        # As Xen: a port may be allocated for any domain id; only binding to it needs the
+        # domain to exist.
         ours = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         theirs = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         port = self._new_port(conn, peer, ours, theirs)

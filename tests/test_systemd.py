@@ -158,11 +158,11 @@ def _install(c: SystemdContainer) -> None:
               (UNITS / "xsockd.service.d" / "sim.conf").read_text())
     # /usr/local/bin is the host's (read-only, without xsockd): run this project's venv instead.
     c.install(f"{ETC}/xsockd.service.d/zz-test.conf",
-              f"[Service]\n{PROJECT_BIND}ExecStart=\nExecStart={VENV_BIN}/xsockd --backend sim --domid 1 "
-              f"--config /etc/xsockd/xsockd.conf\n")
+              f"[Service]\n{PROJECT_BIND}ExecStart=\nExecStart={VENV_BIN}/xsockd --backend sim "
+              f"--domid 1 --config /etc/xsockd/xsockd.conf\n")
     c.install(f"{ETC}/xsockd-simhost.service.d/zz-test.conf",
-              f"[Service]\n{PROJECT_BIND}ExecStart=\nExecStart={VENV_BIN}/xsockd-simhost --dir /run/xsock-sim"
-              f" --domains 0,1,2\n")
+              f"[Service]\n{PROJECT_BIND}ExecStart=\nExecStart={VENV_BIN}/xsockd-simhost "
+              f"--dir /run/xsock-sim --domains 0,1,2\n")
     for name, text in TEST_UNITS.items():
         c.install(f"{ETC}/{name}", text.format(bin=VENV_BIN, bind=PROJECT_BIND))
     c.install("/etc/xsockd/xsockd.conf", dom1_conf())

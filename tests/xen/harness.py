@@ -292,7 +292,7 @@ def boot(dom0_script: str, domu_script: str, timeout: float = 600) -> Iterator[s
             try:
                 raw = lines.get(timeout=max(0.0, min(left, SILENCE)))
             except queue.Empty:
-                if left <= 0:
+                if time.monotonic() >= deadline:
                     raise TimeoutError(f"the Xen guests ran past {timeout:.0f} s") from None
                 raise TimeoutError(f"the guests printed nothing for {SILENCE:.0f} s") from None
             if raw is None:

@@ -201,6 +201,24 @@ def test_malformed_xenstore_entries_are_logged_and_survived(world):
         and world.xs_tree(f"{request_dir(2)}/3") == []))
 
 
+def test_a_domain_removing_our_request_directory_cannot_stop_links(tmp_path):
+    """Regression: the write permission that lets any domain ask for a link also lets it
+    remove the request directory; domain 2 then refused every new link until restarted."""
+    world = SimWorld(tmp_path, peers={1: [2], 2: [1, 3], 3: [2]})
+    try:
+        world.start(1, 2)
+        with world.host.xenstore(3) as xs3:  # the test acts as a hostile domain 3
+            for _ in range(3):
+                xs3.rm(request_dir(2))
+                world.wait_for("domain 2 to recreate it",
+                               lambda: world.xs_tree(request_dir(2)) != [])
+        assert "was removed by another domain: recreated" in world.daemons[2].log()
+        with world.connect(1, 2) as s:
+            assert echo_roundtrip(s, b"still linked") == b"still linked"
+    finally:
+        world.close()
+
+
 def test_malformed_offer_is_refused_naming_the_node(tmp_path):
     world = SimWorld(tmp_path, peers={1: [2], 2: [1, 3], 3: [2]})
     try:
@@ -350,3 +368,45 @@ def test_a_configured_peer_that_does_not_exist_is_refused_at_once_with_the_reaso
         assert world.xs_tree("/local/domain/9") == []  # no junk made for it
     finally:
         world.close()
+
+
+def test_a_second_daemon_for_the_same_domain_is_refused_and_the_first_keeps_working(world):
+    world.start(1, 2)
+    d1 = world.daemons[1]
+    other = world.work / "run1-second"
+    r = subprocess.run([sys.executable, "-m", "xsockd.daemon", "--backend", "sim", "--domid",
+                        "1", "--sim-dir", str(world.sim_dir), "--rundir", str(other),
+                        "--config", str(d1.config), "--no-dbus"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1, r.stderr
+    assert f"another xsockd already serves domain 1 (pid {d1.proc.pid})" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (other / "2.sock").exists()
+    with world.connect(1, 2) as s:
+        assert echo_roundtrip(s, b"first one fine") == b"first one fine"
+
+
+def test_a_daemon_listing_its_own_domain_as_a_peer_does_not_start(world):
+    conf = world.work / "self.conf"
+    conf.write_text(f'[daemon]\nrundir = "{world.work}/self"\npeers = [1, 2]\n'
+                    f'backend = "sim"\nsim_dir = "{world.sim_dir}"\n')
+    r = subprocess.run([sys.executable, "-m", "xsockd.daemon", "--domid", "1", "--config",
+                        str(conf), "--no-dbus"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1
+    assert "daemon.peers: lists domain 1, which is this domain itself" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_errors_for_a_missing_simulated_domain_and_a_missing_xen_name_the_fix(world):
+    r = subprocess.run([sys.executable, "-m", "xsockd.daemon", "--backend", "sim", "--domid",
+                        "5", "--sim-dir", str(world.sim_dir), "--config",
+                        str(world.daemons[1].config), "--no-dbus"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "has no domain 5: check --domid" in r.stderr, r.stderr
+    if os.path.exists("/dev/xen"):
+        return  # a Xen domain: the next check is about machines without Xen
+    r = subprocess.run([sys.executable, "-m", "xsockd.daemon", "--backend", "xen", "--config",
+                        str(world.daemons[1].config), "--no-dbus"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("xsockd: /dev/xen is missing") and "modprobe xen-evtchn" in \
+        r.stderr, r.stderr

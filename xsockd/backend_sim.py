@@ -69,6 +69,12 @@ class _Handle:
             self.sock.connect(path)
         except OSError as e:
             self.sock.close()
+            host = os.path.dirname(os.path.dirname(path))
+            if os.path.exists(os.path.join(host, "control.sock")):
+                raise BackendError(e.errno or errno.ENOENT,
+                                   f"the simulated host at {host} has no domain "
+                                   f"{os.path.basename(os.path.dirname(path))[3:]}: check "
+                                   f"--domid (its domains: --domains of xsockd-simhost)") from None
             raise BackendError(e.errno or errno.ENOENT,
                                f"no simulated host at {path} ({e.strerror}); start one with "
                                f"`python -m xsockd.sim.host --dir DIR` or use --sim-dir") from None

@@ -316,7 +316,8 @@ def load_config(path: str) -> Config:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
-        raise ConfigError(f"cannot read: {e.strerror}", path=path) from None
+        raise ConfigError(f"cannot read: {e.strerror} (another file: --config FILE)",
+                          path=path) from None
     except UnicodeDecodeError:
         raise ConfigError("is not UTF-8 text", path=path) from None
     return parse_config(text, path)

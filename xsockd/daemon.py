@@ -173,10 +173,10 @@ def run(config: Config, args: argparse.Namespace) -> int:
     def reload() -> None:
         try:
             new = _apply_overrides(load_config(args.config), args)
+            changes = manager.reload(new)
         except XsockError as e:
             log.error("reload refused, the old configuration stays: %s", e)
             return
-        changes = manager.reload(new)
         log.info("configuration reloaded from %s: %s", args.config,
                  ", ".join(changes) or "no change to peers")
 
@@ -228,7 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = _apply_overrides(load_config(args.config), args)
         return run(config, args)
     except XsockError as e:
-        print(f"xsockd: {e}", file=sys.stderr)
+        # An OSError's own sentence, without the "[Errno N]" in front of it.
+        text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        print(f"xsockd: {text}", file=sys.stderr)
         return 1
 
 

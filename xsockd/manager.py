@@ -22,6 +22,7 @@ from xsockd.config import Config, ServiceConfig
 from xsockd.constants import XS_ROOT
 from xsockd.errors import (
     BackendError,
+    ConfigError,
     NoSuchChannel,
     ProtocolError,
     RefusedError,
@@ -87,6 +88,22 @@ class ChannelObserver:
         """A channel left the table; ``reason`` is a short word ("done", "link-down"...)."""
 
 
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
+
+
+def _runs_xsockd(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"xsockd" in f.read()
+    except OSError:
+        return False
+
+
 class Manager:
     """Owns every link, listener and channel of one daemon.
 
@@ -121,6 +138,8 @@ class Manager:
         """Publishes our request directory, watches it and opens the peers' sockets."""
         home = domain_path(self.domid)
         root = f"{home}/{XS_ROOT}"
+        self._check_peers(self.config)
+        self._claim_domain(f"{root}/daemon")
         try:
             stale = [name for name in self.xs.directory(root) if name != "request"]
         except XenStoreError as e:
@@ -130,10 +149,9 @@ class Manager:
         # Our offers of an earlier run go.  Requests stay: a peer may have asked while we
         # were restarting, and the watch's first event makes us look at them.
         for name in stale:
-            self.xs.rm(f"{root}/{name}")
-        self.xs.write(request_dir(self.domid), b"")
-        # Any domain may create request/<its domid>; we decide, and say why, when it does.
-        self.xs.set_perms(request_dir(self.domid), [XenStorePerm(self.domid, "w")])
+            if name != "daemon":
+                self.xs.rm(f"{root}/{name}")
+        self._publish_request_dir()
         self.xs.set_perms(f"{home}/{XS_ROOT}", [XenStorePerm(self.domid, "n")])
         self.xs.watch(request_dir(self.domid), "requests")
         # A destroyed domain runs no unmap notification: @releaseDomain is how we learn of it.
@@ -220,6 +238,7 @@ class Manager:
         Open links and channels survive; a removed peer may open no new streams or links.
         Returns what changed, one phrase each.  rundir changes need a restart.
         """
+        self._check_peers(config)
         changes = []
         if config.daemon.rundir != self.config.daemon.rundir:
             config = dataclasses.replace(
@@ -319,7 +338,7 @@ class Manager:
             link = offer_link(self.backend, self.xs, peer, ring_size=cfg.ring_size,
                               window=cfg.stream_window, max_streams=cfg.max_streams)
         except XenStoreError as e:
-            if e.errno == errno.EACCES:
+            if e.errno in (errno.EACCES, errno.ENOENT):  # ENOENT: no request directory
                 raise RefusedError(
                     f"domain {peer} does not take link requests from us ({e}); is xsockd "
                     f"running there?") from e
@@ -411,11 +430,57 @@ class Manager:
                       extra={"XSOCK_PEER": peer})
             self._drop_link(link)
 
+    def _check_peers(self, config: Config) -> None:
+        """Refuses a configuration naming our own domain; warns of peers that do not exist."""
+        if self.domid in config.daemon.peers:
+            raise ConfigError(f"lists domain {self.domid}, which is this domain itself",
+                              table="daemon", key="peers")
+        for peer in config.daemon.peers:
+            if not self._domain_exists(peer):
+                log.warning("domain %d (in [daemon] peers) does not exist now: streams to it "
+                            "are refused until it does", peer, extra={"XSOCK_PEER": peer})
+
+    def _claim_domain(self, node: str) -> None:
+        """Refuses to start beside a running xsockd of the same domain, then records us.
+
+        A second daemon would take over the request directory and the sockets of the first
+        and leave both broken.  The record (pid and boot id) survives a kill -9: it counts only
+        while that process still runs an xsockd.
+        """
+        try:
+            words = self.xs.read(node).decode("ascii", "replace").split()
+        except XenStoreError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            words = []
+        boot = _boot_id()
+        if len(words) == 2 and words[0].isdigit() and words[1] == boot \
+                and int(words[0]) != os.getpid() and _runs_xsockd(int(words[0])):
+            raise XsockError(f"another xsockd already serves domain {self.domid} (pid "
+                             f"{words[0]}); stop it first (systemctl stop xsockd)")
+        self.xs.write(node, f"{os.getpid()} {boot}")
+
+    def _publish_request_dir(self) -> None:
+        self.xs.write(request_dir(self.domid), b"")
+        # Any domain may create request/<its domid>; we decide, and say why, when it does.
+        self.xs.set_perms(request_dir(self.domid), [XenStorePerm(self.domid, "w")])
+
     def _scan_requests(self) -> None:
         try:
             names = self.xs.directory(request_dir(self.domid))
         except XenStoreError as e:
-            log.error("cannot list %s: %s", request_dir(self.domid), e)
+            if e.errno != errno.ENOENT:
+                log.error("cannot list %s: %s", request_dir(self.domid), e)
+                return
+            # The write permission that lets any domain ask also lets it remove the directory
+            # (xenstored cannot tell the two apart); nobody else may recreate it under our
+            # tree, so we do, and links can be asked for again at once.
+            self.counters["peer_faults"] += 1
+            log.warning("%s was removed by another domain: recreated", request_dir(self.domid))
+            try:
+                self._publish_request_dir()
+            except XenStoreError as e2:
+                log.error("cannot recreate %s: %s", request_dir(self.domid), e2)
             return
         for name in names[:1024]:
             path = f"{request_dir(self.domid)}/{name}"

@@ -471,6 +471,11 @@ class Agent:
             "squat": xs_errno(lambda: self.xs.write(f"{request_dir(0)}/77", b"offer 1")),
         }
 
+    def op_rm_request_dir(self) -> dict[str, object]:
+        # The permission to ask for a link lets us remove the whole directory; dom0 must
+        # recreate it (restart-works then links from our side through it).
+        return {"ok": True, "errno": xs_errno(lambda: self.xs.rm(request_dir(0)))}
+
     def op_vchan_servers(self) -> dict[str, object]:
         for name in ("echo", "sink", "source"):
             node = f"{self.base}/vchan-{name}"
@@ -624,6 +629,11 @@ class Driver:
         self.check("xs-squat-removed", r.get("squat") == 0 and self.log_has(
             rf"request/77 was created by domain {self.domu}, not 77"), "a request the domU "
             "made in another domain's name is ignored and removed")
+        r = self.call("rm-request-dir")
+        self.check("xs-request-dir-heals", r.get("errno") == errno.EACCES or (
+            r.get("errno") == 0 and self.log_has("was removed by another domain: recreated")),
+                   f"the domU removing dom0's request directory: errno {r.get('errno')}; "
+                   "dom0 recreates it")
         r = self.call("errors")
         self.check("clear-errors", "xen_gntalloc" in str(r.get("grant_limit")) and
                    "domain 7777 does not exist" in str(r.get("no_domain")), str(r))
@@ -633,8 +643,10 @@ class Driver:
         ok = bool(r.get("ok"))
         if ok:
             ok, took = echo(to_domu(), 4 * MiB)
-        self.check("restart-works", ok, "after the domU's xsockd is started again, a new "
-                                        "stream echoes 4 MiB intact")
+        if ok:  # and a link the domU sets up, through dom0's (recreated) request directory
+            ok = bool(self.call("echo", path=f"{RUN}/0.sock", total=4 * MiB).get("ok"))
+        self.check("restart-works", ok, "after the domU's xsockd is started again, new "
+                                        "streams from both sides echo 4 MiB intact")
         # 6. The baseline: Xen's own vchan-socket-proxy between the same two guests.
         self.vchan_baseline()
         # 7. xl destroy of the whole domU in mid-stream.

@@ -5,6 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
+from xsockd.demo import DaemonProcess, write_config
+
 
 def xsockd(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "xsockd.daemon", *args], capture_output=True,
@@ -39,3 +43,48 @@ def test_xen_backend_without_xen_names_the_fix(tmp_path):
     r = xsockd("--backend", "xen", "--config", str(conf))
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "/dev/xen is missing" in r.stderr and "xen-gntalloc" in r.stderr
+
+
+def test_demo_help_states_ring_size_default_unit_and_range():
+    out = xsockd("demo", "--help").stdout
+    assert "default 256KiB" in out and "4KiB to 1MiB" in out and "64KiB" in out
+    assert "--keep" not in out and "kept" in out  # --dir is the one way to keep the logs
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--ring-size", "1000"], "4KiB to 1MiB"),
+    (["--ring-size", "0"], "4KiB to 1MiB"),
+    (["--ring-size", "8388608"], "4KiB to 1MiB"),
+    (["--ring-size", "2MiB"], "4KiB to 1MiB"),  # a valid size, but more than 1024 grant pages
+    (["--ring-size", "lots"], "not a size"),
+    (["--mib", "-1"], "positive integer"),
+    (["--mib", "0"], "positive integer"),
+    (["--keep"], "unrecognized arguments"),
+])
+def test_demo_refuses_bad_options_before_starting_anything(args, says):
+    r = xsockd("demo", *args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert says in r.stderr and r.stderr.startswith("usage: xsockd demo")
+    assert r.stdout == ""  # nothing started
+
+
+def test_daemon_that_fails_to_start_reports_why(tmp_path):
+    """start() waits until the process is reaped, so its stderr is always in the error."""
+    conf = write_config(tmp_path / "c.conf", rundir=tmp_path / "run", sim_dir=tmp_path / "sim",
+                        peers=[2], ring_size="1000")
+    for i in range(5):
+        d = DaemonProcess(1, conf, tmp_path / f"xsockd-{i}.log")
+        with pytest.raises(RuntimeError, match=r"exited with status 1\):\n.*link\.ring_size"):
+            d.start()
+        d.stop()
+
+
+def test_demo_shows_the_tables_with_the_stream_open_and_dir_keeps_the_logs(tmp_path):
+    work = tmp_path / "work"
+    r = xsockd("demo", "--mib", "1", "--ring-size", "16KiB", "--dir", str(work))
+    assert r.returncode == 0 and "demo passed" in r.stdout, r.stdout + r.stderr
+    assert r.stdout.count("during the transfer (stream open)") == 2
+    assert r.stdout.count("channel table (1 channels") == 2
+    assert "ring 16384 bytes/direction" in r.stdout
+    assert f"kept in {work}" in r.stdout
+    assert (work / "xsockd-1.log").stat().st_size and (work / "xsockd-2.log").stat().st_size

@@ -24,17 +24,20 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from xsockd.config import parse_config, parse_size
+from xsockd.constants import DEFAULT_GRANT_LIMIT, MAX_RING_SIZE, MIN_RING_SIZE, PAGE_SIZE
+from xsockd.errors import ConfigError
 from xsockd.sim.host import SimHost
 
-__all__ = ["DaemonProcess", "main", "write_config"]
+__all__ = ["DaemonProcess", "config_text", "main", "write_config"]
 
 MiB = 1 << 20
 
 
-def write_config(path: Path, *, rundir: Path, sim_dir: Path, peers: Sequence[int],
-                 services: dict[str, Path] | None = None, default: str | None = None,
-                 ring_size: str = "256KiB", window: str | None = None, extra: str = "") -> Path:
-    """Writes an xsockd configuration file for a simulated domain; returns its path."""
+def config_text(*, rundir: Path, sim_dir: Path, peers: Sequence[int],
+                services: dict[str, Path] | None = None, default: str | None = None,
+                ring_size: str = "256KiB", window: str | None = None, extra: str = "") -> str:
+    """Returns the text of an xsockd configuration file for a simulated domain."""
     lines = ["[daemon]", f'rundir = "{rundir}"', f"peers = {list(peers)}",
              'backend = "sim"', f'sim_dir = "{sim_dir}"']
     if default:
@@ -45,7 +48,16 @@ def write_config(path: Path, *, rundir: Path, sim_dir: Path, peers: Sequence[int
     lines.append("")
     for name, sock in (services or {}).items():
         lines += [f"[services.{name}]", f'socket = "{sock}"', ""]
-    path.write_text("\n".join(lines) + extra + "\n")
+    return "\n".join(lines) + extra + "\n"
+
+
+def write_config(path: Path, *, rundir: Path, sim_dir: Path, peers: Sequence[int],
+                 services: dict[str, Path] | None = None, default: str | None = None,
+                 ring_size: str = "256KiB", window: str | None = None, extra: str = "") -> Path:
+    """Writes an xsockd configuration file for a simulated domain; returns its path."""
+    path.write_text(config_text(rundir=rundir, sim_dir=sim_dir, peers=peers, services=services,
+                                default=default, ring_size=ring_size, window=window,
+                                extra=extra))
     return path
 
 
@@ -74,7 +86,8 @@ class DaemonProcess:
         cmd += ["--dbus-address", self.dbus_address] if self.dbus_address else ["--no-dbus"]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
-        ready = threading.Event()
+        ready = threading.Event()  # set on the "ready" line, or when stderr ends
+        said_ready = threading.Event()
         stderr = self.proc.stderr
         assert stderr is not None
 
@@ -84,13 +97,29 @@ class DaemonProcess:
                     log.write(line)
                     log.flush()
                     if b"ready" in line and b"xsockd: domain" in line:
+                        said_ready.set()
                         ready.set()
             ready.set()
 
         self._pump = threading.Thread(target=pump, daemon=True)
         self._pump.start()
-        if not ready.wait(timeout) or self.proc.poll() is not None:
-            raise RuntimeError(f"xsockd for domain {self.domid} did not start:\n{self.log()}")
+        if ready.wait(timeout) and said_ready.is_set() and self.proc.poll() is None:
+            return
+        # Not ready.  If its stderr ended, it is exiting but may not be reaped yet (poll() can
+        # still say it runs): wait for it, so that its whole stderr is in the log.
+        how = f"exited with status {self.proc.poll()}"
+        if self.proc.poll() is None:
+            try:
+                self.proc.wait(5 if ready.is_set() else 0)
+                how = f"exited with status {self.proc.returncode}"
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                how = ("closed its stderr but did not exit; killed" if ready.is_set()
+                       else f"not ready within {timeout:g} s; killed")
+        self._pump.join(5)
+        log = self.log().strip() or "(it wrote nothing)"
+        raise RuntimeError(f"xsockd for domain {self.domid} did not start ({how}):\n{log}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -154,8 +183,15 @@ def _bar(done: int, total: int, rate: float, width: int = 30) -> str:
             f"  {rate / 1e6:8.1f} MB/s ")
 
 
-def stream_through(path: str, total: int, progress: bool = True) -> tuple[str, str, float]:
-    """Returns (sha256 sent, sha256 received back, seconds) for ``total`` bytes echoed."""
+def stream_through(path: str, total: int, progress: bool = True,
+                   midway: threading.Event | None = None,
+                   release: threading.Event | None = None) -> tuple[str, str, float]:
+    """Returns (sha256 sent, sha256 received back, seconds) for ``total`` bytes echoed.
+
+    ``midway`` is set once half the bytes came back or all were sent, the stream still open;
+    given ``release``, the stream is not half-closed before it is set (for up to 30 s).  The
+    seconds are those until the last byte came back (the end of the stream may come later).
+    """
     blocks = [os.urandom(MiB) for _ in range(8)]
     sent_hash, back_hash = hashlib.sha256(), hashlib.sha256()
     counters = {"sent": 0, "back": 0}
@@ -173,16 +209,22 @@ def stream_through(path: str, total: int, progress: bool = True) -> tuple[str, s
                 sent_hash.update(chunk)
                 counters["sent"] += len(chunk)
                 i += 1
+            if midway:
+                midway.set()
+            if release:
+                release.wait(30)
             sock.shutdown(socket.SHUT_WR)
         except OSError as e:
             failure.append(e)
+            if midway:
+                midway.set()
 
     start = time.monotonic()
     t = threading.Thread(target=writer, daemon=True)
     t.start()
     buf = bytearray(MiB)
     view = memoryview(buf)
-    last = 0.0
+    last = last_byte = 0.0
     while True:
         ready, _, _ = select.select([sock], [], [], 30)
         if not ready:
@@ -192,13 +234,15 @@ def stream_through(path: str, total: int, progress: bool = True) -> tuple[str, s
             break
         back_hash.update(view[:n])
         counters["back"] += n
-        now = time.monotonic()
+        now = last_byte = time.monotonic()
+        if midway and counters["back"] >= total // 2:
+            midway.set()
         if progress and now - last > 0.2:
             last = now
             print(_bar(counters["back"], total, counters["back"] / (now - start)), end="",
                   file=sys.stderr, flush=True)
-    elapsed = time.monotonic() - start
     t.join()
+    elapsed = (last_byte if counters["back"] else time.monotonic()) - start
     sock.close()
     if failure or counters["back"] != total:
         raise ConnectionError(f"the stream ended after {counters['sent']} bytes sent and "
@@ -224,40 +268,108 @@ def _table(daemon: DaemonProcess, before: int, timeout: float = 5.0) -> str:
     return "    (no table logged)"
 
 
+def _size_text(n: int) -> str:
+    return f"{n // MiB}MiB" if n % MiB == 0 else f"{n // 1024}KiB" if n % 1024 == 0 else str(n)
+
+
+def _largest_ring(grant_pages: int = DEFAULT_GRANT_LIMIT) -> int:
+    """The largest ring size a link can have within ``grant_pages`` (1 + 2 * ring / 4096)."""
+    ring = MAX_RING_SIZE
+    while ring > MIN_RING_SIZE and 1 + 2 * ring // PAGE_SIZE > grant_pages:
+        ring //= 2
+    return ring
+
+
+RING_RANGE = f"a power of two from {_size_text(MIN_RING_SIZE)} to {_size_text(_largest_ring())}"
+
+
+def _ring_size(text: str) -> int:
+    """argparse type of --ring-size: xsockd's own size syntax and limits."""
+    try:
+        n = parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not MIN_RING_SIZE <= n <= _largest_ring() or n & (n - 1):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not {RING_RANGE} (a link needs 1 + 2 * ring / 4096 grant "
+            f"pages, and a domain has {DEFAULT_GRANT_LIMIT})")
+    return n
+
+
+def _mib(text: str) -> int:
+    """argparse type of --mib: a positive integer."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return n
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xsockd demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mib", type=int, default=256, help="MiB to stream each way (default 256)")
-    p.add_argument("--dir", help="working directory (default: a new temporary one)")
-    p.add_argument("--ring-size", default="256KiB", help="ring bytes per direction")
-    p.add_argument("--keep", action="store_true", help="keep the working directory")
+    p.add_argument("--mib", type=_mib, default=256, metavar="N",
+                   help="MiB to stream each way, a positive integer (default 256)")
+    p.add_argument("--ring-size", type=_ring_size, default=256 * 1024, metavar="SIZE",
+                   help=f"ring bytes per direction of the link, such as 65536, 64KiB or 1MiB: "
+                        f"{RING_RANGE} (default 256KiB)")
+    p.add_argument("--dir", metavar="DIR",
+                   help="working directory (configurations, the daemons' logs, sockets), kept "
+                        "afterwards (default: a new temporary one, removed at the end)")
     p.add_argument("--serve-echo", metavar="SOCKET", help=argparse.SUPPRESS)
     return p
 
 
+def _configs(work: Path, ring_size: int) -> dict[int, str]:
+    """The configuration texts of domains 1 and 2 in ``work``."""
+    sim_dir = work / "sim"
+    return {
+        1: config_text(rundir=work / "run1", sim_dir=sim_dir, peers=[2],
+                       ring_size=str(ring_size)),
+        2: config_text(rundir=work / "run2", sim_dir=sim_dir, peers=[1],
+                       services={"echo": work / "echo.sock"}, default="echo",
+                       ring_size=str(ring_size)),
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.serve_echo:
         return serve_echo(args.serve_echo)
     with tempfile.TemporaryDirectory(prefix="xsockd-demo-") as tmp:
-        work = Path(args.dir or tmp)
-        work.mkdir(parents=True, exist_ok=True)
+        work = Path(args.dir).resolve() if args.dir else Path(tmp)
+        # Everything is checked by xsockd's own validator before anything starts.
+        for dom, text in _configs(work, args.ring_size).items():
+            try:
+                parse_config(text, f"dom{dom}.conf")
+            except ConfigError as e:
+                parser.error(f"the demo's configuration would be invalid: {e}")
+        try:
+            work.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            parser.error(f"argument --dir: cannot create {work}: {e.strerror}")
         ok = _demo(work, args.mib * MiB, args.ring_size)
-        if args.keep and not args.dir:
-            print(f"(logs were in {work}; --dir keeps them)")
+        if args.dir:
+            print(f"(configurations and the daemons' logs are kept in {work})")
+        elif not ok:
+            print("(the daemons' logs went with the temporary directory; "
+                  "run again with --dir DIR to keep them)")
     return 0 if ok else 1
 
 
-def _demo(work: Path, total: int, ring_size: str) -> bool:
+def _demo(work: Path, total: int, ring_size: int) -> bool:
     sim_dir = work / "sim"
     echo_sock = work / "echo.sock"
-    run1, run2 = work / "run1", work / "run2"
+    run1 = work / "run1"
     print(f"xsockd demo: simulated host in {sim_dir}, domains 0, 1 and 2")
     with SimHost(sim_dir, domains=[0, 1, 2]) as host:
-        conf1 = write_config(work / "dom1.conf", rundir=run1, sim_dir=sim_dir, peers=[2],
-                             ring_size=ring_size)
-        conf2 = write_config(work / "dom2.conf", rundir=run2, sim_dir=sim_dir, peers=[1],
-                             services={"echo": echo_sock}, default="echo", ring_size=ring_size)
+        texts = _configs(work, ring_size)
+        conf1, conf2 = work / "dom1.conf", work / "dom2.conf"
+        conf1.write_text(texts[1])
+        conf2.write_text(texts[2])
         echo = subprocess.Popen([sys.executable, "-m", "xsockd.demo", "--serve-echo",
                                  str(echo_sock)], stdout=subprocess.PIPE, text=True)
         daemons = [DaemonProcess(1, conf1, work / "xsockd-1.log"),
@@ -267,25 +379,34 @@ def _demo(work: Path, total: int, ring_size: str) -> bool:
             if echo.stdout.readline().strip() != "listening":
                 print(f"  FAILED: the echo service did not start at {echo_sock}")
                 return False
-            for d in daemons:
-                d.start()
+            try:
+                for d in daemons:
+                    d.start()
+            except RuntimeError as e:
+                print("  FAILED: " + str(e).replace("\n", "\n    "))
+                return False
             print(f"  xsockd running for domains 1 and 2; echo service in domain 2 at {echo_sock}")
             path = str(run1 / "2.sock")
             print(f"  streaming {total // MiB} MiB from domain 1 through {path} to domain 2's "
                   f"echo service and back")
             marks = [len(d.log()) for d in daemons]
             result: dict[str, object] = {}
+            midway, release = threading.Event(), threading.Event()
 
             def transfer() -> None:
                 try:
-                    result["r"] = stream_through(path, total)
+                    result["r"] = stream_through(path, total, midway=midway, release=release)
                 except Exception as e:
                     result["e"] = e
 
             t = threading.Thread(target=transfer)
             t.start()
-            time.sleep(0.5)
+            # The tables are taken with the stream open: once half the data came back, or (a
+            # short transfer) once all was sent and before the stream is half-closed.
+            while not midway.wait(0.05) and t.is_alive():
+                pass
             tables = [_table(d, m) for d, m in zip(daemons, marks, strict=True)]
+            release.set()
             t.join()
             if "e" in result:
                 print(f"\n  FAILED: {result['e']}")
@@ -294,7 +415,8 @@ def _demo(work: Path, total: int, ring_size: str) -> bool:
             service_line = echo.stdout.readline().split()
             got = service_line[1] if len(service_line) == 3 else "(none)"
             for d, table in zip(daemons, tables, strict=True):
-                print(f"  channel table of domain {d.domid} during the transfer:\n{table}")
+                print(f"  channel table of domain {d.domid} during the transfer "
+                      f"(stream open):\n{table}")
             print(f"  domain 1 -> 2: sha256 {sent[:16]}... sent, {got[:16]}... received: "
                   f"{'OK' if got == sent else 'MISMATCH'}")
             print(f"  domain 2 -> 1: sha256 {sent[:16]}... echoed, {back[:16]}... received: "

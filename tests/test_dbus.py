@@ -454,9 +454,10 @@ def test_unreachable_dbus_address_is_an_error(tmp_path):
 
 
 def test_second_daemon_cannot_take_the_name(world, bus):
-    # Domain 2 on the same bus: the name is domain 1's, so domain 2 must refuse to start.
+    # Another domain's daemon (3, with domain 2's configuration) on the same bus: the name is
+    # domain 1's, so it must refuse to start.
     proc = subprocess.run([sys.executable, "-m", "xsockd.daemon", "--backend", "sim",
-                           "--domid", "2", "--config", str(world.daemons[2].config),
+                           "--domid", "3", "--config", str(world.daemons[2].config),
                            "--rundir", str(world.work / "run2b"), "--dbus-address",
                            bus.address], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1

@@ -181,3 +181,14 @@ def stream_hashes(sock: socket.socket, total: int, block: int = 1 << 20) -> tupl
         got_h.update(view[:n])
     t.join()
     return sent_h.hexdigest(), got_h.hexdigest()
+
+
+def assert_ended(sock: socket.socket, timeout: float = 5.0) -> None:
+    """Asserts that the stream ends (EOF or a reset) within ``timeout``, then closes it."""
+    sock.settimeout(timeout)
+    try:
+        assert sock.recv(100) == b"", "data instead of the end of the stream"
+    except ConnectionResetError:
+        pass
+    finally:
+        sock.close()

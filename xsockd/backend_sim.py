@@ -69,12 +69,6 @@ class _Handle:
             self.sock.connect(path)
         except OSError as e:
             self.sock.close()
-            host = os.path.dirname(os.path.dirname(path))
-            if os.path.exists(os.path.join(host, "control.sock")):
-                raise BackendError(e.errno or errno.ENOENT,
-                                   f"the simulated host at {host} has no domain "
-                                   f"{os.path.basename(os.path.dirname(path))[3:]}: check "
-                                   f"--domid (its domains: --domains of xsockd-simhost)") from None
             raise BackendError(e.errno or errno.ENOENT,
                                f"no simulated host at {path} ({e.strerror}); start one with "
                                f"`python -m xsockd.sim.host --dir DIR` or use --sim-dir") from None
@@ -199,7 +193,15 @@ class SimBackend(Backend):
     def __init__(self, domid: int, simdir: str | os.PathLike[str]) -> None:
         self.domid = domid
         self.simdir = os.fspath(simdir)
-        self._handle = _Handle(os.path.join(self.simdir, f"dom{domid}", "hypervisor.sock"))
+        try:
+            self._handle = _Handle(os.path.join(self.simdir, f"dom{domid}", "hypervisor.sock"))
+        except BackendError as e:
+            if not os.path.exists(os.path.join(self.simdir, "control.sock")):
+                raise
+            # The host runs, only this domain is not one of its.
+            raise BackendError(e.errno, f"the simulated host at {self.simdir} has no domain "
+                                        f"{domid}: check --domid (its domains: --domains of "
+                                        "xsockd-simhost)") from None
 
     def __repr__(self) -> str:
         return f"<SimBackend domain {self.domid} at {self.simdir}>"

@@ -29,8 +29,9 @@ PAGE = 4096
 NO_NOTIFY = 0xFFFFFFFF  # libxengnttab: -1 as uint32, "no notification of this kind"
 XENSTORED_SOCKET = "/var/run/xenstored/socket"
 XENBUS = "/dev/xen/xenbus"
-MODULES = ("xen-evtchn, xen-gntdev, xen-gntalloc and xenfs are not loaded (load them: modprobe "
-           "xen-evtchn xen-gntdev xen-gntalloc xenfs)")
+NO_XEN = ("/dev/xen is missing: this is not a Xen domain, or the kernel modules xen-evtchn, "
+          "xen-gntdev, xen-gntalloc and xenfs are not loaded (load them: modprobe xen-evtchn "
+          "xen-gntdev xen-gntalloc xenfs)")
 
 _ffi = FFI()
 _ffi.cdef("""
@@ -75,8 +76,7 @@ def _load(name: str) -> Any:
 def _fail(what: str, peer: int | None = None) -> BackendError:
     err = _ffi.errno or errno.EIO
     if err == errno.ENOENT:
-        return BackendError(err, f"{what}: /dev/xen is missing; this is not a Xen domain, or "
-                                 f"the kernel modules {MODULES}")
+        return BackendError(err, f"{what}: {NO_XEN}")
     if err == errno.ENOSPC:
         return GrantLimitError(err, f"{what}: the domain's grant limit is reached; raise the "
                                     "xen_gntalloc module parameter 'limit' "
@@ -172,8 +172,7 @@ class XenBackend(Backend):
 
     def __init__(self, domid: int | None = None) -> None:
         if not os.path.exists("/dev/xen"):
-            raise BackendError(errno.ENOENT, f"/dev/xen is missing: this is not a Xen domain, "
-                                             f"or the kernel modules {MODULES}")
+            raise BackendError(errno.ENOENT, NO_XEN)
         self._gnt = _load("libxengnttab.so.1")
         self._evt = _load("libxenevtchn.so.1")
         self._shr = self._gnt.xengntshr_open(_ffi.NULL, 0)

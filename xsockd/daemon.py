@@ -97,19 +97,12 @@ def _apply_overrides(config: Config, args: argparse.Namespace) -> Config:
     return dataclasses.replace(config, daemon=dataclasses.replace(config.daemon, **changes))
 
 
-def _log_channels(manager: object) -> None:
-    from xsockd.manager import Manager
-
-    assert isinstance(manager, Manager)
+def _log_channels(manager: Manager) -> None:
     rows = [f"{'ID':>5} {'PEER':>4} {'DIR':3} {'SERVICE':12} {'STATE':8} {'IN':>12} {'OUT':>12}"]
-    stats = {}
-    for link in manager.links.values():
-        for s in link.ring.streams():
-            stats[(id(link), s.id)] = s
-    for ch in sorted(manager.channels.values(), key=lambda c: c.id):
-        s = stats.get((id(ch.link), ch.stream))
-        rows.append(f"{ch.id:>5} {ch.peer:>4} {ch.direction:3} {ch.service or '(default)':12} "
-                    f"{ch.state:8} {s.bytes_in if s else 0:>12} {s.bytes_out if s else 0:>12}")
+    for c in manager.list_channels():
+        rows.append(f"{c['id']:>5} {c['peer']:>4} {c['direction']:3} "
+                    f"{c['service'] or '(default)':12} {c['state']:8} {c['bytes_in']:>12} "
+                    f"{c['bytes_out']:>12}")
     for link in manager.links.values():
         st = link.ring.stats()
         rows.append(f"link peer {link.peer} {link.role.name.lower()}: ring {link.ring.ring_size} "

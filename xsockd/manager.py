@@ -14,6 +14,7 @@ import os
 import socket
 import stat
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -141,18 +142,19 @@ class Manager:
         self._check_peers(self.config)
         self._claim_domain(f"{root}/daemon")
         try:
-            stale = [name for name in self.xs.directory(root) if name != "request"]
+            names = self.xs.directory(root)
         except XenStoreError as e:
             if e.errno != errno.ENOENT:
                 raise
-            stale = []
+            names = []
         # Our offers of an earlier run go.  Requests stay: a peer may have asked while we
-        # were restarting, and the watch's first event makes us look at them.
-        for name in stale:
-            if name != "daemon":
+        # were restarting, and the watch's first event makes us look at them.  "daemon" is
+        # the record _claim_domain just wrote.
+        for name in names:
+            if name not in ("request", "daemon"):
                 self.xs.rm(f"{root}/{name}")
         self._publish_request_dir()
-        self.xs.set_perms(f"{home}/{XS_ROOT}", [XenStorePerm(self.domid, "n")])
+        self.xs.set_perms(root, [XenStorePerm(self.domid, "n")])
         self.xs.watch(request_dir(self.domid), "requests")
         # A destroyed domain runs no unmap notification: @releaseDomain is how we learn of it.
         self.xs.watch("@releaseDomain", "released")
@@ -222,14 +224,12 @@ class Manager:
 
         check()
 
-    def held(self) -> dict[str, int]:
+    def held(self) -> Counter[str]:
         """Returns the bytes all links still hold on their way, by kind (see RingLink.held)."""
-        total = {"app_unread": 0, "unacked": 0, "undelivered": 0, "tx_ring": 0, "rx_ring": 0,
-                 "streams": 0}
+        total: Counter[str] = Counter()
         for link in self.links.values():
             if not link.closed:
-                for k, v in link.ring.held().items():
-                    total[k] += v
+                total.update(link.ring.held())
         return total
 
     def reload(self, config: Config) -> list[str]:
@@ -410,11 +410,11 @@ class Manager:
         """Drops the links of peers that xenstored no longer knows (xl destroy, a crash)."""
         # A domU may not ask (and gets no @releaseDomain events): its peer is dom0 or a
         # driver domain, whose death reaches it through the unmap notification.
-        for link in list(self.links.values()):
-            if not self._domain_exists(link.peer):
-                log.warning("link with domain %d down: the domain was destroyed", link.peer,
-                            extra={"XSOCK_PEER": link.peer})
-                self._drop_link(link)
+        gone = {peer for peer, _ in self.links if not self._domain_exists(peer)}
+        for link in [lk for (peer, _), lk in self.links.items() if peer in gone]:
+            log.warning("link with domain %d down: the domain was destroyed", link.peer,
+                        extra={"XSOCK_PEER": link.peer})
+            self._drop_link(link)
 
     def _check_answer(self, peer: int, generation: int) -> None:
         link = self.links.get((peer, Role.INITIATOR))
@@ -586,15 +586,14 @@ class Manager:
             ch = self._by_stream.get((id(link), ev.stream))
             reason = Reason(ev.arg) if ev.arg in Reason._value2member_map_ else ev.arg
             if ch is not None:
+                why = (reason.name.lower().replace("_", "-") if isinstance(reason, Reason)
+                       else f"reason-{reason}")
                 if reason in (Reason.REFUSED, Reason.NO_SERVICE, Reason.TOO_MANY) \
                         and ch.direction == "out":
                     log.warning("domain %d refused stream %d to service %r: %s", peer, ch.id,
-                                ch.service or "(default)",
-                                Reason(reason).name.lower().replace("_", " "),
+                                ch.service or "(default)", why.replace("-", " "),
                                 extra={"XSOCK_PEER": peer, "XSOCK_CHANNEL": ch.id,
                                        "XSOCK_SERVICE": ch.service})
-                why = (Reason(reason).name.lower().replace("_", "-")
-                       if isinstance(reason, Reason) else f"reason-{reason}")
                 # One record per stream, as a server logs a connection: what an operator
                 # searches the journal for (XSOCK_CHANNEL, XSOCK_PEER, XSOCK_SERVICE, bytes).
                 log.info("channel %d (%s, domain %d, service %s) closed (%s): %d bytes in, "

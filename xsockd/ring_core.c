@@ -427,6 +427,16 @@ static int stream_watch(struct xsk_link *l, struct stream *s)
 
 /* ---- delivery to the application ------------------------------------------------------ */
 
+/* Queues one CREDIT for what the stream has delivered; returns 1 if it was not queued yet. */
+static int queue_credit(struct xsk_link *l, struct stream *s)
+{
+    if (!s->rx_uncredited || s->ctl_credit)
+        return 0;
+    s->ctl_credit = 1;
+    ctl_queue(l, s);
+    return 1;
+}
+
 static void delivered(struct xsk_link *l, struct stream *s, uint32_t n)
 {
     relaxed_add(&s->bytes_in, n);
@@ -434,12 +444,10 @@ static void delivered(struct xsk_link *l, struct stream *s, uint32_t n)
     s->rx_uncredited += n;
     /* Credit back in quarters of the window: few CREDIT frames, and the sender never waits
      * for more than a quarter of its window to come back. */
-    if (s->rx_uncredited >= l->window / 4 && !s->ctl_credit) {
-        s->ctl_credit = 1;
-        ctl_queue(l, s);
-    } else if (s->rx_uncredited) {
+    if (s->rx_uncredited >= l->window / 4)
+        queue_credit(l, s);
+    else
         l->idle_credit = 1;
-    }
 }
 
 /* The pump is about to sleep: return the credit of every stream whose bytes all reached its
@@ -451,12 +459,8 @@ static int credit_idle_streams(struct xsk_link *l)
     l->idle_credit = 0;
     for (uint32_t i = 0; i <= l->table_mask; i++) {
         struct stream *s = l->table[i];
-        if (s && s->rx_uncredited && !s->ctl_credit && s->pend_len == 0 &&
-            (s->state == ST_OPEN || s->state == ST_HALF)) {
-            s->ctl_credit = 1;
-            ctl_queue(l, s);
-            n++;
-        }
+        if (s && s->pend_len == 0 && (s->state == ST_OPEN || s->state == ST_HALF))
+            n += queue_credit(l, s);
     }
     return n;
 }
@@ -506,10 +510,7 @@ static void flush_pending(struct xsk_link *l, struct stream *s)
             s->wr_shut = 1;
             /* Everything the peer sent is delivered: credit the last part of a quarter too,
              * so that the sender knows nothing of this stream is held here any more. */
-            if (s->rx_uncredited && !s->ctl_credit) {
-                s->ctl_credit = 1;
-                ctl_queue(l, s);
-            }
+            queue_credit(l, s);
             check_done(l, s);
         }
     }

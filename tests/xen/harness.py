@@ -116,6 +116,12 @@ class Result:
     def tail(self, n: int = 40) -> str:
         return "\n".join(self.console[-n:])
 
+    def save(self, scenario: str) -> Path:
+        """Writes the whole console to ``.cache/xen/<scenario>.console.log``; returns it."""
+        log = CACHE / f"{scenario}.console.log"
+        log.write_text("\n".join(self.console) + "\n")
+        return log
+
 
 def _run(cmd: list[str], **kw: object) -> None:
     subprocess.run(cmd, check=True, **kw)  # type: ignore[call-overload]
@@ -341,8 +347,7 @@ def main(argv: list[str]) -> int:
     r = run((here / f"{name}_dom0.sh").read_text(), (here / f"{name}_domu.sh").read_text(),
             timeout=float(os.environ.get("XSOCK_XEN_TIMEOUT", "1800")))
     ok = bool(r.steps) and all(passed for passed, _ in r.steps.values())
-    log = CACHE / f"{name}.console.log"
-    log.write_text("\n".join(r.console) + "\n")
+    log = r.save(name)
     print(f"{name}: full console in {log}")
     print(f"{name}: {'PASS' if ok else 'FAIL'} in {r.seconds:.0f} s")
     if not ok:

@@ -26,8 +26,7 @@ def proof(pytestconfig: pytest.Config) -> Iterator[harness.Result]:
         print("\nxen proof: booting Xen 4.17 with a PV dom0 and a PV domU under QEMU", flush=True)
         result = harness.run((HERE / "proof_dom0.sh").read_text(),
                              (HERE / "proof_domu.sh").read_text(), timeout=TIMEOUT)
-        log = harness.CACHE / "proof.console.log"
-        log.write_text("\n".join(result.console) + "\n")
+        log = result.save("proof")
         print(f"xen proof: {len(result.steps)} steps in {result.seconds:.0f} s; "
               f"console in {log}", flush=True)
         print(figure_table(result.figures), flush=True)

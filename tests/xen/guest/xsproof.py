@@ -84,7 +84,7 @@ def read_line(sock: socket.socket) -> bytes:
 
 def read_exact(sock: socket.socket, n: int, sha: hashlib._Hash | None = None) -> bytes:
     """Reads ``n`` bytes; feeds them to ``sha`` (returning b"") or returns them."""
-    buf, view, out = bytearray(MiB), None, bytearray()
+    buf, out = bytearray(MiB), bytearray()
     view = memoryview(buf)
     while n > 0:
         got = sock.recv_into(buf, min(n, MiB))
@@ -117,11 +117,7 @@ def _source(c: socket.socket) -> None:
     # "N\n": sends N bytes, then their sha256 (64 hex digits).  N = 0: sends until the caller
     # goes away (for the crash checks).
     n = int(read_line(c))
-    sha = hashlib.sha256()
-    for chunk in pattern(n if n else 1 << 60):
-        c.sendall(chunk)
-        sha.update(chunk)
-    c.sendall(sha.hexdigest().encode())
+    c.sendall(send_pattern(c, n if n else 1 << 60).encode())
 
 
 def _halfclose(c: socket.socket) -> None:
@@ -131,15 +127,16 @@ def _halfclose(c: socket.socket) -> None:
     while d := c.recv(MiB):
         sha.update(d)
     c.sendall(sha.hexdigest().encode() + b"\n")
-    _source_body(c, HALF_BACK)
+    c.sendall(send_pattern(c, HALF_BACK).encode())
 
 
-def _source_body(c: socket.socket, n: int) -> None:
+def send_pattern(sock: socket.socket, total: int) -> str:
+    """Sends ``total`` bytes of ``pattern``; returns their sha256 in hex."""
     sha = hashlib.sha256()
-    for chunk in pattern(n):
-        c.sendall(chunk)
+    for chunk in pattern(total):
+        sock.sendall(chunk)
         sha.update(chunk)
-    c.sendall(sha.hexdigest().encode())
+    return sha.hexdigest()
 
 
 HANDLERS: dict[str, Callable[[socket.socket], None]] = {
@@ -225,15 +222,12 @@ def connect(path: str, timeout: float = 60) -> socket.socket:
 
 def to_sink(path: str, total: int) -> tuple[bool, float]:
     """Sends ``total`` bytes to a sink; returns (sha256 equal, seconds)."""
-    sha = hashlib.sha256()
     start = time.monotonic()
     with connect(path) as s:
         s.sendall(b"%d\n" % total)
-        for chunk in pattern(total):
-            s.sendall(chunk)
-            sha.update(chunk)
+        sent = send_pattern(s, total)
         answer = read_line(s).decode()
-    return answer == sha.hexdigest(), time.monotonic() - start
+    return answer == sent, time.monotonic() - start
 
 
 def from_source(path: str, total: int) -> tuple[bool, float]:
@@ -293,18 +287,15 @@ def concurrent(path: str, n: int, size: int) -> tuple[int, str]:
 
 def half_close(path: str, total: int) -> tuple[bool, str]:
     """Sends ``total`` bytes and FIN, then receives the answer that flows after the FIN."""
-    sha = hashlib.sha256()
     with connect(path) as s:
-        for chunk in pattern(total):
-            s.sendall(chunk)
-            sha.update(chunk)
+        sent = send_pattern(s, total)
         s.shutdown(socket.SHUT_WR)
         heard = read_line(s).decode()
         back = hashlib.sha256()
         read_exact(s, HALF_BACK, back)
         their = read_exact(s, 64).decode()
         end = s.recv(1)
-    ok = heard == sha.hexdigest() and their == back.hexdigest() and end == b""
+    ok = heard == sent and their == back.hexdigest() and end == b""
     return ok, f"{total >> 20} MiB out then FIN, {HALF_BACK >> 20} MiB back after it"
 
 

@@ -86,7 +86,7 @@ def test_parse_size_rejects_booleans_and_floats():
 def test_check_config_command(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "xsockd.daemon", "--check-config", str(SHIPPED)],
                         capture_output=True, text=True)
-    assert ok.returncode == 0 and "OK (1 peers, 1 services)" in ok.stdout
+    assert ok.returncode == 0 and "OK (1 peer, 1 service)" in ok.stdout
     bad = tmp_path / "bad.conf"
     bad.write_text("[link]\nstream_window = 3\n")
     r = subprocess.run([sys.executable, "-m", "xsockd.daemon", "--check-config", str(bad)],

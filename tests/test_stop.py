@@ -13,7 +13,7 @@ import pytest
 from ringpair import RingPair
 from simworld import SimWorld, assert_ended
 
-from xsockd.link import offer_path, request_dir
+from xsockd.rendezvous import offer_path, request_dir
 from xsockd.ring import EventType
 
 MiB = 1 << 20
@@ -34,14 +34,14 @@ def test_held_counts_what_an_application_wrote_before_the_stream_opened():
     p = RingPair(ring_size=65536, window=65536)
     try:
         app, a_end = socket.socketpair()
-        sid = p.a.open_stream(a_end, "svc")
+        sid, _ = p.a.open_stream(a_end, "svc")
         app.sendall(b"e" * 3000)  # the pump reads nothing until the peer accepts
-        p.wait_event(p.b, EventType.OPEN_REQUEST)
+        serial = p.wait_event(p.b, EventType.OPEN_REQUEST).serial
         held = wait_until("the unread bytes", lambda: p.a.held()["app_unread"] == 3000 and
                           p.a.held())
         assert held["streams"] == 1 and held["unacked"] == 0
         svc, b_end = socket.socketpair()
-        p.b.accept_stream(sid, b_end)
+        assert p.b.accept_stream(sid, serial, b_end)
         got = b""
         while len(got) < 3000:
             got += svc.recv(4096)
@@ -160,7 +160,11 @@ def assert_link_released(world: SimWorld, gone: int, survivor: int) -> None:
         world.accounting(survivor)[k] == 0 for k in ("granted", "mapped", "ports")))
     assert world.xs_tree(f"/local/domain/{gone}/data/xsock") == []
     assert world.xs_tree(offer_path(gone, survivor)) == []
-    assert world.xs_tree(f"{request_dir(survivor)}/{gone}") == []
+    # The survivor's request node for its peer stays (protocol v2: it is the survivor's, made
+    # for that peer), idle again once the link it carried is gone.
+    with world.host.xenstore(0) as xs0:
+        world.wait_for("the request node to be idle",
+                       lambda: xs0.read(f"{request_dir(survivor)}/{gone}") == b"")
 
 
 def test_sigterm_lets_a_finished_transfer_drain_then_releases_everything(tmp_path):
@@ -255,7 +259,7 @@ def test_a_stream_that_never_finishes_is_cut_at_stop_timeout(tmp_path):
         assert 1.4 <= took < 6, f"stop took {took:.2f} s with stop_timeout 1.5"
         log1 = d1.log()
         assert "stop_timeout of 1.5 s reached: closing 1 streams" in log1, log1[-2000:]
-        assert "asked for service '(default)': we are stopping" in log1
+        assert "to service '(default)': we are stopping" in log1
         # The cut stream ended for its application: EOF or a reset, not a hang.
         s.setblocking(True)
         s.settimeout(5)

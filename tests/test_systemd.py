@@ -101,7 +101,6 @@ HELLO_SH = 'IFS= read -r header\nprintf "got[%s]\\n" "$header"\nexec cat\n'
 # Read the simulated host's accounting and domain 1's XenStore nodes, from inside.
 PROBE = """\
 import json
-from xsockd.link import offer_path, request_dir
 from xsockd.sim.host import sim_accounting
 from xsockd.xenstore_client import XenStoreClient
 
@@ -113,7 +112,8 @@ def tree(xs, path):
         return []
     return [path] + [n for c in children for n in tree(xs, f"{path}/{c}")]
 xs = XenStoreClient(sim + "/dom0/xenstored.sock")
-nodes = tree(xs, offer_path(1, 2)) + tree(xs, f"{request_dir(2)}/1")
+# Domain 1's whole tree (its offer to 2 among it); the request node at domain 2 is domain 2's.
+nodes = tree(xs, "/local/domain/1/data/xsock")
 xs.close()
 print(json.dumps({"accounting": sim_accounting(sim), "nodes": nodes}))
 """

@@ -20,13 +20,17 @@ from xsockd.constants import (
     DEFAULT_RUNDIR,
     DEFAULT_SIM_DIR,
     DEFAULT_STREAM_WINDOW,
-    MAX_RING_SIZE,
-    MAX_STREAM_WINDOW,
-    MIN_RING_SIZE,
-    MIN_STREAM_WINDOW,
-    PAGE_SIZE,
 )
 from xsockd.errors import ConfigError
+from xsockd.ring import (
+    MAX_RING_SIZE,
+    MAX_STREAMS,
+    MAX_WINDOW,
+    MIN_RING_SIZE,
+    MIN_WINDOW,
+    link_pages,
+    valid_service_name,
+)
 
 __all__ = [
     "Config",
@@ -40,13 +44,19 @@ __all__ = [
     "parse_size",
 ]
 
+SERVICE_NAME_RULE = ("service names are 1-64 of A-Z a-z 0-9 _ . - (starting with a letter or "
+                     "digit)")
 DOMID_MAX = 0x7FEF  # DOMID_FIRST_RESERVED - 1
 SUN_PATH_MAX = 107
-SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _SIZE = re.compile(r"(\d+)\s*(KiB|MiB|K|M)?")
 _UNITS = {None: 1, "K": 1024, "KiB": 1024, "M": 1 << 20, "MiB": 1 << 20}
 DEFAULT_STOP_TIMEOUT = 10.0  # seconds a stopping daemon lets in-flight data drain
 MAX_STOP_TIMEOUT = 3600
+# What one link's peer may ask of us: stream opens a second, and connects to local services in
+# progress at once (a service whose backlog is full keeps them waiting).  Past either, an OPEN
+# is answered RESET 3 (too many) without a connect.
+DEFAULT_OPEN_RATE = 20000
+DEFAULT_MAX_CONNECTING = 64
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,8 @@ class LinkConfig:
     stream_window: int = DEFAULT_STREAM_WINDOW
     max_streams: int = DEFAULT_MAX_STREAMS
     grant_pages: int = DEFAULT_GRANT_LIMIT
+    open_rate: int = DEFAULT_OPEN_RATE
+    max_connecting: int = DEFAULT_MAX_CONNECTING
 
 
 @dataclass(frozen=True)
@@ -107,7 +119,7 @@ class Config:
 
     def link_pages(self) -> int:
         """Returns the pages one link we initiate grants: a control page and two rings."""
-        return 1 + 2 * self.link.ring_size // PAGE_SIZE
+        return link_pages(self.link.ring_size)
 
 
 def parse_size(value: object) -> int:
@@ -226,18 +238,23 @@ def parse_config(text: str, path: str = "<string>") -> Config:
         stop_timeout=r.seconds("daemon", "stop_timeout",
                                d.get("stop_timeout", DEFAULT_STOP_TIMEOUT), MAX_STOP_TIMEOUT))
 
-    lk = r.table(data, "link", {"ring_size", "stream_window", "max_streams", "grant_pages"})
+    lk = r.table(data, "link", {"ring_size", "stream_window", "max_streams", "grant_pages",
+                                "open_rate", "max_connecting"})
     link = LinkConfig(
         ring_size=r.size("link", "ring_size", lk.get("ring_size", DEFAULT_RING_SIZE),
                          MIN_RING_SIZE, MAX_RING_SIZE),
         stream_window=r.size("link", "stream_window",
                              lk.get("stream_window", DEFAULT_STREAM_WINDOW),
-                             MIN_STREAM_WINDOW, MAX_STREAM_WINDOW),
+                             MIN_WINDOW, MAX_WINDOW),
         max_streams=r.integer("link", "max_streams", lk.get("max_streams", DEFAULT_MAX_STREAMS),
-                              1, 65536),
+                              1, MAX_STREAMS),
         grant_pages=r.integer("link", "grant_pages", lk.get("grant_pages", DEFAULT_GRANT_LIMIT),
-                              1, 1 << 20))
-    pages = 1 + 2 * link.ring_size // PAGE_SIZE
+                              1, 1 << 20),
+        open_rate=r.integer("link", "open_rate", lk.get("open_rate", DEFAULT_OPEN_RATE),
+                            1, 1 << 24),
+        max_connecting=r.integer("link", "max_connecting",
+                                 lk.get("max_connecting", DEFAULT_MAX_CONNECTING), 1, 65536))
+    pages = link_pages(link.ring_size)
     if pages > link.grant_pages:
         raise r.error("link", "ring_size", f"a link of this ring size needs {pages} pages, more "
                                            f"than grant_pages = {link.grant_pages}")
@@ -248,9 +265,8 @@ def parse_config(text: str, path: str = "<string>") -> Config:
         raise r.error("services", None, "must be tables [services.NAME]")
     for name, body in raw.items():
         table = f"services.{name}"
-        if not SERVICE_NAME.fullmatch(name):
-            raise r.error(table, None, "service names are 1-64 of A-Z a-z 0-9 _ . - "
-                                       "(starting with a letter or digit)")
+        if not valid_service_name(name):
+            raise r.error(table, None, SERVICE_NAME_RULE)
         if not isinstance(body, dict):
             raise r.error(table, None, "must be a table")
         for key in body:
@@ -295,10 +311,9 @@ def _remotes(r: _Reader, data: Mapping[str, Any], daemon: DaemonConfig) -> dict[
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise r.error(table, "services", "must be a list of service names (strings)")
         for name in names:
-            if not SERVICE_NAME.fullmatch(name):
-                raise r.error(table, "services", f"{name!r} is not a service name: 1-64 of "
-                                                 "A-Z a-z 0-9 _ . - (starting with a letter "
-                                                 "or digit)")
+            if not valid_service_name(name):
+                raise r.error(table, "services", f"{name!r} is not a service name: "
+                                                 f"{SERVICE_NAME_RULE}")
             path = f"{daemon.rundir.rstrip('/')}/{domid}/{name}.sock"
             if len(path.encode()) > SUN_PATH_MAX:
                 raise r.error(table, "services", f"the socket {path} would be longer than a "
@@ -330,5 +345,6 @@ def check_config_main(path: str) -> int:
     except ConfigError as e:
         print(f"xsockd: {e}", file=sys.stderr)
         return 1
-    print(f"{path}: OK ({len(cfg.daemon.peers)} peers, {len(cfg.services)} services)")
+    n, m = len(cfg.daemon.peers), len(cfg.services)
+    print(f"{path}: OK ({n} peer{'' if n == 1 else 's'}, {m} service{'' if m == 1 else 's'})")
     return 0

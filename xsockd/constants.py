@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-PAGE_SIZE = 4096
-
 DEFAULT_CONFIG = "/etc/xsockd/xsockd.conf"
 DEFAULT_RUNDIR = "/run/xsock"
 DEFAULT_SIM_DIR = "/run/xsock-sim"
 
-# Ring geometry, bytes of data per direction.  Both must be powers of two.
-MIN_RING_SIZE = 4096
-MAX_RING_SIZE = 4 * 1024 * 1024
+# Ring geometry, bytes of data per direction (a power of two).  The limits of ring sizes,
+# windows and service names are the C core's: ``xsockd.ring`` exports them.
 DEFAULT_RING_SIZE = 256 * 1024
 DEFAULT_STREAM_WINDOW = 256 * 1024
-MIN_STREAM_WINDOW = 4096
-MAX_STREAM_WINDOW = 16 * 1024 * 1024
 
 DEFAULT_MAX_STREAMS = 1024
 # Linux gntalloc's default ``limit`` module parameter: pages granted by one domain at once.
@@ -22,7 +17,7 @@ DEFAULT_GRANT_LIMIT = 1024
 
 # XenStore: everything of ours lives under <domain path>/data/xsock.
 XS_ROOT = "data/xsock"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 # D-Bus names, versioned from day one.
 DBUS_NAME = "org.xsockd.Xsockd1"

@@ -109,6 +109,9 @@ def _log_channels(manager: Manager) -> None:
                     f"bytes/direction, {len(link.grant_refs)} grants, event channel {link.port}, "
                     f"{'up' if link.up else 'attaching'}, in {st['bytes_in']} out "
                     f"{st['bytes_out']} bytes, {st['notify_sent']} notifications")
+    st = manager.statistics()
+    rows.append(f"tables: {st['channels']} channels, {st['admitting']} being admitted, "
+                f"{st['core_streams']} streams in the data plane")
     log.info("channel table (%s):\n%s", manager.status(), "\n".join(rows))
 
 

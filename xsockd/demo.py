@@ -25,8 +25,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from xsockd.config import parse_config, parse_size
-from xsockd.constants import DEFAULT_GRANT_LIMIT, MAX_RING_SIZE, MIN_RING_SIZE, PAGE_SIZE
+from xsockd.constants import DEFAULT_GRANT_LIMIT
 from xsockd.errors import ConfigError
+from xsockd.ring import MAX_RING_SIZE, MIN_RING_SIZE, link_pages
 from xsockd.sim.host import SimHost
 
 __all__ = ["DaemonProcess", "config_text", "main", "write_config"]
@@ -275,7 +276,7 @@ def _size_text(n: int) -> str:
 def _largest_ring(grant_pages: int = DEFAULT_GRANT_LIMIT) -> int:
     """The largest ring size a link can have within ``grant_pages`` (1 + 2 * ring / 4096)."""
     ring = MAX_RING_SIZE
-    while ring > MIN_RING_SIZE and 1 + 2 * ring // PAGE_SIZE > grant_pages:
+    while ring > MIN_RING_SIZE and link_pages(ring) > grant_pages:
         ring //= 2
     return ring
 

@@ -7,6 +7,7 @@ timers.  Bytes never pass through it; the C pumps move them.
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Callable
 
 from gi.repository import GLib  # type: ignore[import-not-found]
@@ -76,6 +77,10 @@ class Loop:
 
         timer = Timer(GLib.timeout_add(max(0, int(delay * 1000)), on_timeout))
         return timer
+
+    def time(self) -> float:
+        """Returns the loop's clock: monotonic seconds (timers and budgets count in it)."""
+        return time.monotonic()
 
     def call_soon(self, callback: Callable[[], object]) -> Timer:
         return self.call_later(0, callback)

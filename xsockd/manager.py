@@ -1,7 +1,14 @@
-"""The control plane: links to peers, listening sockets, stream admission, bookkeeping.
+"""The control plane: tables of links and channels, dispatch of their events, drain and reload.
 
 It knows nothing of D-Bus, systemd or which backend runs; the daemon wires those around it.
-Everything here runs on the one loop; bytes never pass through it.
+Decisions live in ``admission``, the XenStore side of the link protocol in ``rendezvous``,
+pages and ports in ``link``, sockets in ``listeners``.  Everything here runs on the one loop;
+bytes never pass through it.
+
+The rule that keeps one peer from taking the daemon down: everything a peer can cause (its
+link's events, its link request, its answer to ours, a timer of its link) runs inside
+``_guard``, which turns any failure, expected or a bug, into "this link is down", logged once,
+and never lets it out to the loop.
 """
 
 from __future__ import annotations
@@ -12,15 +19,16 @@ import itertools
 import logging
 import os
 import socket
-import stat
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from xsockd.admission import OpenBudget, Refusal, admit_link, admit_stream, grant_budget
 from xsockd.backend import Backend, XenStorePerm
 from xsockd.config import Config, ServiceConfig
-from xsockd.constants import XS_ROOT
+from xsockd.constants import PROTOCOL_VERSION, XS_ROOT
 from xsockd.errors import (
     BackendError,
     ConfigError,
@@ -30,31 +38,40 @@ from xsockd.errors import (
     XenStoreError,
     XsockError,
 )
-from xsockd.link import (
-    Link,
-    accept_link,
+from xsockd.link import Link, grant_link, map_link
+from xsockd.listeners import Rundir, socket_path
+from xsockd.peerlog import PeerLog, escape
+from xsockd.rendezvous import (
+    RequestBoard,
+    VersionMismatch,
+    ask,
     domain_path,
-    offer_link,
-    offer_path,
+    parse_request,
+    publish_offer,
+    read_answer,
     read_offer,
     request_dir,
     request_path,
 )
-from xsockd.loop import Loop, Timer
-from xsockd.ring import EventType, Reason, RingEvent, Role, link_pages
+from xsockd.ring import EventType, Reason, RingEvent, Role
+
+if TYPE_CHECKING:
+    from xsockd.loop import Loop, Timer
 
 __all__ = ["Channel", "ChannelObserver", "Manager", "caller_header"]
 
 log = logging.getLogger(__name__)
 
 LINK_SETUP_TIMEOUT = 10.0  # seconds for a peer to attach to our offer
-SOCKET_MODE = 0o660
 CONNECT_PATIENCE = 5.0  # seconds to wait for a service whose listen backlog is full
 # Seconds to wait for a service whose socket is missing or has no listener (ENOENT,
 # ECONNREFUSED): one being restarted, or started after us; a socket unit never needs it.
 SERVICE_START_PATIENCE = 2.0
-DIR_MODE = 0o755
 DRAIN_POLL = 0.05  # seconds between looks at the bytes a stopping daemon still holds
+LINK_DOWN_WHY = {-errno.EPROTO: "the peer broke the ring protocol",
+                 -errno.ECONNRESET: "the peer went away",
+                 -errno.ESHUTDOWN: "the peer closed the link",
+                 -errno.ENOBUFS: "events were not collected"}
 
 
 def caller_header(domid: int, service: str) -> bytes:
@@ -69,11 +86,26 @@ class Channel:
     id: int
     peer: int
     stream: int
+    serial: int               # the C core's incarnation of ``stream``: ids are reused
     service: str
     direction: str            # "out": opened by a local application; "in": by the peer
     link: Link
     created: float = field(default_factory=time.time)
     state: str = "opening"
+
+
+@dataclass
+class _Admission:
+    """A peer's stream we are connecting to a local service (it may take retries)."""
+
+    link: Link
+    stream: int
+    serial: int
+    name: str
+    service: ServiceConfig
+    deadline: float
+    absent_until: float
+    done: bool = False
 
 
 class ChannelObserver:
@@ -117,18 +149,25 @@ class Manager:
         self.loop = loop
         self.domid = backend.domid
         self.xs = backend.open_xenstore()
+        self.board = RequestBoard(self.xs, self.domid)
         self.links: dict[tuple[int, Role], Link] = {}
         self.channels: dict[int, Channel] = {}
-        self._by_stream: dict[tuple[int, int], Channel] = {}
-        # (peer, service) -> listener of <rundir>/<peer>.sock ("") or <rundir>/<peer>/<service>.sock
+        self._by_serial: dict[tuple[int, int], Channel] = {}   # (id(link), serial)
+        self._admitting: dict[tuple[int, int], _Admission] = {}
+        self._budgets: dict[int, OpenBudget] = {}               # id(link)
+        self._waiting: dict[int, tuple[Timer, str]] = {}         # id(link): set-up timer, watch
         self._listeners: dict[tuple[int, str], socket.socket] = {}
+        self._rundir: Rundir | None = None
+        self._answered: dict[int, int] = {}
         self._draining = False
         self._drain_timer: Timer | None = None
-        self._timers: dict[int, Timer] = {}
-        self._answered: dict[int, int] = {}
         self._ids = itertools.count(1)
         self.counters = {"links_refused": 0, "streams_refused": 0, "peer_faults": 0,
-                         "links_opened": 0, "streams_opened": 0}
+                         "links_opened": 0, "streams_opened": 0, "handler_failures": 0}
+        self.peerlog = PeerLog(log, loop.time)
+        # One record per closed channel is what operators search for; a peer opening and
+        # resetting streams in a loop must not turn it into a flood.
+        self._records = PeerLog(log, loop.time, burst=200, interval=1.0)
         self._started = False
         self.started_at = time.time()
         self._observers: list[ChannelObserver] = []
@@ -136,10 +175,10 @@ class Manager:
     # ---- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Publishes our request directory, watches it and opens the peers' sockets."""
-        home = domain_path(self.domid)
-        root = f"{home}/{XS_ROOT}"
+        """Publishes our request nodes, watches them and opens the peers' sockets."""
+        root = f"{domain_path(self.domid)}/{XS_ROOT}"
         self._check_peers(self.config)
+        self._rundir = Rundir(self.config.daemon.rundir)
         self._claim_domain(f"{root}/daemon")
         try:
             names = self.xs.directory(root)
@@ -147,24 +186,23 @@ class Manager:
             if e.errno != errno.ENOENT:
                 raise
             names = []
-        # Our offers of an earlier run go.  Requests stay: a peer may have asked while we
-        # were restarting, and the watch's first event makes us look at them.  "daemon" is
-        # the record _claim_domain just wrote.
+        # Our offers of an earlier run go.  Request nodes stay: a peer may have asked while
+        # we were restarting, and the watch's first event makes us look at them.
         for name in names:
             if name not in ("request", "daemon"):
                 self.xs.rm(f"{root}/{name}")
-        self._publish_request_dir()
         self.xs.set_perms(root, [XenStorePerm(self.domid, "n")])
+        self.board.sync(self.config.daemon.peers)
         self.xs.watch(request_dir(self.domid), "requests")
         # A destroyed domain runs no unmap notification: @releaseDomain is how we learn of it.
         self.xs.watch("@releaseDomain", "released")
         self.loop.add_reader(self.xs.fileno(), self._on_xenstore)
-        os.makedirs(self.config.daemon.rundir, mode=0o755, exist_ok=True)
         for peer, service in self.config.local_sockets():
             self._listen(peer, service)
         self._started = True
-        log.info("xsockd domain %d ready: %d peers, rundir %s", self.domid,
-                 len(self.config.daemon.peers), self.config.daemon.rundir)
+        n = len(self.config.daemon.peers)
+        log.info("xsockd domain %d ready: %d peer%s, rundir %s", self.domid, n,
+                 "" if n == 1 else "s", self.config.daemon.rundir)
 
     def stop(self) -> None:
         """Closes listeners and links (telling peers goodbye) and removes our nodes."""
@@ -175,9 +213,6 @@ class Manager:
             self._drain_timer = None
         for link in list(self.links.values()):
             self._drop_link(link, goodbye=True)
-        for timer in self._timers.values():
-            timer.cancel()
-        self._timers.clear()
         if self._started:
             self.loop.remove_reader(self.xs.fileno())
             try:
@@ -185,6 +220,8 @@ class Manager:
             except XenStoreError as e:
                 log.debug("removing our XenStore nodes: %s", e)
         self.xs.close()
+        if self._rundir is not None:
+            self._rundir.close()
         self._started = False
 
     def drain(self, timeout: float, done: Callable[[], object]) -> None:
@@ -202,7 +239,7 @@ class Manager:
         for peer, service in list(self._listeners):
             self._on_connect(peer, service)  # clients whose connect() already succeeded
             self._unlisten(peer, service)
-        deadline = time.monotonic() + timeout
+        deadline = self.loop.time() + timeout
         log.info("stopping: no new streams; %d channels may drain for up to %g s",
                  len(self.channels), timeout)
 
@@ -210,7 +247,7 @@ class Manager:
             self._drain_timer = None
             held = self.held()
             pending = sum(v for k, v in held.items() if k != "streams")
-            if pending and time.monotonic() < deadline:
+            if pending and self.loop.time() < deadline:
                 self._drain_timer = self.loop.call_later(DRAIN_POLL, check)
                 return
             if pending:
@@ -245,7 +282,13 @@ class Manager:
                 config, daemon=dataclasses.replace(config.daemon, rundir=self.config.daemon.rundir))
             changes.append("rundir kept (a new one takes effect at restart)")
         old, new = set(self.config.local_sockets()), set(config.local_sockets())
+        removed_peers = set(self.config.daemon.peers) - set(config.daemon.peers)
         self.config = config
+        for peer in removed_peers:
+            self._answered.pop(peer, None)
+            self.peerlog.forget(peer)
+        if self._started:
+            self.board.sync(config.daemon.peers)
         if self._draining:
             return changes  # stopping: no listener comes back
         for peer, service in sorted(old - new):
@@ -258,29 +301,51 @@ class Manager:
                            else f"peer {peer} added")
         return changes
 
+    # ---- the failure boundary -----------------------------------------------------------
+
+    def _guard(self, peer: int, role: Role | None, what: str, fn: Callable[..., object],
+               *args: object) -> None:
+        """Runs ``fn(*args)`` for ``peer``; any failure ends that peer's link in ``role``.
+
+        Expected failures (a peer's protocol error, XenStore or the backend refusing) are
+        logged as warnings, anything else as an error with the traceback at debug level:
+        either way the link goes down and the daemon and every other link go on.
+        """
+        try:
+            fn(*args)
+        except Exception as e:  # this is the boundary: nothing passes it
+            self._failed(peer, role, what, e)
+
+    def _failed(self, peer: int, role: Role | None, what: str, e: Exception) -> None:
+        if isinstance(e, (XsockError, OSError)):
+            if isinstance(e, ProtocolError):
+                self.counters["peer_faults"] += 1
+            self.peerlog.warning(peer, "link with domain %d down: %s: %s", peer, what,
+                                 escape(str(e), 300))
+        else:
+            self.counters["handler_failures"] += 1
+            self.peerlog.error(peer, "link with domain %d down: internal error while %s: %s: "
+                               "%s (traceback at debug level)", peer, what, type(e).__name__,
+                               escape(str(e), 300))
+            log.debug("traceback of the failure while %s", what, exc_info=e)
+        for key in ([(peer, role)] if role is not None else [(peer, r) for r in Role]):
+            link = self.links.get(key)
+            if link is not None:
+                try:
+                    self._drop_link(link)
+                except Exception as e2:  # already failing: release what we can
+                    log.debug("dropping the link of domain %d: %s", peer, e2, exc_info=e2)
+                    self.links.pop(key, None)
+
     # ---- local sockets ------------------------------------------------------------------
 
     def socket_path(self, peer: int, service: str = "") -> str:
         """Returns <rundir>/<peer>.sock (the default service) or <rundir>/<peer>/<service>.sock."""
-        if service:
-            return os.path.join(self.config.daemon.rundir, str(peer), f"{service}.sock")
-        return os.path.join(self.config.daemon.rundir, f"{peer}.sock")
+        return socket_path(self.config.daemon.rundir, peer, service)
 
     def _listen(self, peer: int, service: str = "") -> None:
-        path = self.socket_path(peer, service)
-        if service:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            os.chmod(os.path.dirname(path), DIR_MODE)  # whatever the umask
-        try:
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)  # left by an earlier run
-        except FileNotFoundError:
-            pass
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        sock.bind(path)
-        os.chmod(path, SOCKET_MODE)
-        sock.listen(socket.SOMAXCONN)
+        assert self._rundir is not None
+        sock = self._rundir.listen(peer, service)
         self._listeners[(peer, service)] = sock
         self.loop.add_reader(sock.fileno(), lambda: self._on_connect(peer, service))
 
@@ -288,16 +353,8 @@ class Manager:
         sock = self._listeners.pop((peer, service))
         self.loop.remove_reader(sock.fileno())
         sock.close()
-        path = self.socket_path(peer, service)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        if service:
-            try:
-                os.rmdir(os.path.dirname(path))  # once its last service is gone
-            except OSError:
-                pass
+        if self._rundir is not None:
+            self._rundir.unlink(peer, service)
 
     def _on_connect(self, peer: int, service: str = "") -> None:
         listener = self._listeners.get((peer, service))
@@ -306,15 +363,22 @@ class Manager:
                 conn, _ = listener.accept()
             except BlockingIOError:
                 return
+            except OSError as e:  # EMFILE and the like: say so, try again on the next wake
+                log.error("accepting a connection for domain %d: %s", peer, e.strerror)
+                return
             try:
                 link = self._link_for(peer)
-                sid = link.ring.open_stream(conn, service)
+                sid, serial = link.ring.open_stream(conn, service)
             except (XsockError, OSError) as e:
                 log.error("connection to domain %d failed: %s", peer, e,
                           extra={"XSOCK_PEER": peer})
                 conn.close()
                 continue
-            self._add_channel(link, sid, service, "out")
+            except Exception as e:  # a bug costs this connection, not the daemon
+                conn.close()
+                self._failed(peer, Role.INITIATOR, "opening a stream for a local application", e)
+                continue
+            self._add_channel(link, sid, serial, service, "out")
 
     # ---- links --------------------------------------------------------------------------
 
@@ -328,52 +392,57 @@ class Manager:
             return min(links, key=lambda lk: not lk.up)  # an up link if there is one
         if not self._domain_exists(peer):
             raise RefusedError(f"domain {peer} does not exist (xenstored does not know it)")
+        why = grant_budget(self.config, self.granted_pages())
+        if why:
+            raise RefusedError(why)
         cfg = self.config.link
-        need = link_pages(cfg.ring_size)
-        if self.granted_pages() + need > cfg.grant_pages:
-            raise RefusedError(
-                f"grant budget exhausted: {self.granted_pages()} of {cfg.grant_pages} pages in "
-                f"use, a link needs {need}; raise [link] grant_pages or lower ring_size")
-        try:
-            link = offer_link(self.backend, self.xs, peer, ring_size=cfg.ring_size,
-                              window=cfg.stream_window, max_streams=cfg.max_streams)
-        except XenStoreError as e:
-            if e.errno in (errno.EACCES, errno.ENOENT):  # ENOENT: no request directory
-                raise RefusedError(
-                    f"domain {peer} does not take link requests from us ({e}); is xsockd "
-                    f"running there?") from e
-            raise
+        link = grant_link(self.backend, peer, ring_size=cfg.ring_size, window=cfg.stream_window,
+                          max_streams=cfg.max_streams)
         self._add_link(link)
+        try:
+            link.on_close(publish_offer(
+                self.xs, self.domid, peer, generation=link.generation,
+                ring_size=cfg.ring_size, control_ref=link.grant_refs[0], port=link.port,
+                refs=link.grant_refs[1:]))
+            link.ring.start()
+            token = f"answer:{peer}:{link.generation}"
+            self.xs.watch(request_path(peer, self.domid), token)
+            timer = self.loop.call_later(LINK_SETUP_TIMEOUT, lambda: self._guard(
+                peer, Role.INITIATOR, "waiting for it to attach", self._setup_timeout, link))
+            self._waiting[id(link)] = (timer, token)
+            ask(self.xs, self.domid, peer, link.generation)
+        except BaseException:
+            self._drop_link(link)
+            raise
         self.counters["links_opened"] += 1
         log.info("offered link to domain %d (%d pages, event channel %d)", peer, link.pages,
                  link.port, extra={"XSOCK_PEER": peer})
-        token = f"answer:{peer}:{link.generation}"
-        self.xs.watch(request_path(peer, self.domid), token)
-        self._timers[id(link)] = self.loop.call_later(
-            LINK_SETUP_TIMEOUT, lambda: self._setup_timeout(link))
         return link
 
     def _add_link(self, link: Link) -> None:
         self.links[(link.peer, link.role)] = link
-        self.loop.add_reader(link.ring.fileno(), lambda: self._on_link_events(link))
+        cfg = self.config.link
+        self._budgets[id(link)] = OpenBudget(cfg.open_rate, cfg.max_connecting, self.loop.time())
+        self.loop.add_reader(link.ring.fileno(), lambda: self._guard(
+            link.peer, link.role, "handling its link events", self._on_link_events, link))
 
     def _setup_timeout(self, link: Link) -> None:
-        self._timers.pop(id(link), None)
+        self._waiting.pop(id(link), None)
         if not link.up and not link.closed:
-            log.error("domain %d did not attach to our link within %.0f s; is xsockd running "
-                      "there?", link.peer, LINK_SETUP_TIMEOUT, extra={"XSOCK_PEER": link.peer})
+            self.peerlog.error(link.peer, "domain %d did not attach to our link within %.0f s; "
+                               "is xsockd running there?", link.peer, LINK_SETUP_TIMEOUT)
             self._drop_link(link)
 
     def _stop_waiting(self, link: Link) -> None:
-        timer = self._timers.pop(id(link), None)
-        if timer is not None:
-            timer.cancel()
-        if link.role == Role.INITIATOR:
-            try:
-                self.xs.unwatch(request_path(link.peer, self.domid),
-                                f"answer:{link.peer}:{link.generation}")
-            except XenStoreError as e:
-                log.debug("unwatch: %s", e)
+        waiting = self._waiting.pop(id(link), None)
+        if waiting is None:
+            return
+        timer, token = waiting
+        timer.cancel()
+        try:
+            self.xs.unwatch(request_path(link.peer, self.domid), token)
+        except XenStoreError as e:
+            log.debug("unwatch: %s", e)
 
     def _drop_link(self, link: Link, goodbye: bool = False) -> None:
         if self.links.get((link.peer, link.role)) is link:
@@ -381,22 +450,39 @@ class Manager:
         if link.closed:
             return
         self._stop_waiting(link)
+        self._budgets.pop(id(link), None)
         self.loop.remove_reader(link.ring.fileno())
         link.close(goodbye)
+        for key in [k for k, a in self._admitting.items() if a.link is link]:
+            self._admitting.pop(key).done = True
         for ch in [c for c in self.channels.values() if c.link is link]:
             self._remove_channel(ch, "link-down")
 
     # ---- XenStore -----------------------------------------------------------------------
 
     def _on_xenstore(self) -> None:
+        # A failure to read events is our XenStore connection's, not a peer's: it propagates.
         for ev in self.xs.read_events():
             if ev.token == "requests":
-                self._scan_requests()
+                self._on_request_event(ev.path)
             elif ev.token == "released":
                 self._drop_destroyed_peers()
             elif ev.token.startswith("answer:"):
                 _, peer, gen = ev.token.split(":")
-                self._check_answer(int(peer), int(gen))
+                self._guard(int(peer), Role.INITIATOR, "reading its answer to our offer",
+                            self._check_answer, int(peer), int(gen))
+
+    def _on_request_event(self, path: str) -> None:
+        """Looks at the request node the event names, or at every peer's for the directory.
+
+        Only we create nodes in our request directory, one per configured peer, so the work
+        is bounded by our peer count whatever anyone writes.
+        """
+        peer = self.board.peer_of(path)
+        peers = [peer] if peer is not None else (
+            sorted(self.board.peers) if path == self.board.path else [])
+        for p in peers:
+            self._guard(p, Role.ACCEPTOR, "answering its link request", self._on_request, p)
 
     def _domain_exists(self, domid: int) -> bool:
         """Asks xenstored; True where we may not ask (a domU), and the link set-up will tell."""
@@ -414,20 +500,17 @@ class Manager:
         for link in [lk for (peer, _), lk in self.links.items() if peer in gone]:
             log.warning("link with domain %d down: the domain was destroyed", link.peer,
                         extra={"XSOCK_PEER": link.peer})
-            self._drop_link(link)
+            self._guard(link.peer, link.role, "dropping it", self._drop_link, link)
 
     def _check_answer(self, peer: int, generation: int) -> None:
         link = self.links.get((peer, Role.INITIATOR))
         if link is None or link.generation != generation or link.up:
             return
-        try:
-            answer = self.xs.read(request_path(peer, self.domid)).decode("ascii", "replace")
-        except XenStoreError:
-            return
-        if answer.startswith("refused"):
+        answer = read_answer(self.xs, peer, self.domid)
+        if answer is not None and answer[0] == "refused":
             self.counters["links_refused"] += 1
-            log.error("domain %d refused our link: %s", peer, answer[8:80] or "no reason",
-                      extra={"XSOCK_PEER": peer})
+            self.peerlog.error(peer, "domain %d refused our link: %s", peer,
+                               escape(answer[1]) or "no reason")
             self._drop_link(link)
 
     def _check_peers(self, config: Config) -> None:
@@ -443,8 +526,8 @@ class Manager:
     def _claim_domain(self, node: str) -> None:
         """Refuses to start beside a running xsockd of the same domain, then records us.
 
-        A second daemon would take over the request directory and the sockets of the first
-        and leave both broken.  The record (pid and boot id) survives a kill -9: it counts only
+        A second daemon would take over the request nodes and the sockets of the first and
+        leave both broken.  The record (pid and boot id) survives a kill -9: it counts only
         while that process still runs an xsockd.
         """
         try:
@@ -457,117 +540,82 @@ class Manager:
         if len(words) == 2 and words[0].isdigit() and words[1] == boot \
                 and int(words[0]) != os.getpid() and _runs_xsockd(int(words[0])):
             raise XsockError(f"another xsockd already serves domain {self.domid} (pid "
-                             f"{words[0]}); stop it first (systemctl stop xsockd)")
+                             f"{words[0]}); stop that one first")
         self.xs.write(node, f"{os.getpid()} {boot}")
 
-    def _publish_request_dir(self) -> None:
-        self.xs.write(request_dir(self.domid), b"")
-        # Any domain may create request/<its domid>; we decide, and say why, when it does.
-        self.xs.set_perms(request_dir(self.domid), [XenStorePerm(self.domid, "w")])
-
-    def _scan_requests(self) -> None:
-        try:
-            names = self.xs.directory(request_dir(self.domid))
-        except XenStoreError as e:
-            if e.errno != errno.ENOENT:
-                log.error("cannot list %s: %s", request_dir(self.domid), e)
-                return
-            # The write permission that lets any domain ask also lets it remove the directory
-            # (xenstored cannot tell the two apart); nobody else may recreate it under our
-            # tree, so we do, and links can be asked for again at once.
-            self.counters["peer_faults"] += 1
-            log.warning("%s was removed by another domain: recreated", request_dir(self.domid))
-            try:
-                self._publish_request_dir()
-            except XenStoreError as e2:
-                log.error("cannot recreate %s: %s", request_dir(self.domid), e2)
+    def _on_request(self, peer: int) -> None:
+        """Answers what ``peer`` wrote in its request node (only it and we may write there)."""
+        value = self.board.read(peer)
+        if value is None:
+            if self.board.restore(peer):
+                self.peerlog.warning(peer, "the link request node of domain %d was removed "
+                                     "(only it or dom0 may): recreated", peer)
             return
-        for name in names[:1024]:
-            path = f"{request_dir(self.domid)}/{name}"
-            if not name.isdigit() or len(name) > 5:
-                log.warning("removing malformed link request %r", name[:40])
-                self._quiet_rm(path)
-                continue
-            self._on_request(int(name), path)
-
-    def _quiet_rm(self, path: str) -> None:
-        try:
-            self.xs.rm(path)
-        except XenStoreError as e:
-            log.debug("rm %s: %s", path, e)
-
-    def _answer(self, path: str, text: str) -> None:
-        try:
-            self.xs.write(path, text)
-        except XenStoreError as e:
-            log.debug("answer %s: %s", path, e)
-
-    def _on_request(self, peer: int, path: str) -> None:
-        try:
-            value = self.xs.read(path)
-            owner = self.xs.get_perms(path)[0].domid
-        except XenStoreError as e:
-            if e.errno != errno.ENOENT:
-                # A real requester lets us read its request in the transaction that creates
-                # it; this one was made by someone else (another domain forging it, or junk).
-                log.warning("removing unreadable link request %s (%s): not made by an xsockd "
-                            "of domain %d", path, os.strerror(e.errno or errno.EIO), peer)
-                self._quiet_rm(path)
-            return
-        words = value.decode("ascii", "replace").split()
-        if len(words) != 2 or words[0] != "offer" or not words[1].isdigit():
-            return  # our own answer, or garbage the requester wrote into its own node
-        generation = int(words[1])
-        if self._answered.get(peer) == generation:
-            return
+        generation = parse_request(value)
+        if generation is None or self._answered.get(peer) == generation:
+            return  # idle, our own answer, or junk the peer wrote into its own node
         self._answered[peer] = generation
-        if owner != peer:
-            log.warning("link request %s was created by domain %d, not %d: ignored", path,
-                        owner, peer)
-            self._quiet_rm(path)
-            return
-        if self._draining:
+        refusal = admit_link(self.config, self.domid, peer, self._draining)
+        if refusal is not None:
             self.counters["links_refused"] += 1
-            log.warning("refused link from domain %d: we are stopping", peer,
-                        extra={"XSOCK_PEER": peer})
-            self._answer(path, "refused stopping")
-            return
-        if peer not in self.config.daemon.peers or peer == self.domid:
-            self.counters["links_refused"] += 1
-            log.warning("refused link from domain %d: not in [daemon] peers", peer,
-                        extra={"XSOCK_PEER": peer})
-            self._answer(path, "refused not-allowed")
+            self.peerlog.warning(peer, "refused link from domain %d: %s", peer, refusal.why)
+            self.board.answer(peer, "refused stopping" if self._draining
+                              else "refused not-allowed")
             return
         old = self.links.get((peer, Role.ACCEPTOR))
         if old is not None:
-            log.info("domain %d offers a new link: dropping the old one", peer)
+            log.info("domain %d offers a new link: dropping the old one", peer,
+                     extra={"XSOCK_PEER": peer})
             self._drop_link(old)
         try:
             offer = read_offer(self.xs, peer, self.domid)
-            if offer.generation != generation:
-                raise ProtocolError(f"offer generation {offer.generation} does not match "
-                                    f"request {generation}")
-            link = accept_link(self.backend, self.xs, peer, offer,
-                               window=self.config.link.stream_window,
-                               max_streams=self.config.link.max_streams)
-        except (ProtocolError, BackendError, OSError) as e:
-            self.counters["peer_faults"] += 1
-            log.warning("cannot attach link offered by domain %d at %s: %s", peer,
-                        offer_path(peer, self.domid), e, extra={"XSOCK_PEER": peer})
-            self._answer(path, "refused malformed-offer" if isinstance(e, ProtocolError)
-                         else f"refused attach-failed-{e.errno}")
+        except VersionMismatch as e:
+            self.counters["links_refused"] += 1
+            self.peerlog.warning(peer, "refused link from domain %d: it speaks link protocol "
+                                 "version %d, we speak %d; run the same xsockd version on both",
+                                 peer, e.version, PROTOCOL_VERSION)
+            self.board.answer(peer, f"refused version {e.version}; we speak {PROTOCOL_VERSION}")
+            return
+        except ProtocolError as e:
+            self._refuse_offer(peer, str(e), "malformed-offer")
+            return
+        if offer.generation != generation:
+            self._refuse_offer(peer, f"offer generation {offer.generation} does not match "
+                               f"request {generation}", "malformed-offer")
+            return
+        cfg = self.config.link
+        try:
+            link = map_link(self.backend, peer, generation=offer.generation,
+                            ring_size=offer.ring_size, control_ref=offer.control_ref,
+                            ring_refs=offer.ring_refs, port=offer.port,
+                            window=cfg.stream_window, max_streams=cfg.max_streams)
+        except (BackendError, OSError) as e:
+            self._refuse_offer(peer, str(e), f"attach-failed-{e.errno}")
             return
         self._add_link(link)
-        self._answer(path, f"accepted {generation}")
+        link.on_close(lambda: self.board.reset(peer, generation))
+        link.ring.start()
+        self.board.answer(peer, f"accepted {generation}")
         log.info("attached link from domain %d (ring %d bytes, event channel %d)", peer,
                  offer.ring_size, link.port, extra={"XSOCK_PEER": peer})
+
+    def _refuse_offer(self, peer: int, why: str, answer: str) -> None:
+        self.counters["peer_faults"] += 1
+        self.peerlog.warning(peer, "cannot attach link offered by domain %d: %s", peer,
+                             escape(why, 300))
+        self.board.answer(peer, f"refused {answer}")
 
     # ---- link events --------------------------------------------------------------------
 
     def _on_link_events(self, link: Link) -> None:
-        for ev in link.ring.events():
+        events = link.ring.events()
+        # A stream opened and reset within one batch gets no connect at all.
+        closed = {ev.serial for ev in events if ev.type == EventType.CLOSED}
+        for ev in events:
             if link.closed:
                 return
+            if ev.type == EventType.OPEN_REQUEST and ev.serial in closed:
+                continue
             self._on_link_event(link, ev)
 
     def _on_link_event(self, link: Link, ev: RingEvent) -> None:
@@ -577,60 +625,75 @@ class Manager:
             self._stop_waiting(link)
             log.info("link with domain %d up", peer, extra={"XSOCK_PEER": peer})
         elif ev.type == EventType.OPEN_REQUEST:
-            self._admit(link, ev.stream, ev.name)
+            self._admit(link, ev)
         elif ev.type == EventType.OPENED:
-            ch = self._by_stream.get((id(link), ev.stream))
+            ch = self._by_serial.get((id(link), ev.serial))
             if ch:
                 ch.state = "open"
         elif ev.type == EventType.CLOSED:
-            ch = self._by_stream.get((id(link), ev.stream))
-            reason = Reason(ev.arg) if ev.arg in Reason._value2member_map_ else ev.arg
-            if ch is not None:
-                why = (reason.name.lower().replace("_", "-") if isinstance(reason, Reason)
-                       else f"reason-{reason}")
-                if reason in (Reason.REFUSED, Reason.NO_SERVICE, Reason.TOO_MANY) \
-                        and ch.direction == "out":
-                    log.warning("domain %d refused stream %d to service %r: %s", peer, ch.id,
-                                ch.service or "(default)", why.replace("-", " "),
-                                extra={"XSOCK_PEER": peer, "XSOCK_CHANNEL": ch.id,
-                                       "XSOCK_SERVICE": ch.service})
-                # One record per stream, as a server logs a connection: what an operator
-                # searches the journal for (XSOCK_CHANNEL, XSOCK_PEER, XSOCK_SERVICE, bytes).
-                log.info("channel %d (%s, domain %d, service %s) closed (%s): %d bytes in, "
-                         "%d out", ch.id, ch.direction, peer, ch.service or "(default)", why,
-                         ev.bytes_in, ev.bytes_out,
-                         extra={"XSOCK_PEER": peer, "XSOCK_CHANNEL": ch.id,
-                                "XSOCK_SERVICE": ch.service or "(default)",
-                                "XSOCK_BYTES_IN": ev.bytes_in, "XSOCK_BYTES_OUT": ev.bytes_out,
-                                "XSOCK_BYTES": ev.bytes_in + ev.bytes_out})
-                self._remove_channel(ch, why)
+            self._on_closed(link, ev)
         elif ev.type == EventType.LINK_DOWN:
-            why = {-errno.EPROTO: "the peer broke the ring protocol",
-                   -errno.ECONNRESET: "the peer went away",
-                   -errno.ESHUTDOWN: "the peer closed the link",
-                   -errno.ENOBUFS: "events were not collected"}.get(ev.arg, os.strerror(-ev.arg))
             if ev.arg == -errno.EPROTO:
                 self.counters["peer_faults"] += 1
-            log.warning("link with domain %d down: %s", peer, why, extra={"XSOCK_PEER": peer})
+            why = LINK_DOWN_WHY.get(ev.arg) or os.strerror(-ev.arg)
+            self.peerlog.warning(peer, "link with domain %d down: %s", peer, why)
             self._drop_link(link)
 
-    def _admit(self, link: Link, stream: int, name: str) -> None:
-        """Connects the peer's new stream to the service it asked for, or refuses it."""
-        peer = link.peer
-        service = self.config.service_for(peer, name or None)
-        if service is None or self._draining:
-            self.counters["streams_refused"] += 1
-            log.warning("domain %d asked for service %r: %s", peer, name or "(default)",
-                        "we are stopping" if service else "not offered to it",
-                        extra={"XSOCK_PEER": peer, "XSOCK_SERVICE": name})
-            link.ring.reject_stream(stream, Reason.REFUSED)
+    def _on_closed(self, link: Link, ev: RingEvent) -> None:
+        admission = self._admitting.pop((id(link), ev.serial), None)
+        if admission is not None:
+            self._finish(admission)  # reset by the peer while we connected its service
+        ch = self._by_serial.get((id(link), ev.serial))
+        if ch is None:
             return
-        now = time.monotonic()
-        self._connect_service(link, stream, name, service, now + CONNECT_PATIENCE,
-                              now + SERVICE_START_PATIENCE)
+        peer = link.peer
+        reason = Reason(ev.arg) if ev.arg in Reason._value2member_map_ else None
+        why = reason.name.lower().replace("_", "-") if reason is not None else f"reason-{ev.arg}"
+        if reason in (Reason.REFUSED, Reason.NO_SERVICE, Reason.TOO_MANY) \
+                and ch.direction == "out":
+            self.peerlog.warning(peer, "domain %d refused stream %d to service %r: %s", peer,
+                                 ch.id, ch.service or "(default)", why.replace("-", " "),
+                                 XSOCK_CHANNEL=ch.id, XSOCK_SERVICE=ch.service)
+        # One record per stream, as a server logs a connection: what an operator searches
+        # the journal for (XSOCK_CHANNEL, XSOCK_PEER, XSOCK_SERVICE, bytes).
+        self._records.info(
+            peer, "channel %d (%s, domain %d, service %s) closed (%s): %d bytes in, %d out",
+            ch.id, ch.direction, peer, ch.service or "(default)", why, ev.bytes_in,
+            ev.bytes_out, XSOCK_CHANNEL=ch.id, XSOCK_SERVICE=ch.service or "(default)",
+            XSOCK_BYTES_IN=ev.bytes_in, XSOCK_BYTES_OUT=ev.bytes_out,
+            XSOCK_BYTES=ev.bytes_in + ev.bytes_out)
+        self._remove_channel(ch, why)
 
-    def _connect_service(self, link: Link, stream: int, name: str, service: ServiceConfig,
-                         deadline: float, absent_until: float, delay: float = 0.005) -> None:
+    def _admit(self, link: Link, ev: RingEvent) -> None:
+        """Connects the peer's new stream to the service it asked for, or refuses it."""
+        peer, name = link.peer, ev.name
+        verdict = admit_stream(self.config, peer, name, self._draining)
+        if not isinstance(verdict, Refusal):
+            budget = self._budgets[id(link)]
+            refusal = budget.take(self.loop.time())
+            if refusal is None:
+                now = self.loop.time()
+                admission = _Admission(link, ev.stream, ev.serial, name, verdict,
+                                       now + CONNECT_PATIENCE, now + SERVICE_START_PATIENCE)
+                self._admitting[(id(link), ev.serial)] = admission
+                budget.connecting += 1
+                self._connect_service(admission)
+                return
+            verdict = refusal
+        self.counters["streams_refused"] += 1
+        self.peerlog.warning(peer, "refused stream from domain %d to service %r: %s", peer,
+                             escape(name) or "(default)", verdict.why, XSOCK_SERVICE=name)
+        link.ring.reject_stream(ev.stream, ev.serial, verdict.reason)
+
+    def _finish(self, admission: _Admission) -> None:
+        if not admission.done:
+            admission.done = True
+            self._admitting.pop((id(admission.link), admission.serial), None)
+            budget = self._budgets.get(id(admission.link))
+            if budget is not None:
+                budget.connecting -= 1
+
+    def _connect_service(self, adm: _Admission, delay: float = 0.005) -> None:
         """Connects to the service, retrying with backoff while it cannot take us yet.
 
         A full backlog (EAGAIN: a burst, or a service slow to accept) is retried until
@@ -638,47 +701,48 @@ class Manager:
         service being restarted or not started yet) until ``absent_until``, a shorter time.
         A socket unit's listener exists before its service runs, so it needs neither.
         """
-        if link.closed:
+        if adm.done or adm.link.closed:
+            self._finish(adm)
             return
-        peer = link.peer
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        link, service = adm.link, adm.service
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.setblocking(False)
         try:
             sock.connect(service.socket)
             if service.caller_header:
-                sock.send(caller_header(peer, name))
+                sock.send(caller_header(link.peer, adm.name))
         except OSError as e:
             sock.close()
             if e.errno == errno.EAGAIN:
-                until, why = deadline, "its backlog stayed full"
+                until, why = adm.deadline, "its backlog stayed full"
             elif e.errno in (errno.ENOENT, errno.ECONNREFUSED):
-                until, why = absent_until, e.strerror or str(e)
+                until, why = adm.absent_until, e.strerror or str(e)
             else:
                 until, why = 0.0, e.strerror or str(e)
             if self._draining:
                 why = f"{why}, and we are stopping"
-            elif time.monotonic() < until:
-                self.loop.call_later(delay, lambda: self._connect_service(
-                    link, stream, name, service, deadline, absent_until, min(delay * 2, 0.2)))
+            elif self.loop.time() < until:
+                self.loop.call_later(delay, lambda: self._guard(
+                    link.peer, link.role, "connecting its stream to a local service",
+                    self._connect_service, adm, min(delay * 2, 0.2)))
                 return
-            self._refuse_unreachable(link, stream, name, service, why)
+            self._finish(adm)
+            self.counters["streams_refused"] += 1
+            self.peerlog.warning(link.peer, "service %r at %s unreachable for domain %d: %s",
+                                 adm.name or "(default)", service.socket, link.peer, why,
+                                 XSOCK_SERVICE=adm.name)
+            link.ring.reject_stream(adm.stream, adm.serial, Reason.NO_SERVICE)
             return
-        link.ring.accept_stream(stream, sock)
-        ch = self._add_channel(link, stream, name, "in")
-        ch.state = "open"
+        self._finish(adm)
+        if link.ring.accept_stream(adm.stream, adm.serial, sock):
+            ch = self._add_channel(link, adm.stream, adm.serial, adm.name, "in")
+            ch.state = "open"
 
-    def _refuse_unreachable(self, link: Link, stream: int, name: str, service: ServiceConfig,
-                            why: str) -> None:
-        self.counters["streams_refused"] += 1
-        log.warning("service %r at %s unreachable for domain %d: %s", name or "(default)",
-                    service.socket, link.peer, why,
-                    extra={"XSOCK_PEER": link.peer, "XSOCK_SERVICE": name})
-        link.ring.reject_stream(stream, Reason.NO_SERVICE)
-
-    def _add_channel(self, link: Link, stream: int, service: str, direction: str) -> Channel:
-        ch = Channel(next(self._ids), link.peer, stream, service, direction, link)
+    def _add_channel(self, link: Link, stream: int, serial: int, service: str,
+                     direction: str) -> Channel:
+        ch = Channel(next(self._ids), link.peer, stream, serial, service, direction, link)
         self.channels[ch.id] = ch
-        self._by_stream[(id(link), stream)] = ch
+        self._by_serial[(id(link), serial)] = ch
         self.counters["streams_opened"] += 1
         for obs in self._observers:
             obs.channel_opened(ch)
@@ -687,7 +751,7 @@ class Manager:
     def _remove_channel(self, ch: Channel, reason: str = "closed") -> None:
         if self.channels.pop(ch.id, None) is None:
             return
-        self._by_stream.pop((id(ch.link), ch.stream), None)
+        self._by_serial.pop((id(ch.link), ch.serial), None)
         for obs in self._observers:
             obs.channel_closed(ch, reason)
 
@@ -705,17 +769,22 @@ class Manager:
         ch = self.channels.get(channel_id)
         if ch is None:
             raise NoSuchChannel(channel_id)
-        ch.link.ring.close_stream(ch.stream)
-        ch.state = "closing"
+        if ch.link.ring.close_stream(ch.stream, ch.serial):
+            ch.state = "closing"
+
+    def _byte_counts(self, links: list[Link]) -> dict[tuple[int, int], tuple[int, int]]:
+        counts: dict[tuple[int, int], tuple[int, int]] = {}
+        for link in links:
+            if not link.closed:
+                for s in link.ring.streams():
+                    counts[(id(link), s.serial)] = (s.bytes_in, s.bytes_out)
+        return counts
 
     def list_channels(self) -> list[dict[str, object]]:
         """Returns every channel as ``channel_info`` describes it, by id."""
-        byte_counts: dict[tuple[int, int], tuple[int, int]] = {}
-        for link in {id(ch.link): ch.link for ch in self.channels.values()}.values():
-            if not link.closed:
-                for s in link.ring.streams():
-                    byte_counts[(id(link), s.id)] = (s.bytes_in, s.bytes_out)
-        return [self._describe(ch, byte_counts.get((id(ch.link), ch.stream), (0, 0)))
+        links = list({id(ch.link): ch.link for ch in self.channels.values()}.values())
+        counts = self._byte_counts(links)
+        return [self._describe(ch, counts.get((id(ch.link), ch.serial), (0, 0)))
                 for ch in sorted(self.channels.values(), key=lambda c: c.id)]
 
     def channel_info(self, channel_id: int) -> dict[str, object]:
@@ -727,11 +796,8 @@ class Manager:
         ch = self.channels.get(channel_id)
         if ch is None:
             raise NoSuchChannel(channel_id)
-        counts = (0, 0)
-        if not ch.link.closed:
-            counts = next(((s.bytes_in, s.bytes_out) for s in ch.link.ring.streams()
-                           if s.id == ch.stream), counts)
-        return self._describe(ch, counts)
+        counts = self._byte_counts([ch.link])
+        return self._describe(ch, counts.get((id(ch.link), ch.serial), (0, 0)))
 
     @staticmethod
     def _describe(ch: Channel, counts: tuple[int, int]) -> dict[str, object]:
@@ -744,22 +810,30 @@ class Manager:
                 "link_role": link.role.name.lower()}
 
     def statistics(self) -> dict[str, object]:
-        """Returns the daemon's counters: channels, links, grants, bytes and refusals."""
+        """Returns the daemon's counters: channels, links, grants, bytes and refusals.
+
+        ``core_streams`` counts the streams in the C tables of every link and ``admitting``
+        the peers' streams being connected to a local service: once the links are quiet,
+        channels + admitting == core_streams, whatever the peers did.
+        """
         totals = dict.fromkeys(("bytes_in", "bytes_out", "frames_in", "frames_out",
-                                "notify_sent", "wakeups"), 0)
+                                "notify_sent", "wakeups", "streams"), 0)
         for link in self.links.values():
             if not link.closed:
                 st = link.ring.stats()
                 for k in totals:
                     totals[k] += st[k]
+        core_streams = totals.pop("streams")
         return {"domid": self.domid, "channels": len(self.channels),
                 "links": len(self.links),
                 "links_up": sum(1 for lk in self.links.values() if lk.up),
                 "peers": len(self.config.daemon.peers), "granted_pages": self.granted_pages(),
                 "grant_limit": self.config.link.grant_pages, "started": self.started_at,
-                "uptime": time.time() - self.started_at, **totals, **self.counters}
+                "uptime": time.time() - self.started_at, "core_streams": core_streams,
+                "admitting": len(self._admitting), **totals, **self.counters}
 
     def status(self) -> str:
         up = sum(1 for lk in self.links.values() if lk.up)
+        n = len(self.config.daemon.peers)
         return (f"{len(self.channels)} channels, {up} of {len(self.links)} links up, "
-                f"{len(self.config.daemon.peers)} peers configured")
+                f"{n} peer{'' if n == 1 else 's'} configured")

@@ -5,6 +5,12 @@ hand it sockets, collect events, read statistics.  Every ``-errno`` from C becom
 here, in one place (``_check``).
 
 Lifecycle of a ``RingLink``: created -> running (``start``) -> stopped (``stop``/``close``).
+
+Streams are named by (id, serial): the peer reuses ids, the link never reuses a serial.  Every
+stream Python opened or was told of (OPEN_REQUEST) ends with exactly one CLOSED event carrying
+its serial; a command for a stream that is gone, or to a stopped link, returns False.
+
+The link's limits are defined once, in ring_core.h, and exported here.
 """
 
 from __future__ import annotations
@@ -22,6 +28,13 @@ from xsockd._ring_core import ffi, lib  # type: ignore[import-not-found]
 __all__ = [
     "FRAME_HEADER",
     "LIVE_OFFSET",
+    "MAX_RING_SIZE",
+    "MAX_STREAMS",
+    "MAX_WINDOW",
+    "MIN_RING_SIZE",
+    "MIN_WINDOW",
+    "NAME_MAX",
+    "PAGE_SIZE",
     "EventType",
     "Reason",
     "RingEvent",
@@ -29,12 +42,21 @@ __all__ = [
     "Role",
     "StreamInfo",
     "link_pages",
+    "valid_service_name",
 ]
 
 FRAME_HEADER = lib.XSK_FRAME_HDR
 LIVE_OFFSET = lib.XSK_OFF_LIVE
 NAME_MAX = lib.XSK_NAME_MAX
 PAGE_SIZE = lib.XSK_PAGE_SIZE
+MIN_RING_SIZE = lib.XSK_MIN_RING_SIZE
+MAX_RING_SIZE = lib.XSK_MAX_RING_SIZE
+MIN_WINDOW = lib.XSK_MIN_WINDOW
+MAX_WINDOW = lib.XSK_MAX_WINDOW
+MAX_STREAMS = lib.XSK_MAX_STREAMS
+
+# Errors that mean "the stream or the link is gone": a command then simply has no effect.
+_GONE = (errno.ENOENT, errno.ESHUTDOWN)
 
 
 class Role(enum.IntEnum):
@@ -66,6 +88,7 @@ class Reason(enum.IntEnum):
 class RingEvent:
     type: EventType
     stream: int
+    serial: int
     arg: int
     bytes_in: int
     bytes_out: int
@@ -75,6 +98,7 @@ class RingEvent:
 @dataclass(frozen=True)
 class StreamInfo:
     id: int
+    serial: int
     state: int
     bytes_in: int
     bytes_out: int
@@ -91,7 +115,18 @@ def _check(rc: int, what: str) -> int:
 
 def link_pages(ring_size: int) -> int:
     """Returns how many pages a link with ``ring_size`` bytes per direction shares."""
+    if not 0 <= ring_size <= 0xFFFFFFFF:
+        raise OSError(errno.EINVAL, f"ring size {ring_size}: {os.strerror(errno.EINVAL)}")
     return _check(lib.xsk_link_pages(ring_size), f"ring size {ring_size}")
+
+
+def valid_service_name(name: str) -> bool:
+    """True if ``name`` is a service name: 1 to NAME_MAX characters of ``[A-Za-z0-9_.-]``."""
+    try:
+        raw = name.encode("ascii")
+    except UnicodeEncodeError:
+        return False
+    return len(raw) <= NAME_MAX and bool(lib.xsk_valid_service_name(raw, len(raw)))
 
 
 class RingLink:
@@ -151,34 +186,68 @@ class RingLink:
         """Returns the eventfd that is readable when ``events()`` has something."""
         return int(lib.xsk_link_event_fd(self._live()))
 
-    def open_stream(self, sock: socket.socket, service: str) -> int:
-        """Returns the id of a new stream carrying ``sock`` (the link now owns it)."""
+    def open_stream(self, sock: socket.socket, service: str) -> tuple[int, int]:
+        """Returns (id, serial) of a new stream carrying ``sock``; the link now owns ``sock``.
+
+        A CLOSED event with that serial ends the stream, whatever happens to it.  Raises
+        OSError (and closes ``sock``): EINVAL for a bad service name ("" is the default
+        service), ESHUTDOWN if the pump has ended, EBADF if the link is closed.
+        """
+        if self._ptr == ffi.NULL:
+            sock.close()
+            raise OSError(errno.EBADF, "opening a stream: the link is closed")
+        if service and not valid_service_name(service):
+            sock.close()
+            raise OSError(errno.EINVAL, f"opening a stream: bad service name {service!r}")
         ident = ffi.new("uint32_t *")
+        serial = ffi.new("uint32_t *")
         fd = sock.detach()
-        _check(lib.xsk_link_open_stream(self._live(), fd, service.encode(), ident),
+        _check(lib.xsk_link_open_stream(self._ptr, fd, service.encode(), ident, serial),
                "opening a stream")
-        return int(ident[0])
+        return int(ident[0]), int(serial[0])
 
-    def accept_stream(self, stream: int, sock: socket.socket) -> None:
-        """Accepts the peer's stream ``stream`` onto ``sock`` (the link now owns it)."""
-        _check(lib.xsk_link_accept_stream(self._live(), stream, sock.detach()),
-               "accepting a stream")
+    def _command(self, rc: int, what: str) -> bool:
+        if -rc in _GONE:
+            return False
+        _check(rc, what)
+        return True
 
-    def reject_stream(self, stream: int, reason: Reason) -> None:
-        _check(lib.xsk_link_reject_stream(self._live(), stream, int(reason)),
-               "rejecting a stream")
+    def accept_stream(self, stream: int, serial: int, sock: socket.socket) -> bool:
+        """Accepts the peer's stream (``stream``, ``serial``) onto ``sock``, which the link now
+        owns.  Returns False, with ``sock`` closed, if the stream is gone (its CLOSED event is
+        queued), the pump has ended or the link is closed; no further event comes of it."""
+        if self._ptr == ffi.NULL:
+            sock.close()
+            return False
+        return self._command(lib.xsk_link_accept_stream(self._ptr, stream, serial,
+                                                        sock.detach()), "accepting a stream")
 
-    def close_stream(self, stream: int) -> None:
-        _check(lib.xsk_link_close_stream(self._live(), stream), "closing a stream")
+    def reject_stream(self, stream: int, serial: int, reason: Reason) -> bool:
+        """Answers the peer's stream request with RESET(reason); a CLOSED event follows.
+        Returns False (and does nothing) if the stream or the link is gone."""
+        if self._ptr == ffi.NULL:
+            return False
+        return self._command(lib.xsk_link_reject_stream(self._ptr, stream, serial, int(reason)),
+                             "rejecting a stream")
+
+    def close_stream(self, stream: int, serial: int) -> bool:
+        """Aborts the stream on both sides; a CLOSED event (reason CLOSED) follows.
+        Returns False (and does nothing) if the stream or the link is gone."""
+        if self._ptr == ffi.NULL:
+            return False
+        return self._command(lib.xsk_link_close_stream(self._ptr, stream, serial),
+                             "closing a stream")
 
     def events(self) -> list[RingEvent]:
-        """Returns the events that have arrived, without blocking."""
+        """Returns the events that have arrived, without blocking ([] once closed)."""
         out: list[RingEvent] = []
+        if self._ptr == ffi.NULL:
+            return out
         while True:
-            n = lib.xsk_link_events(self._live(), self._events, len(self._events))
+            n = lib.xsk_link_events(self._ptr, self._events, len(self._events))
             for i in range(n):
                 e = self._events[i]
-                out.append(RingEvent(EventType(e.type), e.stream, e.arg, e.bytes_in,
+                out.append(RingEvent(EventType(e.type), e.stream, e.serial, e.arg, e.bytes_in,
                                      e.bytes_out, ffi.string(e.name).decode()))
             if n < len(self._events):
                 return out
@@ -198,7 +267,7 @@ class RingLink:
             buf = ffi.new("struct xsk_stream_info[]", cap)
             n = lib.xsk_link_streams(self._live(), buf, cap)
             if n < cap:
-                return [StreamInfo(b.id, b.state, b.bytes_in, b.bytes_out, b.tx_credit,
+                return [StreamInfo(b.id, b.serial, b.state, b.bytes_in, b.bytes_out, b.tx_credit,
                                    b.rx_buffered) for b in buf[0:n]]
             cap *= 4
 

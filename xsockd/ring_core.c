@@ -69,11 +69,16 @@ struct xsk_frame {
 _Static_assert(sizeof(struct xsk_frame) == XSK_FRAME_HDR, "frame header is 16 bytes");
 
 #define ALIGN16(n) (((n) + 15u) & ~15u)
-#define MAX_WINDOW (16u << 20)
 #define MAX_EVENTS_QUEUED 65536
 #define HOLD_SCAN_MAX 64
 #define ORPHAN_RESETS 64
 #define SAFETY_TIMEOUT_MS 1000
+
+/* Where a fresh link's indices start: 0 on the wire.  The sanitizer test build starts them
+ * just below 2^32 so that every test crosses the index wrap early. */
+#ifndef XSK_TEST_INDEX_BASE
+#define XSK_TEST_INDEX_BASE 0u
+#endif
 
 /* Linux uapi xen/evtchn.h: IOCTL_EVTCHN_NOTIFY = _IOC(_IOC_NONE, 'E', 4, sizeof(struct)) */
 struct xsk_ioctl_evtchn_notify {
@@ -100,8 +105,9 @@ enum stream_state {
 
 struct stream {
     uint32_t id;
+    uint32_t serial;        /* link-unique, never reused: commands and events name id AND it */
     int fd;
-    uint32_t state;
+    uint32_t state;         /* written with set_state: read by Python's threads too */
     unsigned readable : 1, rd_eof : 1, fin_sent : 1, peer_fin : 1, wr_shut : 1, wr_dead : 1;
     unsigned on_ready : 1, on_ctl : 1, hol : 1;
     unsigned ctl_open : 1, ctl_accept : 1, ctl_credit : 1, ctl_fin : 1, ctl_reset : 1;
@@ -121,7 +127,7 @@ enum cmd_type { CMD_OPEN = 1, CMD_ACCEPT, CMD_REJECT, CMD_CLOSE, CMD_STOP };
 
 struct cmd {
     enum cmd_type type;
-    uint32_t id;
+    uint32_t id, serial;
     int fd;
     uint32_t arg;
     char name[XSK_NAME_MAX + 1];
@@ -148,6 +154,8 @@ struct xsk_link {
     struct stream **table;
     uint32_t table_mask, nstreams;
     uint32_t next_id;          /* our next stream id (odd for the initiator, even otherwise) */
+    uint32_t next_serial;      /* next stream serial, from 1; atomic: Python's threads take
+                                  serials for the streams they open */
 
     struct stream ready_head;  /* streams with readable data, credit and no pending control */
     struct stream *ctl_head, *ctl_tail;
@@ -163,6 +171,7 @@ struct xsk_link {
 
     pthread_mutex_t cmd_lock;
     struct cmd *cmd_head, *cmd_tail;
+    int stop_asked;             /* a stop without a command (no memory for one) */
 
     pthread_mutex_t ev_lock;
     struct xsk_event *events;
@@ -224,15 +233,27 @@ static void evtchn_clear(struct xsk_link *l)
 
 /* ---- events to Python ------------------------------------------------------------------ */
 
-static void push_event(struct xsk_link *l, uint32_t type, struct stream *s, uint32_t id,
-                       int32_t arg)
+/* s (may be NULL) gives the counters and name; id and serial name the stream (0 for the link). */
+static void push_event(struct xsk_link *l, uint32_t type, const struct stream *s, uint32_t id,
+                       uint32_t serial, int32_t arg)
 {
+    /* Python relies on one CLOSED per stream (and on LINK_DOWN) to empty its tables, so those
+     * are queued past the cap: they are bounded by the streams in the table, as the pump stops
+     * once the cap is reached.  Any other event past it is dropped. */
+    int must = type == XSK_EV_CLOSED || type == XSK_EV_LINK_DOWN;
     pthread_mutex_lock(&l->ev_lock);
+    if (l->ev_count >= MAX_EVENTS_QUEUED) {
+        l->ev_overflow = 1; /* Python stopped draining: the pump gives up on the link */
+        if (!must) {
+            pthread_mutex_unlock(&l->ev_lock);
+            return;
+        }
+    }
     if (l->ev_count == l->ev_cap) {
         uint32_t ncap = l->ev_cap ? l->ev_cap * 2 : 64;
-        struct xsk_event *ne = ncap <= MAX_EVENTS_QUEUED ? malloc(ncap * sizeof(*ne)) : NULL;
+        struct xsk_event *ne = malloc((size_t)ncap * sizeof(*ne));
         if (!ne) {
-            l->ev_overflow = 1; /* Python stopped draining: the pump gives up on the link */
+            l->ev_overflow = 1;
             pthread_mutex_unlock(&l->ev_lock);
             return;
         }
@@ -247,6 +268,7 @@ static void push_event(struct xsk_link *l, uint32_t type, struct stream *s, uint
     memset(e, 0, sizeof(*e));
     e->type = type;
     e->stream = id;
+    e->serial = serial;
     e->arg = arg;
     if (s) {
         e->bytes_in = relaxed_load(&s->bytes_in);
@@ -331,6 +353,11 @@ static void ready_update(struct xsk_link *l, struct stream *s)
     }
 }
 
+static void set_state(struct stream *s, uint32_t state)
+{
+    __atomic_store_n(&s->state, state, __ATOMIC_RELAXED);
+}
+
 static void ctl_queue(struct xsk_link *l, struct stream *s)
 {
     if (s->on_ctl)
@@ -344,13 +371,16 @@ static void ctl_queue(struct xsk_link *l, struct stream *s)
     l->ctl_tail = s;
 }
 
-static struct stream *stream_new(struct xsk_link *l, uint32_t id, int fd, const char *name)
+static struct stream *stream_new(struct xsk_link *l, uint32_t id, uint32_t serial, int fd,
+                                 const char *name, uint32_t state)
 {
     struct stream *s = calloc(1, sizeof(*s));
     if (!s)
         return NULL;
     s->id = id;
+    s->serial = serial;
     s->fd = fd;
+    s->state = state;
     if (name)
         memcpy(s->name, name, strnlen(name, XSK_NAME_MAX)); /* calloc'ed: stays terminated */
     table_insert(l, s);
@@ -380,23 +410,25 @@ static void close_fd(struct xsk_link *l, struct stream *s)
     ready_update(l, s);
 }
 
-/* Ends a stream locally with a reason; tells the peer with RESET when send_reset. */
+/* Ends a stream locally with a reason; tells the peer with RESET when send_reset.  A stream
+ * that is not yet a zombie was reported to Python (or opened by it) and not yet closed: this
+ * is its one CLOSED event. */
 static void stream_end(struct xsk_link *l, struct stream *s, uint32_t reason, int send_reset)
 {
-    int had_fd = s->fd >= 0;
     close_fd(l, s);
-    if (had_fd || s->state == ST_OPENING)
-        push_event(l, XSK_EV_CLOSED, s, s->id, (int32_t)reason);
+    if (s->state != ST_ZOMBIE) {
+        /* Zombie before the event: a command Python sends after seeing CLOSED finds it gone
+         * (ev_lock orders this store before Python's read of the event). */
+        set_state(s, ST_ZOMBIE);
+        push_event(l, XSK_EV_CLOSED, s, s->id, s->serial, (int32_t)reason);
+    }
     if (send_reset) {
-        s->state = ST_ZOMBIE;
         s->ctl_reset = 1;
         s->reset_reason = reason;
         ctl_queue(l, s);
     } else if (!s->on_ctl) {
         stream_free(l, s);
-    } else {
-        s->state = ST_ZOMBIE; /* freed once its queued control frames are out */
-    }
+    } /* else freed once its queued control frames are out */
 }
 
 static void check_done(struct xsk_link *l, struct stream *s)
@@ -404,7 +436,7 @@ static void check_done(struct xsk_link *l, struct stream *s)
     if (s->fin_sent && s->wr_shut && s->fd >= 0)
         stream_end(l, s, XSK_R_DONE, 0);
     else if ((s->fin_sent || s->wr_shut) && s->state == ST_OPEN)
-        s->state = ST_HALF;
+        set_state(s, ST_HALF);
 }
 
 static int stream_watch(struct xsk_link *l, struct stream *s)
@@ -532,8 +564,11 @@ static int append_pending(struct xsk_link *l, struct stream *s, const uint8_t *a
     }
     if (s->pend_off + s->pend_len + alen + blen > l->window)
         return -EPROTO;
-    memcpy(s->pend + s->pend_off + s->pend_len, a, alen);
-    memcpy(s->pend + s->pend_off + s->pend_len + alen, b, blen);
+    /* b is NULL when the payload does not wrap: memcpy from NULL is undefined even for 0. */
+    if (alen)
+        memcpy(s->pend + s->pend_off + s->pend_len, a, alen);
+    if (blen)
+        memcpy(s->pend + s->pend_off + s->pend_len + alen, b, blen);
     s->pend_len += alen + blen;
     return 0;
 }
@@ -587,6 +622,8 @@ static int rx_data(struct xsk_link *l, uint32_t prod)
     if (s->state == ST_OPENING || s->state == ST_ACCEPTING || s->peer_fin)
         return -EPROTO;
     if (l->head.first) {
+        if (h->len == 0)
+            return -EPROTO; /* DATA carries 1 .. ring_size - 16 bytes */
         if (h->len > l->window - s->rx_inflight)
             return -EPROTO; /* more than the credit we granted */
         s->rx_inflight += h->len;
@@ -626,8 +663,12 @@ static int rx_data(struct xsk_link *l, uint32_t prod)
     return rc < 0 ? rc : 1;
 }
 
-static int valid_name(const char *p, uint32_t len)
+/* The one rule for service names; the wire also allows the empty name (default service). */
+int xsk_valid_service_name(const char *p, uint32_t len)
 {
+    /* A name becomes a file name (<rundir>/<peer>/<name>.sock): no leading '.' or '-'. */
+    if (len == 0 || len > XSK_NAME_MAX || p[0] == '.' || p[0] == '-' || p[0] == '_')
+        return 0;
     for (uint32_t i = 0; i < len; i++) {
         char c = p[i];
         if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
@@ -659,25 +700,25 @@ static int rx_frame(struct xsk_link *l, uint32_t prod)
         char name[XSK_NAME_MAX + 1];
         struct iovec iov[2];
         if (!is_peer_id(l, h->stream) || lookup(l, h->stream) || h->len > XSK_NAME_MAX ||
-            h->arg == 0 || h->arg > MAX_WINDOW)
+            h->arg == 0 || h->arg > XSK_MAX_WINDOW)
             return -EPROTO;
         int n = payload_iov(&l->rx, l->rx.pvt, 0, h->len, iov);
         memcpy(name, iov[0].iov_base, iov[0].iov_len);
         if (n == 2)
             memcpy(name + iov[0].iov_len, iov[1].iov_base, iov[1].iov_len);
         name[h->len] = 0;
-        if (!valid_name(name, h->len))
+        if (h->len && !xsk_valid_service_name(name, h->len))
             return -EPROTO;
         if (l->nstreams >= l->max_streams) {
-            orphan_reset(l, h->stream, XSK_R_TOO_MANY);
+            orphan_reset(l, h->stream, XSK_R_TOO_MANY); /* never reported: no CLOSED either */
             return 1;
         }
-        s = stream_new(l, h->stream, -1, name);
+        s = stream_new(l, h->stream, __atomic_fetch_add(&l->next_serial, 1, __ATOMIC_RELAXED),
+                       -1, name, ST_ACCEPTING);
         if (!s)
             return -ENOMEM;
-        s->state = ST_ACCEPTING;
         s->peer_window = s->tx_credit = h->arg;
-        push_event(l, XSK_EV_OPEN_REQUEST, s, s->id, 0);
+        push_event(l, XSK_EV_OPEN_REQUEST, s, s->id, s->serial, 0);
         return 1;
     }
     case XSK_F_ACCEPT:
@@ -686,11 +727,11 @@ static int rx_frame(struct xsk_link *l, uint32_t prod)
             return -EPROTO;
         if (s->state == ST_ZOMBIE)
             return 1; /* we closed it meanwhile; our RESET is on its way */
-        if (s->state != ST_OPENING || h->arg == 0 || h->arg > MAX_WINDOW)
+        if (s->state != ST_OPENING || h->arg == 0 || h->arg > XSK_MAX_WINDOW)
             return -EPROTO;
-        s->state = ST_OPEN;
+        set_state(s, ST_OPEN);
         s->peer_window = s->tx_credit = h->arg;
-        push_event(l, XSK_EV_OPENED, s, s->id, 0);
+        push_event(l, XSK_EV_OPENED, s, s->id, s->serial, 0);
         ready_update(l, s);
         return 1;
     case XSK_F_CREDIT:
@@ -742,6 +783,8 @@ static int rx_consume(struct xsk_link *l)
         return -EPROTO;
     l->rx_seen_prod = prod;
     while (r->pvt != prod) {
+        if (l->ev_overflow)
+            return -ENOBUFS; /* Python stopped draining: no more frames, no more events */
         if (!l->head.valid) {
             /* Copy the header once; from here on only the copy is used. */
             memcpy(&l->head.hdr, r->data_shr + (r->pvt & r->mask), sizeof(l->head.hdr));
@@ -776,7 +819,9 @@ static int64_t tx_free(struct xsk_link *l)
     struct ring *r = &l->tx;
     uint32_t cons = load_acquire(&r->shr->cons); /* the peer finished reading before this */
     uint32_t used = r->pvt - cons;
-    if (used > r->size)
+    /* Our prod is 16-aligned, so a misaligned cons shows as a misaligned fill: it would have
+     * the peer free part of a frame, and make our free space not a multiple of 16. */
+    if (used > r->size || (used & 15u))
         return -EPROTO;
     return (int64_t)(r->size - used);
 }
@@ -880,6 +925,8 @@ static int tx_data(struct xsk_link *l)
         uint32_t max = (uint32_t)room & ~15u;
         if (max > want)
             max = want;
+        if (max == 0)
+            break; /* a zero-length read would return 0, which must only ever mean EOF */
         struct iovec iov[2];
         int n = payload_iov(r, r->pvt, 0, max, iov);
         struct msghdr mh = { .msg_iov = iov, .msg_iovlen = (size_t)n };
@@ -941,61 +988,72 @@ static int enqueue(struct xsk_link *l, struct cmd *c)
     return 0;
 }
 
+/* The CLOSED event of a stream Python opened that never entered the table. */
+static void open_cmd_closed(struct xsk_link *l, const struct cmd *c, uint32_t reason)
+{
+    struct stream tmp = { .id = c->id, .serial = c->serial };
+    memcpy(tmp.name, c->name, sizeof(tmp.name));
+    push_event(l, XSK_EV_CLOSED, &tmp, c->id, c->serial, (int32_t)reason);
+    close(c->fd);
+}
+
+/* Returns the stream with this id and serial if it is in the table and not yet ended. */
+static struct stream *lookup_serial(struct xsk_link *l, uint32_t id, uint32_t serial)
+{
+    struct stream *s = lookup(l, id);
+    return s && s->serial == serial && s->state != ST_ZOMBIE ? s : NULL;
+}
+
 /* Returns 1 if a stop was requested (and whether to say goodbye in *goodbye). */
 static int run_commands(struct xsk_link *l, int *goodbye)
 {
     pthread_mutex_lock(&l->cmd_lock);
     struct cmd *c = l->cmd_head;
     l->cmd_head = l->cmd_tail = NULL;
+    int stop = l->stop_asked;
     pthread_mutex_unlock(&l->cmd_lock);
-    int stop = 0;
     while (c) {
         struct cmd *next = c->next;
         struct stream *s;
         switch (c->type) {
         case CMD_OPEN:
             if (l->nstreams >= l->max_streams) {
-                struct stream tmp = { .id = c->id };
-                memcpy(tmp.name, c->name, sizeof(tmp.name));
-                push_event(l, XSK_EV_CLOSED, &tmp, c->id, XSK_R_TOO_MANY);
-                close(c->fd);
+                open_cmd_closed(l, c, XSK_R_TOO_MANY);
                 break;
             }
-            s = stream_new(l, c->id, c->fd, c->name);
+            s = stream_new(l, c->id, c->serial, c->fd, c->name, ST_OPENING);
             if (!s) {
-                close(c->fd);
+                open_cmd_closed(l, c, XSK_R_ABORTED);
                 break;
             }
-            s->state = ST_OPENING;
             s->ctl_open = 1;
             ctl_queue(l, s);
             if (stream_watch(l, s) < 0)
                 stream_end(l, s, XSK_R_ABORTED, 1);
             break;
         case CMD_ACCEPT:
-            s = lookup(l, c->id);
+            s = lookup_serial(l, c->id, c->serial);
             if (!s || s->state != ST_ACCEPTING) {
                 /* The peer reset it while Python connected the service (which may take a
-                 * while): close the socket and say so, so that the channel leaves the table. */
+                 * while): its CLOSED event is already queued, so only the socket is left. */
                 close(c->fd);
-                push_event(l, XSK_EV_CLOSED, NULL, c->id, XSK_R_ABORTED);
                 break;
             }
             s->fd = c->fd;
-            s->state = ST_OPEN;
+            set_state(s, ST_OPEN);
             s->ctl_accept = 1;
             ctl_queue(l, s);
             if (stream_watch(l, s) < 0)
                 stream_end(l, s, XSK_R_NO_SERVICE, 1);
             break;
         case CMD_REJECT:
-            s = lookup(l, c->id);
+            s = lookup_serial(l, c->id, c->serial);
             if (s && s->state == ST_ACCEPTING)
                 stream_end(l, s, c->arg, 1);
             break;
         case CMD_CLOSE:
-            s = lookup(l, c->id);
-            if (s && s->state != ST_ZOMBIE)
+            s = lookup_serial(l, c->id, c->serial);
+            if (s)
                 stream_end(l, s, XSK_R_CLOSED, 1);
             break;
         case CMD_STOP:
@@ -1057,8 +1115,10 @@ static void close_all(struct xsk_link *l, uint32_t reason)
     for (uint32_t i = 0; i <= l->table_mask; i++) {
         struct stream *s;
         while ((s = l->table[i]) != NULL) {
-            if (s->fd >= 0 || s->state == ST_OPENING)
-                push_event(l, XSK_EV_CLOSED, s, s->id, (int32_t)reason);
+            if (s->state != ST_ZOMBIE) { /* zombies had their CLOSED */
+                set_state(s, ST_ZOMBIE);
+                push_event(l, XSK_EV_CLOSED, s, s->id, s->serial, (int32_t)reason);
+            }
             close_fd(l, s);
             s->on_ctl = 0;
             stream_free(l, s);
@@ -1081,7 +1141,7 @@ static void *pump(void *arg)
         uint8_t pl = load_acquire(peer_live(l));
         if (pl == 1 && !l->peer_up) {
             l->peer_up = 1;
-            push_event(l, XSK_EV_PEER_UP, NULL, 0, 0);
+            push_event(l, XSK_EV_PEER_UP, NULL, 0, 0, 0);
         } else if (pl != 1 && l->peer_up) {
             /* The peer left (its unmap notification cleared its live byte): deliver what it
              * wrote before going, and tell a goodbye from a crash. */
@@ -1137,13 +1197,15 @@ static void *pump(void *arg)
     pthread_mutex_unlock(&l->cmd_lock);
     while (c) { /* fds handed over after the end: close them */
         struct cmd *next = c->next;
-        if (c->type == CMD_OPEN || c->type == CMD_ACCEPT)
-            close(c->fd);
+        if (c->type == CMD_OPEN)
+            open_cmd_closed(l, c, XSK_R_LINK_DOWN); /* Python holds its id and serial */
+        else if (c->type == CMD_ACCEPT)
+            close(c->fd); /* close_all reported the stream */
         free(c);
         c = next;
     }
     if (err)
-        push_event(l, XSK_EV_LINK_DOWN, NULL, 0, err);
+        push_event(l, XSK_EV_LINK_DOWN, NULL, 0, 0, err);
     return NULL;
 }
 
@@ -1152,7 +1214,8 @@ static void *pump(void *arg)
 /* Returns the number of pages a link with this ring size shares (control page + 2 rings). */
 int xsk_link_pages(uint32_t ring_size)
 {
-    if (ring_size < XSK_PAGE_SIZE || ring_size > (1u << 24) || (ring_size & (ring_size - 1)))
+    if (ring_size < XSK_MIN_RING_SIZE || ring_size > XSK_MAX_RING_SIZE ||
+        (ring_size & (ring_size - 1)))
         return -EINVAL;
     return 1 + 2 * (int)(ring_size / XSK_PAGE_SIZE);
 }
@@ -1161,9 +1224,9 @@ int xsk_link_pages(uint32_t ring_size)
 int xsk_link_new(const struct xsk_link_params *p, struct xsk_link **out)
 {
     if (xsk_link_pages(p->ring_size) < 0 || p->role > 1 || !p->control || !p->ring0 ||
-        !p->ring1 || p->stream_window < 4096 || p->stream_window > MAX_WINDOW ||
+        !p->ring1 || p->stream_window < XSK_MIN_WINDOW || p->stream_window > XSK_MAX_WINDOW ||
         (p->stream_window & (p->stream_window - 1)) || p->max_streams == 0 ||
-        p->max_streams > 65536 ||
+        p->max_streams > XSK_MAX_STREAMS ||
         (p->evtchn_kind != XSK_EVTCHN_EVENTFD && p->evtchn_kind != XSK_EVTCHN_XEN))
         return -EINVAL;
     struct xsk_link *l = calloc(1, sizeof(*l));
@@ -1180,10 +1243,11 @@ int xsk_link_new(const struct xsk_link_params *p, struct xsk_link **out)
     /* Indices start where the shared page says (0 for a fresh link); read once. */
     l->tx.pvt = load_acquire(&l->tx.shr->prod);
     l->rx.pvt = load_acquire(&l->rx.shr->cons);
-    if (l->tx.pvt != 0 || l->rx.pvt != 0) {
+    if (l->tx.pvt != XSK_TEST_INDEX_BASE || l->rx.pvt != XSK_TEST_INDEX_BASE) {
         free(l);
         return -EPROTO; /* our own indices start at 0 on a new link; else stale or forged */
     }
+    l->rx_seen_prod = l->rx.pvt;
     l->role = p->role;
     l->evtchn_kind = p->evtchn_kind;
     l->evtchn_fd = p->evtchn_fd;
@@ -1193,6 +1257,7 @@ int xsk_link_new(const struct xsk_link_params *p, struct xsk_link **out)
     l->max_streams = p->max_streams;
     l->ctl_reserve = p->ring_size / 16 > 256 ? p->ring_size / 16 : 256;
     l->next_id = init ? 1 : 2;
+    l->next_serial = 1;
     l->ready_head.ready_next = l->ready_head.ready_prev = &l->ready_head;
     uint32_t cap = 16;
     while (cap < 2 * (p->max_streams + ORPHAN_RESETS))
@@ -1227,6 +1292,8 @@ int xsk_link_start(struct xsk_link *l)
 {
     if (l->started)
         return -EALREADY;
+    if (l->stopped)
+        return -ESHUTDOWN; /* the shared indices are past their start: no second pump */
     int rc = pthread_create(&l->thread, NULL, pump, l);
     if (rc)
         return -rc;
@@ -1237,11 +1304,13 @@ int xsk_link_start(struct xsk_link *l)
 /* Returns the eventfd that is readable when xsk_link_events has something. */
 int xsk_link_event_fd(struct xsk_link *l) { return l->ev_fd; }
 
-/* Returns 0 and the new stream's id; the link owns fd from now on, even on failure. */
-int xsk_link_open_stream(struct xsk_link *l, int fd, const char *service, uint32_t *id_out)
+/* Returns 0 and the new stream's id and serial; the link owns fd from now on, even on
+ * failure.  A CLOSED event with that serial ends the stream, whatever happens to it. */
+int xsk_link_open_stream(struct xsk_link *l, int fd, const char *service, uint32_t *id_out,
+                         uint32_t *serial_out)
 {
-    size_t nl = service ? strlen(service) : 0;
-    if (nl > XSK_NAME_MAX || !valid_name(service ? service : "", (uint32_t)nl)) {
+    size_t nl = service ? strnlen(service, XSK_NAME_MAX + 1) : 0;
+    if (nl && !xsk_valid_service_name(service, (uint32_t)nl)) {
         close(fd);
         return -EINVAL;
     }
@@ -1253,54 +1322,78 @@ int xsk_link_open_stream(struct xsk_link *l, int fd, const char *service, uint32
     c->type = CMD_OPEN;
     c->fd = fd;
     c->id = __atomic_fetch_add(&l->next_id, 2, __ATOMIC_RELAXED);
+    c->serial = __atomic_fetch_add(&l->next_serial, 1, __ATOMIC_RELAXED);
     if (service)
         memcpy(c->name, service, nl);
     *id_out = c->id;
+    *serial_out = c->serial;
     int rc = enqueue(l, c);
     if (rc < 0)
         close(fd);
     return rc;
 }
 
-/* Returns 0; the link owns fd from now on (closes it if the peer reset the stream). */
-int xsk_link_accept_stream(struct xsk_link *l, uint32_t id, int fd)
+/* Returns 1 if the stream (id, serial) is in the table, not ended, and (if want_state) in
+ * that state.  Lets a command on a stream that is gone fail at once instead of in the pump;
+ * a stream that ends after this check is reported by its CLOSED event all the same. */
+static int stream_present(struct xsk_link *l, uint32_t id, uint32_t serial, uint32_t want_state)
 {
-    struct cmd *c = calloc(1, sizeof(*c));
-    if (!c) {
-        close(fd);
-        return -ENOMEM;
+    pthread_mutex_lock(&l->table_lock); /* the pump inserts and frees under it */
+    struct stream *s = lookup(l, id);
+    int ok = s && s->serial == serial;
+    if (ok) {
+        uint32_t st = relaxed_load(&s->state);
+        ok = st != ST_ZOMBIE && (!want_state || st == want_state);
     }
-    c->type = CMD_ACCEPT;
-    c->id = id;
-    c->fd = fd;
-    int rc = enqueue(l, c);
-    if (rc < 0)
-        close(fd);
-    return rc;
+    pthread_mutex_unlock(&l->table_lock);
+    return ok;
 }
 
-static int simple_cmd(struct xsk_link *l, enum cmd_type t, uint32_t id, uint32_t arg)
+static int stream_cmd(struct xsk_link *l, enum cmd_type t, uint32_t id, uint32_t serial,
+                      uint32_t arg, int fd)
 {
-    struct cmd *c = calloc(1, sizeof(*c));
-    if (!c)
-        return -ENOMEM;
+    struct cmd *c = NULL;
+    int rc = 0;
+    if (!stream_present(l, id, serial, t == CMD_CLOSE ? 0 : ST_ACCEPTING))
+        rc = -ENOENT;
+    else if (!(c = calloc(1, sizeof(*c))))
+        rc = -ENOMEM;
+    if (rc < 0) {
+        if (fd >= 0)
+            close(fd);
+        return rc;
+    }
     c->type = t;
     c->id = id;
+    c->serial = serial;
     c->arg = arg;
-    c->fd = -1;
-    return enqueue(l, c);
+    c->fd = fd;
+    rc = enqueue(l, c); /* frees c on failure */
+    if (rc < 0 && fd >= 0)
+        close(fd);
+    return rc;
 }
 
-/* Returns 0; the peer's stream request is answered with RESET(reason). */
-int xsk_link_reject_stream(struct xsk_link *l, uint32_t id, uint32_t reason)
+/* Returns 0, -ENOENT if the stream (id, serial) is gone or no longer waits for an answer
+ * (its CLOSED event is queued or on its way), or -ESHUTDOWN once the pump has ended.  The
+ * link owns fd from now on and closes it in every case but 0. */
+int xsk_link_accept_stream(struct xsk_link *l, uint32_t id, uint32_t serial, int fd)
 {
-    return simple_cmd(l, CMD_REJECT, id, reason);
+    return stream_cmd(l, CMD_ACCEPT, id, serial, 0, fd);
 }
 
-/* Returns 0; the stream is aborted on both sides (a CLOSED event follows). */
-int xsk_link_close_stream(struct xsk_link *l, uint32_t id)
+/* Returns 0 (the peer's request is answered with RESET(reason), CLOSED follows), -ENOENT
+ * or -ESHUTDOWN as xsk_link_accept_stream. */
+int xsk_link_reject_stream(struct xsk_link *l, uint32_t id, uint32_t serial, uint32_t reason)
 {
-    return simple_cmd(l, CMD_CLOSE, id, 0);
+    return stream_cmd(l, CMD_REJECT, id, serial, reason, -1);
+}
+
+/* Returns 0 (the stream is aborted on both sides, CLOSED follows), -ENOENT or -ESHUTDOWN as
+ * xsk_link_accept_stream. */
+int xsk_link_close_stream(struct xsk_link *l, uint32_t id, uint32_t serial)
+{
+    return stream_cmd(l, CMD_CLOSE, id, serial, 0, -1);
 }
 
 /* Returns the number of events copied into out (at most max), without blocking. */
@@ -1350,6 +1443,7 @@ int xsk_link_streams(struct xsk_link *l, struct xsk_stream_info *out, int max)
         if (!s)
             continue;
         out[n].id = s->id;
+        out[n].serial = s->serial;
         out[n].state = relaxed_load(&s->state);
         out[n].bytes_in = relaxed_load(&s->bytes_in);
         out[n].bytes_out = relaxed_load(&s->bytes_out);
@@ -1398,8 +1492,20 @@ int xsk_link_stop(struct xsk_link *l, int goodbye)
 {
     if (!l->started)
         return 0;
-    int rc = simple_cmd(l, CMD_STOP, 0, (uint32_t)goodbye);
-    (void)rc; /* -ESHUTDOWN: the pump already ended by itself */
+    struct cmd *c = calloc(1, sizeof(*c));
+    if (c) {
+        c->type = CMD_STOP;
+        c->fd = -1;
+        c->arg = (uint32_t)goodbye;
+        (void)enqueue(l, c); /* -ESHUTDOWN: the pump already ended by itself */
+    } else {
+        pthread_mutex_lock(&l->cmd_lock); /* no memory for the command: stop all the same */
+        l->stop_asked = 1;
+        pthread_mutex_unlock(&l->cmd_lock);
+        uint64_t one = 1;
+        ssize_t r = write(l->cmd_fd, &one, sizeof(one));
+        (void)r;
+    }
     pthread_join(l->thread, NULL);
     l->started = 0;
     return 0;

@@ -28,7 +28,14 @@
 /* CDEF BEGIN */
 #define XSK_PAGE_SIZE 4096
 #define XSK_FRAME_HDR 16
-#define XSK_NAME_MAX 64
+#define XSK_NAME_MAX 64            /* service name bytes, [A-Za-z0-9_.-] */
+
+/* Limits of a link: the one source of truth, exported by ring.py (MIN_RING_SIZE, ...). */
+#define XSK_MIN_RING_SIZE 4096     /* ring bytes per direction, a power of two */
+#define XSK_MAX_RING_SIZE 4194304  /* 4 MiB */
+#define XSK_MIN_WINDOW 4096        /* per-stream window, a power of two */
+#define XSK_MAX_WINDOW 16777216    /* 16 MiB */
+#define XSK_MAX_STREAMS 65536
 #define XSK_OFF_LIVE 0
 #define XSK_OFF_RING0 64
 #define XSK_OFF_RING1 192
@@ -55,7 +62,9 @@
 #define XSK_EV_PEER_UP 1       /* the peer attached (saw its live byte) */
 #define XSK_EV_OPEN_REQUEST 2  /* stream: new id opened by the peer; name: service */
 #define XSK_EV_OPENED 3        /* a stream we opened was accepted */
-#define XSK_EV_CLOSED 4        /* arg: reason (XSK_R_*); fd closed; bytes final */
+#define XSK_EV_CLOSED 4        /* arg: reason (XSK_R_*); fd closed; bytes final.  Exactly one
+                                  for every stream reported by OPEN_REQUEST or opened by
+                                  xsk_link_open_stream, whatever ends it; none for others */
 #define XSK_EV_LINK_DOWN 5     /* arg: -errno (-EPROTO peer broke the protocol, -ECONNRESET peer
                                   died, -ESHUTDOWN peer said goodbye); the pump has stopped */
 
@@ -69,7 +78,7 @@ struct xsk_link_params {
     void *control;          /* the control page */
     void *ring0;            /* initiator -> acceptor data, ring_size bytes */
     void *ring1;            /* acceptor -> initiator data, ring_size bytes */
-    uint32_t ring_size;     /* power of two, 4096 .. 2^24 */
+    uint32_t ring_size;     /* power of two, XSK_MIN_RING_SIZE .. XSK_MAX_RING_SIZE */
     uint32_t role;          /* XSK_ROLE_* */
     uint32_t evtchn_kind;   /* XSK_EVTCHN_* */
     int evtchn_fd;          /* pollable; see backend.EventChannel */
@@ -83,7 +92,8 @@ struct xsk_event {
     uint32_t type;
     uint32_t stream;
     int32_t arg;
-    uint32_t pad;
+    uint32_t serial;        /* the stream's serial (0 for link events): ids are reused by the
+                               peer, serials never (per link) */
     uint64_t bytes_in;      /* received from the peer and delivered to the application */
     uint64_t bytes_out;     /* read from the application and sent to the peer */
     char name[65];
@@ -107,6 +117,7 @@ struct xsk_stream_info {
     uint64_t bytes_out;
     uint32_t tx_credit;
     uint32_t rx_buffered;
+    uint32_t serial;
 };
 
 /* Bytes a link still holds, for a daemon that stops only once in-flight data has drained. */
@@ -124,13 +135,15 @@ struct xsk_link_held {
 struct xsk_link;
 
 int xsk_link_pages(uint32_t ring_size);
+int xsk_valid_service_name(const char *name, uint32_t len);
 int xsk_link_new(const struct xsk_link_params *p, struct xsk_link **out);
 int xsk_link_start(struct xsk_link *l);
 int xsk_link_event_fd(struct xsk_link *l);
-int xsk_link_open_stream(struct xsk_link *l, int fd, const char *service, uint32_t *id_out);
-int xsk_link_accept_stream(struct xsk_link *l, uint32_t id, int fd);
-int xsk_link_reject_stream(struct xsk_link *l, uint32_t id, uint32_t reason);
-int xsk_link_close_stream(struct xsk_link *l, uint32_t id);
+int xsk_link_open_stream(struct xsk_link *l, int fd, const char *service, uint32_t *id_out,
+                         uint32_t *serial_out);
+int xsk_link_accept_stream(struct xsk_link *l, uint32_t id, uint32_t serial, int fd);
+int xsk_link_reject_stream(struct xsk_link *l, uint32_t id, uint32_t serial, uint32_t reason);
+int xsk_link_close_stream(struct xsk_link *l, uint32_t id, uint32_t serial);
 int xsk_link_events(struct xsk_link *l, struct xsk_event *out, int max);
 int xsk_link_stats(struct xsk_link *l, struct xsk_link_stats *out);
 int xsk_link_streams(struct xsk_link *l, struct xsk_stream_info *out, int max);

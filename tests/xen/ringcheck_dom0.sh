@@ -14,12 +14,12 @@ a = RingLink(control=ctl, rings=rings, ring_size=262144, role=Role.INITIATOR, ev
 b = RingLink(control=ctl, rings=rings, ring_size=262144, role=Role.ACCEPTOR, evtchn=Ch(e[1], e[0]), window=262144, max_streams=8)
 a.start(); b.start()
 app, ae = socket.socketpair(); svc, be = socket.socketpair()
-sid = a.open_stream(ae, "x")
+sid, _ = a.open_stream(ae, "x")
 while True:
     select.select([b.fileno()], [], [], 10)
     evs = [x for x in b.events() if x.type == EventType.OPEN_REQUEST]
     if evs: break
-b.accept_stream(sid, be)
+b.accept_stream(sid, evs[0].serial, be)
 data = os.urandom(16 << 20)
 def w():
     app.sendall(data); app.shutdown(socket.SHUT_WR)

@@ -89,7 +89,7 @@ def test_a_half_closed_stream_keeps_flowing_the_other_way(proof):
 
 
 def test_xenstore_permissions_hold_on_xens_own_xenstored(proof):
-    expect(proof, "xs-permissions", "xs-squat-removed", "xs-request-dir-heals")
+    expect(proof, "xs-permissions", "xs-no-squat", "xs-request-dir-kept")
 
 
 def test_backend_errors_name_the_fix(proof):

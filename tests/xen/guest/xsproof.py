@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 
 from xsockd.demo import stream_through
 from xsockd.errors import XenStoreError
-from xsockd.link import offer_path, request_dir
+from xsockd.rendezvous import offer_path, request_dir
 from xsockd.xenstore_client import XenStoreClient
 
 MiB = 1 << 20
@@ -350,6 +350,11 @@ def xs_errno(fn: Callable[[], object]) -> int:
         return e.errno or errno.EIO
 
 
+def xs_exists(xs: XenStoreClient, path: str) -> bool:
+    """Returns True if ``path`` exists (dom0 may read everything)."""
+    return xs_errno(lambda: xs.read(path)) == 0
+
+
 # ---- the domU's agent --------------------------------------------------------------------------
 
 class Agent:
@@ -440,8 +445,9 @@ class Agent:
             return {"ok": False, "error": repr(e)}
         took = time.monotonic() - start
         log = tail("/tmp/xsockd.log", 40)
-        return {"ok": got == b"" and "refused" in log, "seconds": took,
-                "log": re.findall(r"domain 0 refused[^|]*", log)[:1]}
+        return {"ok": got == b"" and "domain 0 has no link request node for us" in log,
+                "seconds": took, "log": re.findall(r"domain 0 has no link request node[^|]*",
+                                                   log)[:1]}
 
     def op_echo(self, path: str, total: int) -> dict[str, object]:
         ok, took = echo(path, total)
@@ -463,9 +469,11 @@ class Agent:
         }
 
     def op_rm_request_dir(self) -> dict[str, object]:
-        # The permission to ask for a link lets us remove the whole directory; dom0 must
-        # recreate it (restart-works then links from our side through it).
-        return {"ok": True, "errno": xs_errno(lambda: self.xs.rm(request_dir(0)))}
+        # Protocol v2: dom0's request directory is dom0's alone; the node dom0 made for us we
+        # may write, and remove (xenstored lets a writer remove), and dom0 makes it again
+        # (restart-works then links from our side through it).
+        return {"ok": True, "dir": xs_errno(lambda: self.xs.rm(request_dir(0))),
+                "own": xs_errno(lambda: self.xs.rm(f"{request_dir(0)}/{self.domid}"))}
 
     def op_vchan_servers(self) -> dict[str, object]:
         for name in ("echo", "sink", "source"):
@@ -566,9 +574,10 @@ class Driver:
         if not self.check("domu-xsockd", bool(r.get("ok")), str(r)):
             return
         r = self.call("dial-refused")
-        self.check("refused-unconfigured", bool(r.get("ok")) and self.log_has(
-            rf"refused link from domain {self.domu}: not in \[daemon\] peers"),
-            f"the domU's stream ended in {r.get('seconds', 0):.2f} s: {r.get('log') or r}")
+        self.check("refused-unconfigured", bool(r.get("ok")) and not xs_exists(
+            self.xs, f"{request_dir(0)}/{self.domu}"),
+            f"dom0 made no request node for the domU, whose stream ended in "
+            f"{r.get('seconds', 0):.2f} s: {r.get('log') or r}")
         self.check("refused-released", self.wait_released(baseline) == baseline,
                    str(self.held()))
         # 2. Reload with the domU as a peer.
@@ -617,14 +626,14 @@ class Driver:
                    and r.get("list_requests") == acc and r.get("other_offer") in (acc,
                                                                                    errno.ENOENT),
                    f"domU may read its offer but not change it, nor list ours: {r}")
-        self.check("xs-squat-removed", r.get("squat") == 0 and self.log_has(
-            rf"request/77 was created by domain {self.domu}, not 77"), "a request the domU "
-            "made in another domain's name is ignored and removed")
+        self.check("xs-no-squat", r.get("squat") == acc, "the domU may not create a request "
+                   f"node in another domain's name: errno {r.get('squat')}")
         r = self.call("rm-request-dir")
-        self.check("xs-request-dir-heals", r.get("errno") == errno.EACCES or (
-            r.get("errno") == 0 and self.log_has("was removed by another domain: recreated")),
-                   f"the domU removing dom0's request directory: errno {r.get('errno')}; "
-                   "dom0 recreates it")
+        self.check("xs-request-dir-kept", r.get("dir") == acc and r.get("own") == 0
+                   and self.log_has("was removed \\(only it or dom0 may\\): recreated")
+                   and xs_exists(self.xs, f"{request_dir(0)}/{self.domu}"),
+                   f"the domU may not remove dom0's request directory (errno {r.get('dir')}); "
+                   f"it may remove its own node (errno {r.get('own')}), and dom0 makes it again")
         r = self.call("errors")
         self.check("clear-errors", "xen_gntalloc" in str(r.get("grant_limit")) and
                    "domain 7777 does not exist" in str(r.get("no_domain")), str(r))

@@ -1,0 +1,88 @@
+"""Admission: pure decisions on what a peer may have (links, streams, services, rates).
+
+Nothing here does I/O or keeps a table of links; the manager asks, passing what it knows, and
+acts on the answer.  Clocks are passed in, so that every decision is testable without time
+passing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from xsockd.config import Config, ServiceConfig
+from xsockd.ring import Reason, link_pages
+
+__all__ = ["OpenBudget", "Refusal", "admit_link", "admit_stream", "grant_budget"]
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why something was refused: ``reason`` goes on the wire (RESET), ``why`` to the log."""
+
+    reason: Reason
+    why: str
+
+
+class OpenBudget:
+    """What one link's peer may ask of us per unit of time: opens per second, connects at once.
+
+    A token bucket of ``rate`` opens per second holding at most one second's worth, and a cap
+    on local connects in progress (a service whose backlog is full makes them wait).  Past
+    either, a peer's OPEN is answered RESET 3 (too many) at once, costing us no connect.
+    """
+
+    def __init__(self, rate: int, max_connecting: int, now: float) -> None:
+        self.rate = rate
+        self.max_connecting = max_connecting
+        self._tokens = float(rate)
+        self._at = now
+        self.connecting = 0
+
+    def take(self, now: float) -> Refusal | None:
+        """Returns None if one more open may start now (and counts it), else the refusal."""
+        self._tokens = min(float(self.rate), self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self.connecting >= self.max_connecting:
+            return Refusal(Reason.TOO_MANY, f"{self.connecting} connects to local services "
+                                            "already in progress")
+        if self._tokens < 1.0:
+            return Refusal(Reason.TOO_MANY, f"more than {self.rate} stream opens a second")
+        self._tokens -= 1.0
+        return None
+
+
+def admit_link(config: Config, domid: int, peer: int, stopping: bool) -> Refusal | None:
+    """Returns None if ``peer`` may have a link with us, else why not."""
+    if stopping:
+        return Refusal(Reason.REFUSED, "we are stopping")
+    if peer == domid or peer not in config.daemon.peers:
+        return Refusal(Reason.REFUSED, "not in [daemon] peers")
+    return None
+
+
+def admit_stream(config: Config, peer: int, name: str, stopping: bool
+                 ) -> ServiceConfig | Refusal:
+    """Returns the service ``peer``'s new stream asking for ``name`` goes to, or the refusal."""
+    if stopping:
+        return Refusal(Reason.REFUSED, "we are stopping")
+    if peer not in config.daemon.peers:
+        return Refusal(Reason.REFUSED, "no longer in [daemon] peers")
+    service = config.service_for(peer, name or None)
+    if service is None:
+        if not (name or config.daemon.default_service):
+            return Refusal(Reason.REFUSED, "we have no default service: set [daemon] "
+                                           "default_service")
+        if (name or config.daemon.default_service) not in config.services:
+            return Refusal(Reason.REFUSED, f"no service {name or config.daemon.default_service!r}"
+                                           f": add [services.{name or 'NAME'}]")
+        return Refusal(Reason.REFUSED, "not in that service's allow list")
+    return service
+
+
+def grant_budget(config: Config, granted: int) -> str | None:
+    """Returns None if one more link we initiate fits the grant budget, else what to change."""
+    need = link_pages(config.link.ring_size)
+    if granted + need > config.link.grant_pages:
+        return (f"grant budget exhausted: {granted} of {config.link.grant_pages} pages in use, "
+                f"a link needs {need}; raise [link] grant_pages or lower ring_size")
+    return None

@@ -1,0 +1,341 @@
+"""The XenStore side of the link protocol (version 2), for both roles.
+
+For a link that domain A initiates to domain B (see docs/PROTOCOL.md):
+
+  /local/domain/A/data/xsock/link/B/        owner A, B may read: the offer
+      version, generation, ring-size, control-ref, event-channel, ring-refs/<k>
+  /local/domain/B/data/xsock/request        owner B, nobody else may do anything with it
+  /local/domain/B/data/xsock/request/A      created by B for each configured peer A, only A
+      and B may access: "" (idle), "offer <generation>" (A), then "accepted <generation>" or
+      "refused <why>" (B)
+
+Because B creates the request nodes itself, no third domain can squat, remove or flood them,
+and B's work per watch event is bounded by its peer count.  Everything read from XenStore
+about a peer goes through ``parse_offer`` or ``parse_request``: read once, checked, bounded.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from xsockd.backend import XenStore, XenStorePerm
+from xsockd.constants import PROTOCOL_VERSION, XS_ROOT
+from xsockd.errors import ProtocolError, RefusedError, XenStoreError
+from xsockd.ring import MAX_RING_SIZE, MIN_RING_SIZE, link_pages
+from xsockd.xenstore_client import transact
+
+__all__ = [
+    "Offer",
+    "RequestBoard",
+    "ask",
+    "domain_path",
+    "offer_path",
+    "parse_offer",
+    "parse_request",
+    "publish_offer",
+    "read_answer",
+    "read_offer",
+    "request_dir",
+    "request_path",
+]
+
+REFS_PER_NODE = 128  # ring refs per XenStore node: keeps values far below the 4 KiB limit
+MAX_INT_DIGITS = 20
+
+
+def domain_path(domid: int) -> str:
+    return f"/local/domain/{domid}"
+
+
+def offer_path(owner: int, peer: int) -> str:
+    """Returns where ``owner`` publishes its offer of a link to ``peer``."""
+    return f"{domain_path(owner)}/{XS_ROOT}/link/{peer}"
+
+
+def request_dir(owner: int) -> str:
+    return f"{domain_path(owner)}/{XS_ROOT}/request"
+
+
+def request_path(acceptor: int, initiator: int) -> str:
+    """Returns the node by which ``initiator`` asks ``acceptor`` to attach its offer."""
+    return f"{request_dir(acceptor)}/{initiator}"
+
+
+def canonical_int(text: str, lo: int, hi: int) -> int | None:
+    """Returns ``text`` as an integer if it is canonical decimal within lo..hi, else None.
+
+    Canonical: digits only, no sign, no leading zero (but "0" itself), so that one value has
+    one spelling and a lookup by the spelling we print finds what we parsed.
+    """
+    if not text.isascii() or not text.isdigit() or len(text) > MAX_INT_DIGITS:
+        return None
+    if len(text) > 1 and text[0] == "0":
+        return None
+    value = int(text)
+    return value if lo <= value <= hi else None
+
+
+def _int(value: bytes, node: str, lo: int, hi: int) -> int:
+    text = value.decode("ascii", "replace")
+    n = canonical_int(text, lo, hi)
+    if n is None:
+        raise ProtocolError(f"{node} is {text[:32]!r}, not a decimal integer in {lo}..{hi}")
+    return n
+
+
+@dataclass(frozen=True)
+class Offer:
+    """A peer's link offer, validated."""
+
+    generation: int
+    ring_size: int
+    control_ref: int
+    ring_refs: tuple[int, ...]
+    port: int
+
+
+class VersionMismatch(ProtocolError):
+    """The offer speaks another protocol version; ``version`` is the one it named."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(f"offer has protocol version {version}, we speak {PROTOCOL_VERSION}")
+        self.version = version
+
+
+def parse_offer(nodes: dict[str, bytes], where: str = "offer") -> Offer:
+    """Returns the Offer described by ``nodes`` (name -> value, as read from XenStore).
+
+    ``ring-refs/<k>`` chunks must be named exactly 0..n-1.  Raises ProtocolError naming the
+    first bad node (``where``/name); nothing in ``nodes`` is trusted.
+    """
+    def get(name: str) -> bytes:
+        if name not in nodes:
+            raise ProtocolError(f"{where}/{name} is missing")
+        return nodes[name]
+
+    version = _int(get("version"), f"{where}/version", 0, 2**16)
+    if version != PROTOCOL_VERSION:
+        raise VersionMismatch(version)
+    generation = _int(get("generation"), f"{where}/generation", 1, 2**63)
+    ring_size = _int(get("ring-size"), f"{where}/ring-size", MIN_RING_SIZE, MAX_RING_SIZE)
+    if ring_size & (ring_size - 1):
+        raise ProtocolError(f"{where}/ring-size {ring_size} is not a power of two")
+    control_ref = _int(get("control-ref"), f"{where}/control-ref", 1, 2**32 - 1)
+    port = _int(get("event-channel"), f"{where}/event-channel", 1, 2**31 - 1)
+    want = link_pages(ring_size) - 1
+    chunks = -(-want // REFS_PER_NODE)
+    names = sorted(k for k in nodes if k.startswith("ring-refs/"))
+    expected = sorted(f"ring-refs/{k}" for k in range(chunks))
+    if names != expected:
+        shown = ", ".join(n.removeprefix("ring-refs/")[:12] for n in names[:8])
+        raise ProtocolError(f"{where}/ring-refs has chunks [{shown}], want 0..{chunks - 1}")
+    refs: list[int] = []
+    for k in range(chunks):
+        node = f"ring-refs/{k}"
+        words = nodes[node].split(b" ")
+        if len(words) > REFS_PER_NODE:
+            raise ProtocolError(f"{where}/{node} has {len(words)} refs, at most {REFS_PER_NODE}")
+        refs.extend(_int(w, f"{where}/{node}", 1, 2**32 - 1) for w in words)
+    if len(refs) != want:
+        raise ProtocolError(f"{where}/ring-refs has {len(refs)} refs, ring-size {ring_size} "
+                            f"needs {want}")
+    return Offer(generation, ring_size, control_ref, tuple(refs), port)
+
+
+def read_offer(xs: XenStore, owner: int, peer: int) -> Offer:
+    """Returns ``owner``'s offer to ``peer``, read in one transaction and validated."""
+    base = offer_path(owner, peer)
+    max_chunks = -(-(link_pages(MAX_RING_SIZE) - 1) // REFS_PER_NODE)
+
+    def read_all(tx: int) -> dict[str, bytes]:
+        nodes: dict[str, bytes] = {}
+        for name in xs.directory(base, tx)[:16]:
+            if name == "ring-refs":
+                for k in xs.directory(f"{base}/ring-refs", tx)[:max_chunks + 1]:
+                    nodes[f"ring-refs/{k}"] = xs.read(f"{base}/ring-refs/{k}", tx)
+            else:
+                nodes[name] = xs.read(f"{base}/{name}", tx)
+        return nodes
+
+    try:
+        nodes = transact(xs, read_all)
+    except XenStoreError as e:
+        raise ProtocolError(f"cannot read {e.path or base}: {e.strerror}") from e
+    return parse_offer(nodes, base)
+
+
+def publish_offer(xs: XenStore, me: int, peer: int, *, generation: int, ring_size: int,
+                  control_ref: int, port: int, refs: tuple[int, ...]) -> Callable[[], None]:
+    """Publishes our offer to ``peer`` in one transaction; returns what removes it."""
+    base = offer_path(me, peer)
+
+    def publish(tx: int) -> None:
+        xs.write(base, b"", tx)
+        xs.set_perms(base, [XenStorePerm(me, "n"), XenStorePerm(peer, "r")], tx)
+        for name, value in (("version", PROTOCOL_VERSION), ("generation", generation),
+                            ("ring-size", ring_size), ("control-ref", control_ref),
+                            ("event-channel", port)):
+            xs.write(f"{base}/{name}", str(value), tx)
+        for k in range(0, len(refs), REFS_PER_NODE):
+            xs.write(f"{base}/ring-refs/{k // REFS_PER_NODE}",
+                     " ".join(map(str, refs[k:k + REFS_PER_NODE])), tx)
+
+    remove = quiet_rm(xs, base)
+    try:
+        transact(xs, publish)
+    except BaseException:
+        remove()
+        raise
+    return remove
+
+
+def ask(xs: XenStore, me: int, peer: int, generation: int) -> None:
+    """Asks ``peer`` to attach our offer ``generation``: writes our request node there.
+
+    The node must exist: the acceptor creates one for each domain it accepts links from.
+    Raises RefusedError saying why when it does not.
+    """
+    node = request_path(peer, me)
+
+    def write(tx: int) -> None:
+        xs.read(node, tx)  # ENOENT or EACCES: there is no node for us; we may not create one
+        xs.write(node, f"offer {generation}", tx)
+
+    try:
+        transact(xs, write)
+    except XenStoreError as e:
+        if e.errno in (errno.EACCES, errno.ENOENT, errno.EPERM):
+            raise RefusedError(
+                f"domain {peer} has no link request node for us ({node}): it does not list "
+                f"domain {me} in [daemon] peers, runs no xsockd, or runs one older than "
+                f"protocol version {PROTOCOL_VERSION}") from e
+        raise
+
+
+def parse_request(value: bytes) -> int | None:
+    """Returns the generation of an "offer <generation>" request value, else None.
+
+    Anything else (idle "", our own answer, junk the requester wrote) asks nothing of us.
+    """
+    words = value.split(b" ")
+    if len(words) != 2 or words[0] != b"offer":
+        return None
+    return canonical_int(words[1].decode("ascii", "replace"), 1, 2**63)
+
+
+def read_answer(xs: XenStore, acceptor: int, me: int) -> tuple[str, str] | None:
+    """Returns ("accepted"|"refused", rest) from our request node at ``acceptor``, or None."""
+    try:
+        value = xs.read(request_path(acceptor, me))
+    except XenStoreError:
+        return None
+    word, _, rest = value[:512].decode("ascii", "replace").partition(" ")
+    return (word, rest) if word in ("accepted", "refused") else None
+
+
+def quiet_rm(xs: XenStore, path: str) -> Callable[[], None]:
+    """Returns a callable that removes ``path``, ignoring that it is gone or not ours."""
+    def rm() -> None:
+        try:
+            xs.rm(path)
+        except XenStoreError as e:
+            if e.errno not in (errno.ENOENT, errno.EACCES):
+                raise
+    return rm
+
+
+class RequestBoard:
+    """The acceptor's request directory: one node per configured peer, made by us.
+
+    ``sync(peers)`` makes the set of nodes match ``peers`` (at start and on reload);
+    ``restore(peer)`` recreates one that was removed (only its peer or dom0 can).  A node's
+    value survives our restart: a peer may have asked while we were away.
+    """
+
+    def __init__(self, xs: XenStore, domid: int) -> None:
+        self.xs = xs
+        self.domid = domid
+        self.path = request_dir(domid)
+        self._peers: frozenset[int] = frozenset()
+
+    def sync(self, peers: Iterable[int]) -> None:
+        self._peers = frozenset(peers)
+        me = self.domid
+
+        def make(tx: int) -> None:
+            self.xs.write(self.path, b"", tx)
+            self.xs.set_perms(self.path, [XenStorePerm(me, "n")], tx)
+            have = set(self.xs.directory(self.path, tx))
+            for name in have - {str(p) for p in self._peers}:
+                self.xs.rm(f"{self.path}/{name}", tx)  # a removed peer, or an old version's
+            for peer in self._peers:
+                self._make_node(peer, tx, exists=str(peer) in have)
+
+        transact(self.xs, make)
+
+    def _make_node(self, peer: int, tx: int, exists: bool) -> None:
+        node = request_path(self.domid, peer)
+        if not exists:
+            self.xs.write(node, b"", tx)
+        self.xs.set_perms(node, [XenStorePerm(self.domid, "n"), XenStorePerm(peer, "b")], tx)
+
+    def restore(self, peer: int) -> bool:
+        """Recreates ``peer``'s node if it is configured and missing; returns True if it did."""
+        if peer not in self._peers:
+            return False
+
+        def make(tx: int) -> bool:
+            try:
+                self.xs.read(request_path(self.domid, peer), tx)
+                return False
+            except XenStoreError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+            self._make_node(peer, tx, exists=False)
+            return True
+
+        return transact(self.xs, make)
+
+    @property
+    def peers(self) -> frozenset[int]:
+        return self._peers
+
+    def peer_of(self, path: str) -> int | None:
+        """Returns the configured peer whose node ``path`` is, None for anything else."""
+        name = path.removeprefix(self.path + "/")
+        if name == path or "/" in name:
+            return None
+        peer = canonical_int(name, 0, 2**16)
+        return peer if peer in self._peers else None
+
+    def read(self, peer: int) -> bytes | None:
+        """Returns ``peer``'s node value, None if it is missing."""
+        try:
+            return self.xs.read(request_path(self.domid, peer))[:512]
+        except XenStoreError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            raise
+
+    def answer(self, peer: int, text: str) -> None:
+        self.xs.write(request_path(self.domid, peer), text)
+
+    def reset(self, peer: int, generation: int) -> None:
+        """Makes ``peer``'s node idle again if it still holds that generation's exchange.
+
+        A newer offer the peer wrote meanwhile stays for us to read.
+        """
+        node = request_path(self.domid, peer)
+        ours = {f"offer {generation}".encode(), f"accepted {generation}".encode()}
+
+        def reset(tx: int) -> None:
+            if self.xs.read(node, tx) in ours:
+                self.xs.write(node, b"", tx)
+
+        try:
+            transact(self.xs, reset)
+        except XenStoreError as e:
+            if e.errno != errno.ENOENT:
+                raise

@@ -350,6 +350,14 @@ def xs_errno(fn: Callable[[], object]) -> int:
         return e.errno or errno.EIO
 
 
+def xs_value(xs: XenStoreClient, path: str) -> bytes:
+    """Returns the value of ``path``, b"" if it is empty or missing."""
+    try:
+        return xs.read(path)
+    except XenStoreError:
+        return b""
+
+
 def xs_exists(xs: XenStoreClient, path: str) -> bool:
     """Returns True if ``path`` exists (dom0 may read everything)."""
     return xs_errno(lambda: xs.read(path)) == 0
@@ -539,8 +547,10 @@ class Driver:
         if self.xsockd is not None and self.xsockd.poll() is None:
             with open(f"/proc/{self.xsockd.pid}/maps") as f:
                 maps = sum(1 for ln in f if "/dev/xen/gnt" in ln)
-        nodes = sum(1 for p in (offer_path(0, self.domu), f"{request_dir(0)}/{self.domu}")
-                    if not xs_errno(lambda p=p: self.xs.read(p)))
+        # dom0's offer, and its request node for the domU while it holds a link's exchange
+        # (protocol v2: the node itself stays, idle and empty, while the domU is a peer).
+        nodes = (int(xs_exists(self.xs, offer_path(0, self.domu)))
+                 + int(xs_value(self.xs, f"{request_dir(0)}/{self.domu}") != b""))
         return {"ports": ports, "gnt_mappings": maps, "xs_nodes": nodes}
 
     def wait_released(self, baseline: dict[str, int], timeout: float = 10) -> dict[str, int]:

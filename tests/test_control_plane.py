@@ -24,7 +24,7 @@ from simworld import EchoService
 from xsockd.backend import XenStorePerm
 from xsockd.backend_sim import SimBackend
 from xsockd.config import parse_config
-from xsockd.errors import XenStoreError
+from xsockd.errors import XenStoreError, XsockError
 from xsockd.manager import LINK_SETUP_TIMEOUT, Manager
 from xsockd.rendezvous import offer_path, request_dir, request_path
 from xsockd.sim.host import SimHost
@@ -214,7 +214,7 @@ def test_a_version_1_offer_gets_a_refusal_naming_both_versions(plane: Plane, cap
         xs1.write(request_path(2, 1), b"offer 7")
         plane.loop.run_until(lambda: xs1.read(request_path(2, 1)).startswith(b"refused"),
                              what="the answer")
-        assert xs1.read(request_path(2, 1)) == b"refused version 1; we speak 2"
+        assert xs1.read(request_path(2, 1)) == b"refused 7 version 1; we speak 2"
     assert "it speaks link protocol version 1, we speak 2" in caplog.text
 
 
@@ -233,7 +233,7 @@ def test_a_malformed_offer_is_refused_naming_the_node(plane: Plane, caplog, refs
         xs1.write(request_path(2, 1), b"offer 7")
         plane.loop.run_until(lambda: xs1.read(request_path(2, 1)).startswith(b"refused"),
                              what="the answer")
-        assert xs1.read(request_path(2, 1)) == b"refused malformed-offer"
+        assert xs1.read(request_path(2, 1)) == b"refused 7 malformed-offer"
     assert why in caplog.text
     assert f"{offer_path(1, 2)}/" in caplog.text
     assert plane.managers[2].counters["handler_failures"] == 0
@@ -252,3 +252,90 @@ def test_a_flood_of_request_writes_costs_a_bounded_amount_of_work(plane: Plane, 
     assert len(warnings) <= 12, [r.getMessage() for r in warnings]
     assert all("\n" not in r.getMessage() for r in caplog.records)
     assert plane.echo_ok(1, 2)
+
+
+def test_a_peer_writing_its_node_in_a_loop_cannot_stop_a_start_or_a_reload(plane: Plane):
+    """Regression (review): the request nodes were made in one transaction, which a peer
+    writing its own node in a loop made fail every time: the daemon could not start."""
+    stop = threading.Event()
+
+    def hammer() -> None:
+        with plane.host.xenstore(1) as xs1:
+            while not stop.is_set():
+                xs1.write(request_path(2, 1), b"junk")
+
+    t = threading.Thread(target=hammer)
+    t.start()
+    try:
+        m2 = plane.managers[2]
+        for _ in range(20):
+            m2.reload(m2.config)
+        plane.retire(3)
+        text = (f'[daemon]\nrundir = "{plane.work}/run3"\npeers = [1]\n'
+                f'sim_dir = "{plane.work}/sim"\nbackend = "sim"\n')
+        m3 = Manager(parse_config(text), SimBackend(3, plane.work / "sim"), plane.loop)
+        m3.start()
+        plane.managers[3] = m3
+    finally:
+        stop.set()
+        t.join()
+
+
+def test_nodes_an_older_version_let_others_make_are_cleared(plane: Plane):
+    with plane.host.xenstore(0) as xs0:  # a v1 squat: a node owned by domain 3, private
+        xs0.write(f"{request_dir(2)}/1/x", b"offer 1")
+        xs0.write(f"{request_dir(2)}/9", b"offer 1")
+        xs0.set_perms(f"{request_dir(2)}/9", [XenStorePerm(9, "n")])
+        m2 = plane.managers[2]
+        m2.reload(m2.config)
+        assert xs0.directory(request_dir(2)) == ["1"]
+        assert [str(p) for p in xs0.get_perms(request_path(2, 1))] == ["n2", "b1"]
+    assert plane.echo_ok(1, 2)
+
+
+def test_a_reload_that_cannot_listen_keeps_the_old_configuration(plane: Plane):
+    """Regression (review): an OSError from a new listener escaped the reload and ended the
+    daemon, after the configuration had already been switched."""
+    m1 = plane.managers[1]
+    old = m1.config
+    blocker = plane.work / "run1" / "4.sock"
+    blocker.write_text("not a socket")
+    new = parse_config(f'[daemon]\nrundir = "{plane.work}/run1"\npeers = [2, 3, 4]\n'
+                       f'sim_dir = "{plane.work}/sim"\nbackend = "sim"\n')
+    with pytest.raises(XsockError, match=r"cannot listen on .*4\.sock"):
+        m1.reload(new)
+    assert m1.config is old
+    blocker.unlink()
+    assert "peer 4 added" in m1.reload(new)
+    assert (plane.work / "run1" / "4.sock").exists()
+    assert plane.echo_ok(1, 2)
+
+
+def test_link_offers_past_their_budget_are_refused_busy(plane: Plane, caplog):
+    plane.retire(1)
+    with plane.host.xenstore(1) as xs1:
+        answers = []
+        for gen in range(1, 11):
+            xs1.write(request_path(2, 1), f"offer {gen}".encode())
+            plane.loop.run_until(lambda g=gen: xs1.read(request_path(2, 1)).startswith(
+                f"refused {g} ".encode()), what=f"the answer to offer {gen}")
+            answers.append(xs1.read(request_path(2, 1)).decode())
+    assert answers[:5] == [f"refused {g} malformed-offer" for g in range(1, 6)]
+    assert answers[5:] == [f"refused {g} busy" for g in range(6, 11)]
+    assert "more than 5 link offers" in caplog.text
+
+
+@pytest.mark.parametrize(("argv", "daemon"), [
+    (["bash", "-c", "exec -a xsockd sleep 30"], True),
+    (["bash", "-c", "exec -a journalctl sleep 30 -u xsockd", "x"], False),
+    ([sys.executable, "-c", "import time; time.sleep(30)", "xsockd"], False),
+])
+def test_a_stale_daemon_record_counts_only_for_an_xsockd_process(argv, daemon):
+    from xsockd.manager import _runs_xsockd
+    p = subprocess.Popen(argv)
+    try:
+        time.sleep(0.3)  # let bash exec
+        assert _runs_xsockd(p.pid) is daemon
+    finally:
+        p.kill()
+        p.wait()

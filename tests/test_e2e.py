@@ -237,7 +237,7 @@ def test_malformed_offer_is_refused_naming_the_node(tmp_path):
                 xs3.write(f"{base}/{name}", value)
             req = f"{request_dir(2)}/3"  # made by domain 2 for its peer 3
             xs3.write(req, b"offer 7")
-            world.wait_for("the refusal", lambda: xs3.read(req) == b"refused malformed-offer")
+            world.wait_for("the refusal", lambda: xs3.read(req) == b"refused 7 malformed-offer")
         assert "ring-size 12345 is not a power of two" in world.daemons[2].log()
         assert world.daemons[2].proc.poll() is None
         with world.connect(1, 2) as s:

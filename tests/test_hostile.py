@@ -217,8 +217,9 @@ def test_peer_written_text_cannot_forge_log_lines(arena, sep):
         h.prepare()
         app = arena.world.connect(Arena.VICTIM, Arena.HOSTILE, 10)
         try:
-            h.wait_offer()
-            h.answer(f"refused x{sep}{FORGED} xsockd[1] ERROR all links down")
+            offer = h.wait_offer()
+            h.answer(f"refused {offer.generation} x{sep}{FORGED} xsockd[1] ERROR all links "
+                     "down")
             app.settimeout(15)
             assert app.recv(10) == b""  # refused: the victim ends the stream
         finally:

@@ -728,3 +728,26 @@ def test_fuzz_hostile_peer_frames_and_indices():
         except BaseException as e:
             e.add_note(f"fuzz seed {seed}")
             raise
+
+
+def test_every_open_past_max_streams_is_answered_even_in_a_burst():
+    """Regression: only 64 refusals were remembered per pass over the ring; a burst of OPENs
+    past max_streams left the rest unanswered, their openers waiting forever."""
+    fp = FakePeer(ring_size=65536, max_streams=2, role=_Role.ACCEPTOR)
+    try:
+        ids = [2 * i + 1 for i in range(300)]
+        for sid in ids:
+            fp.put(sid, F_OPEN, 65536)  # the default service: an empty name
+        fp.publish()
+        answered: dict[int, int] = {}
+        deadline = time.monotonic() + 10
+        while len(answered) < len(ids) - 2 and time.monotonic() < deadline:
+            for stream, ftype, _, arg, _ in fp.frames():
+                if ftype == F_RESET:
+                    answered[stream] = arg
+            time.sleep(0.01)
+        assert len(answered) == len(ids) - 2, f"{len(answered)} of {len(ids) - 2} refused"
+        assert set(answered.values()) == {Reason.TOO_MANY}
+        assert fp.link.stats()["streams"] == 2  # the first two wait for the control plane
+    finally:
+        fp.close()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from xsockd.config import Config, ServiceConfig
 from xsockd.ring import Reason, link_pages
 
-__all__ = ["OpenBudget", "Refusal", "admit_link", "admit_stream", "grant_budget"]
+__all__ = ["OpenBudget", "RateBucket", "Refusal", "admit_link", "admit_stream", "grant_budget"]
 
 
 @dataclass(frozen=True)
@@ -23,31 +23,46 @@ class Refusal:
     why: str
 
 
-class OpenBudget:
-    """What one link's peer may ask of us per unit of time: opens per second, connects at once.
+class RateBucket:
+    """A token bucket: ``rate`` tokens a second, holding at most ``burst``."""
 
-    A token bucket of ``rate`` opens per second holding at most one second's worth, and a cap
-    on local connects in progress (a service whose backlog is full makes them wait).  Past
-    either, a peer's OPEN is answered RESET 3 (too many) at once, costing us no connect.
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = float(burst)
+        self._at = now
+
+    def take(self, now: float) -> bool:
+        """Returns True (and takes a token) if one is there at ``now``."""
+        self._tokens = min(self.burst, self._tokens + max(0.0, now - self._at) * self.rate)
+        self._at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+
+class OpenBudget:
+    """What one peer may ask of us per unit of time: opens per second, connects at once.
+
+    A bucket of ``rate`` opens per second holding one second's worth, and a cap on local
+    connects in progress (a service whose backlog is full makes them wait).  Past either, a
+    peer's OPEN is answered RESET 3 (too many) at once, costing us no connect.
     """
 
     def __init__(self, rate: int, max_connecting: int, now: float) -> None:
         self.rate = rate
         self.max_connecting = max_connecting
-        self._tokens = float(rate)
-        self._at = now
+        self._bucket = RateBucket(rate, rate, now)
         self.connecting = 0
 
     def take(self, now: float) -> Refusal | None:
         """Returns None if one more open may start now (and counts it), else the refusal."""
-        self._tokens = min(float(self.rate), self._tokens + (now - self._at) * self.rate)
-        self._at = now
         if self.connecting >= self.max_connecting:
             return Refusal(Reason.TOO_MANY, f"{self.connecting} connects to local services "
                                             "already in progress")
-        if self._tokens < 1.0:
+        if not self._bucket.take(now):
             return Refusal(Reason.TOO_MANY, f"more than {self.rate} stream opens a second")
-        self._tokens -= 1.0
         return None
 
 

@@ -25,7 +25,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from xsockd.admission import OpenBudget, Refusal, admit_link, admit_stream, grant_budget
+from xsockd.admission import (
+    OpenBudget,
+    RateBucket,
+    Refusal,
+    admit_link,
+    admit_stream,
+    grant_budget,
+)
 from xsockd.backend import Backend, XenStorePerm
 from xsockd.config import Config, ServiceConfig
 from xsockd.constants import PROTOCOL_VERSION, XS_ROOT
@@ -68,6 +75,9 @@ CONNECT_PATIENCE = 5.0  # seconds to wait for a service whose listen backlog is 
 # ECONNREFUSED): one being restarted, or started after us; a socket unit never needs it.
 SERVICE_START_PATIENCE = 2.0
 DRAIN_POLL = 0.05  # seconds between looks at the bytes a stopping daemon still holds
+ACCEPT_BACKOFF = 0.1  # seconds before accepting again after running out of descriptors
+# Link offers a peer may make: each costs a XenStore transaction, mappings and a pump thread.
+OFFER_RATE, OFFER_BURST = 1.0, 5
 LINK_DOWN_WHY = {-errno.EPROTO: "the peer broke the ring protocol",
                  -errno.ECONNRESET: "the peer went away",
                  -errno.ESHUTDOWN: "the peer closed the link",
@@ -130,11 +140,15 @@ def _boot_id() -> str:
 
 
 def _runs_xsockd(pid: int) -> bool:
+    """Returns True if process ``pid`` is an xsockd daemon (not, say, journalctl -u xsockd)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"xsockd" in f.read()
+            argv = f.read().split(b"\0")
     except OSError:
         return False
+    # /usr/bin/xsockd, "python3 /usr/bin/xsockd ...", or "python -m xsockd.daemon ...".
+    names = [os.path.basename(a) for a in argv[:2]]
+    return b"xsockd" in names or b"xsockd.daemon" in argv[1:3]
 
 
 class Manager:
@@ -154,7 +168,7 @@ class Manager:
         self.channels: dict[int, Channel] = {}
         self._by_serial: dict[tuple[int, int], Channel] = {}   # (id(link), serial)
         self._admitting: dict[tuple[int, int], _Admission] = {}
-        self._budgets: dict[int, OpenBudget] = {}               # id(link)
+        self._budgets: dict[int, OpenBudget] = {}               # peer
         self._waiting: dict[int, tuple[Timer, str]] = {}         # id(link): set-up timer, watch
         self._listeners: dict[tuple[int, str], socket.socket] = {}
         self._rundir: Rundir | None = None
@@ -169,6 +183,9 @@ class Manager:
         # resetting streams in a loop must not turn it into a flood.
         self._records = PeerLog(log, loop.time, burst=200, interval=1.0)
         self._started = False
+        self._flush_timer: Timer | None = None
+        # Per peer, bounded by the configured peers: what its links may ask of us.
+        self._offers: dict[int, RateBucket] = {}
         self.started_at = time.time()
         self._observers: list[ChannelObserver] = []
 
@@ -192,10 +209,17 @@ class Manager:
             if name not in ("request", "daemon"):
                 self.xs.rm(f"{root}/{name}")
         self.xs.set_perms(root, [XenStorePerm(self.domid, "n")])
-        self.board.sync(self.config.daemon.peers)
+        self._sync_requests()
         self.xs.watch(request_dir(self.domid), "requests")
         # A destroyed domain runs no unmap notification: @releaseDomain is how we learn of it.
         self.xs.watch("@releaseDomain", "released")
+        try:
+            # xenstored forgets a permission naming a domain that does not exist yet: a peer
+            # that boots after us gets its request node opened to it again when it appears.
+            self.xs.watch("@introduceDomain", "introduced")
+        except XenStoreError as e:  # a domU may not watch it: its peers (dom0) exist already
+            log.debug("watching @introduceDomain: %s", e)
+        self._flush_timer = self.loop.call_later(self.peerlog.interval, self._flush_logs)
         self.loop.add_reader(self.xs.fileno(), self._on_xenstore)
         for peer, service in self.config.local_sockets():
             self._listen(peer, service)
@@ -206,6 +230,9 @@ class Manager:
 
     def stop(self) -> None:
         """Closes listeners and links (telling peers goodbye) and removes our nodes."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
         for key in list(self._listeners):
             self._unlisten(*key)
         if self._drain_timer is not None:
@@ -282,24 +309,47 @@ class Manager:
                 config, daemon=dataclasses.replace(config.daemon, rundir=self.config.daemon.rundir))
             changes.append("rundir kept (a new one takes effect at restart)")
         old, new = set(self.config.local_sockets()), set(config.local_sockets())
-        removed_peers = set(self.config.daemon.peers) - set(config.daemon.peers)
-        self.config = config
-        for peer in removed_peers:
+        if not self._draining:  # stopping: no listener comes back
+            added: list[tuple[int, str]] = []
+            try:
+                for peer, service in sorted(new - old):
+                    self._listen(peer, service)
+                    added.append((peer, service))
+            except OSError as e:
+                for key in added:
+                    self._unlisten(*key)
+                raise XsockError(f"cannot listen on {self.socket_path(peer, service)}: "
+                                 f"{e.strerror or e}") from e
+            for peer, service in sorted(old - new):
+                self._unlisten(peer, service)
+                changes.append(f"service {service} of domain {peer} removed" if service
+                               else f"peer {peer} removed")
+            changes += [f"service {service} of domain {peer} added" if service
+                        else f"peer {peer} added" for peer, service in added]
+        for peer in set(self.config.daemon.peers) - set(config.daemon.peers):
             self._answered.pop(peer, None)
+            self._offers.pop(peer, None)
+            self._budgets.pop(peer, None)
             self.peerlog.forget(peer)
+        self.config = config
         if self._started:
-            self.board.sync(config.daemon.peers)
-        if self._draining:
-            return changes  # stopping: no listener comes back
-        for peer, service in sorted(old - new):
-            self._unlisten(peer, service)
-            changes.append(f"service {service} of domain {peer} removed" if service
-                           else f"peer {peer} removed")
-        for peer, service in sorted(new - old):
-            self._listen(peer, service)
-            changes.append(f"service {service} of domain {peer} added" if service
-                           else f"peer {peer} added")
+            self._sync_requests()
         return changes
+
+    def _sync_requests(self) -> None:
+        """Makes our request nodes match the configured peers; says which it could not make.
+
+        Our own tree: a failure here is not a peer's, but one peer's node failing must not
+        cost the others theirs.
+        """
+        for peer, e in self.board.sync(self.config.daemon.peers).items():
+            log.error("cannot make the link request node of domain %d: %s; it cannot ask us "
+                      "for a link until the next reload", peer, e, extra={"XSOCK_PEER": peer})
+
+    def _flush_logs(self) -> None:
+        self.peerlog.flush()
+        self._records.flush()
+        self._flush_timer = self.loop.call_later(self.peerlog.interval, self._flush_logs)
 
     # ---- the failure boundary -----------------------------------------------------------
 
@@ -321,12 +371,12 @@ class Manager:
             if isinstance(e, ProtocolError):
                 self.counters["peer_faults"] += 1
             self.peerlog.warning(peer, "link with domain %d down: %s: %s", peer, what,
-                                 escape(str(e), 300))
+                                 escape(str(e)))
         else:
             self.counters["handler_failures"] += 1
             self.peerlog.error(peer, "link with domain %d down: internal error while %s: %s: "
                                "%s (traceback at debug level)", peer, what, type(e).__name__,
-                               escape(str(e), 300))
+                               escape(str(e)))
             log.debug("traceback of the failure while %s", what, exc_info=e)
         for key in ([(peer, role)] if role is not None else [(peer, r) for r in Role]):
             link = self.links.get(key)
@@ -350,7 +400,9 @@ class Manager:
         self.loop.add_reader(sock.fileno(), lambda: self._on_connect(peer, service))
 
     def _unlisten(self, peer: int, service: str = "") -> None:
-        sock = self._listeners.pop((peer, service))
+        sock = self._listeners.pop((peer, service), None)
+        if sock is None:
+            return
         self.loop.remove_reader(sock.fileno())
         sock.close()
         if self._rundir is not None:
@@ -363,8 +415,13 @@ class Manager:
                 conn, _ = listener.accept()
             except BlockingIOError:
                 return
-            except OSError as e:  # EMFILE and the like: say so, try again on the next wake
-                log.error("accepting a connection for domain %d: %s", peer, e.strerror)
+            except OSError as e:
+                # EMFILE and the like: the listener stays readable, so a reader would spin;
+                # look again in a while.
+                self.peerlog.error(peer, "accepting a connection for domain %d: %s; trying "
+                                   "again in %g s", peer, e.strerror, ACCEPT_BACKOFF)
+                self.loop.remove_reader(listener.fileno())
+                self.loop.call_later(ACCEPT_BACKOFF, lambda: self._resume(peer, service))
                 return
             try:
                 link = self._link_for(peer)
@@ -379,6 +436,12 @@ class Manager:
                 self._failed(peer, Role.INITIATOR, "opening a stream for a local application", e)
                 continue
             self._add_channel(link, sid, serial, service, "out")
+
+    def _resume(self, peer: int, service: str) -> None:
+        listener = self._listeners.get((peer, service))
+        if listener is not None:
+            self.loop.add_reader(listener.fileno(), lambda: self._on_connect(peer, service))
+            self._on_connect(peer, service)
 
     # ---- links --------------------------------------------------------------------------
 
@@ -422,7 +485,9 @@ class Manager:
     def _add_link(self, link: Link) -> None:
         self.links[(link.peer, link.role)] = link
         cfg = self.config.link
-        self._budgets[id(link)] = OpenBudget(cfg.open_rate, cfg.max_connecting, self.loop.time())
+        if link.peer not in self._budgets:  # per peer: a new link does not refill it
+            self._budgets[link.peer] = OpenBudget(cfg.open_rate, cfg.max_connecting,
+                                                  self.loop.time())
         self.loop.add_reader(link.ring.fileno(), lambda: self._guard(
             link.peer, link.role, "handling its link events", self._on_link_events, link))
 
@@ -449,14 +514,15 @@ class Manager:
             del self.links[(link.peer, link.role)]
         if link.closed:
             return
-        self._stop_waiting(link)
-        self._budgets.pop(id(link), None)
-        self.loop.remove_reader(link.ring.fileno())
-        link.close(goodbye)
-        for key in [k for k, a in self._admitting.items() if a.link is link]:
-            self._admitting.pop(key).done = True
-        for ch in [c for c in self.channels.values() if c.link is link]:
-            self._remove_channel(ch, "link-down")
+        try:
+            self._stop_waiting(link)
+            self.loop.remove_reader(link.ring.fileno())
+            link.close(goodbye)
+        finally:  # whatever failed above, the tables forget the link
+            for key in [k for k, a in self._admitting.items() if a.link is link]:
+                self._finish(self._admitting[key])
+            for ch in [c for c in self.channels.values() if c.link is link]:
+                self._remove_channel(ch, "link-down")
 
     # ---- XenStore -----------------------------------------------------------------------
 
@@ -467,6 +533,8 @@ class Manager:
                 self._on_request_event(ev.path)
             elif ev.token == "released":
                 self._drop_destroyed_peers()
+            elif ev.token == "introduced":
+                self._sync_requests()
             elif ev.token.startswith("answer:"):
                 _, peer, gen = ev.token.split(":")
                 self._guard(int(peer), Role.INITIATOR, "reading its answer to our offer",
@@ -506,11 +574,10 @@ class Manager:
         link = self.links.get((peer, Role.INITIATOR))
         if link is None or link.generation != generation or link.up:
             return
-        answer = read_answer(self.xs, peer, self.domid)
-        if answer is not None and answer[0] == "refused":
+        why = read_answer(self.xs, peer, self.domid, generation)
+        if why is not None:
             self.counters["links_refused"] += 1
-            self.peerlog.error(peer, "domain %d refused our link: %s", peer,
-                               escape(answer[1]) or "no reason")
+            self.peerlog.error(peer, "domain %d refused our link: %s", peer, escape(why))
             self._drop_link(link)
 
     def _check_peers(self, config: Config) -> None:
@@ -556,16 +623,22 @@ class Manager:
             return  # idle, our own answer, or junk the peer wrote into its own node
         self._answered[peer] = generation
         refusal = admit_link(self.config, self.domid, peer, self._draining)
+        if refusal is None:
+            bucket = self._offers.setdefault(peer, RateBucket(OFFER_RATE, OFFER_BURST,
+                                                              self.loop.time()))
+            if not bucket.take(self.loop.time()):
+                refusal = Refusal(Reason.TOO_MANY, f"more than {OFFER_BURST} link offers in "
+                                                   f"{OFFER_BURST / OFFER_RATE:g} s")
         if refusal is not None:
             self.counters["links_refused"] += 1
             self.peerlog.warning(peer, "refused link from domain %d: %s", peer, refusal.why)
-            self.board.answer(peer, "refused stopping" if self._draining
-                              else "refused not-allowed")
+            word = ("stopping" if self._draining else "not-allowed"
+                    if refusal.reason == Reason.REFUSED else "busy")
+            self.board.answer(peer, generation, f"refused {generation} {word}")
             return
         old = self.links.get((peer, Role.ACCEPTOR))
         if old is not None:
-            log.info("domain %d offers a new link: dropping the old one", peer,
-                     extra={"XSOCK_PEER": peer})
+            self.peerlog.info(peer, "domain %d offers a new link: dropping the old one", peer)
             self._drop_link(old)
         try:
             offer = read_offer(self.xs, peer, self.domid)
@@ -574,14 +647,15 @@ class Manager:
             self.peerlog.warning(peer, "refused link from domain %d: it speaks link protocol "
                                  "version %d, we speak %d; run the same xsockd version on both",
                                  peer, e.version, PROTOCOL_VERSION)
-            self.board.answer(peer, f"refused version {e.version}; we speak {PROTOCOL_VERSION}")
+            self.board.answer(peer, generation, f"refused {generation} version {e.version}; "
+                              f"we speak {PROTOCOL_VERSION}")
             return
         except ProtocolError as e:
-            self._refuse_offer(peer, str(e), "malformed-offer")
+            self._refuse_offer(peer, generation, str(e), "malformed-offer")
             return
         if offer.generation != generation:
-            self._refuse_offer(peer, f"offer generation {offer.generation} does not match "
-                               f"request {generation}", "malformed-offer")
+            self._refuse_offer(peer, generation, f"offer generation {offer.generation} does "
+                               f"not match request {generation}", "malformed-offer")
             return
         cfg = self.config.link
         try:
@@ -590,20 +664,24 @@ class Manager:
                             ring_refs=offer.ring_refs, port=offer.port,
                             window=cfg.stream_window, max_streams=cfg.max_streams)
         except (BackendError, OSError) as e:
-            self._refuse_offer(peer, str(e), f"attach-failed-{e.errno}")
+            self._refuse_offer(peer, generation, str(e), f"attach-failed-{e.errno}")
             return
         self._add_link(link)
         link.on_close(lambda: self.board.reset(peer, generation))
         link.ring.start()
-        self.board.answer(peer, f"accepted {generation}")
-        log.info("attached link from domain %d (ring %d bytes, event channel %d)", peer,
-                 offer.ring_size, link.port, extra={"XSOCK_PEER": peer})
+        if not self.board.answer(peer, generation, f"accepted {generation}"):
+            # The peer wrote a newer offer meanwhile: this link will never be used.
+            self._drop_link(link)
+            self._on_request(peer)
+            return
+        self.peerlog.info(peer, "attached link from domain %d (ring %d bytes, event channel "
+                          "%d)", peer, offer.ring_size, link.port)
 
-    def _refuse_offer(self, peer: int, why: str, answer: str) -> None:
+    def _refuse_offer(self, peer: int, generation: int, why: str, answer: str) -> None:
         self.counters["peer_faults"] += 1
         self.peerlog.warning(peer, "cannot attach link offered by domain %d: %s", peer,
-                             escape(why, 300))
-        self.board.answer(peer, f"refused {answer}")
+                             escape(why))
+        self.board.answer(peer, generation, f"refused {generation} {answer}")
 
     # ---- link events --------------------------------------------------------------------
 
@@ -669,7 +747,7 @@ class Manager:
         peer, name = link.peer, ev.name
         verdict = admit_stream(self.config, peer, name, self._draining)
         if not isinstance(verdict, Refusal):
-            budget = self._budgets[id(link)]
+            budget = self._budgets[link.peer]
             refusal = budget.take(self.loop.time())
             if refusal is None:
                 now = self.loop.time()
@@ -689,7 +767,7 @@ class Manager:
         if not admission.done:
             admission.done = True
             self._admitting.pop((id(admission.link), admission.serial), None)
-            budget = self._budgets.get(id(admission.link))
+            budget = self._budgets.get(admission.link.peer)
             if budget is not None:
                 budget.connecting -= 1
 
@@ -705,14 +783,16 @@ class Manager:
             self._finish(adm)
             return
         link, service = adm.link, adm.service
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.setblocking(False)
+        sock: socket.socket | None = None
         try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.setblocking(False)
             sock.connect(service.socket)
             if service.caller_header:
                 sock.send(caller_header(link.peer, adm.name))
         except OSError as e:
-            sock.close()
+            if sock is not None:
+                sock.close()
             if e.errno == errno.EAGAIN:
                 until, why = adm.deadline, "its backlog stayed full"
             elif e.errno in (errno.ENOENT, errno.ECONNREFUSED):
@@ -734,6 +814,7 @@ class Manager:
             link.ring.reject_stream(adm.stream, adm.serial, Reason.NO_SERVICE)
             return
         self._finish(adm)
+        assert sock is not None
         if link.ring.accept_stream(adm.stream, adm.serial, sock):
             ch = self._add_channel(link, adm.stream, adm.serial, adm.name, "in")
             ch.state = "open"

@@ -70,6 +70,18 @@ class PeerLog:
         w[1] += 1
         self.log.log(level, msg, *args, extra={"XSOCK_PEER": peer, **extra})
 
+    def flush(self) -> None:
+        """Says, for each peer whose window ended with lines left out, how many (call it
+        every ``interval`` seconds, so that the count is not held until the peer's next)."""
+        now = self.clock()
+        for peer, w in list(self._windows.items()):
+            if now - w[0] >= self.interval:
+                if w[2]:
+                    self.log.warning("domain %d: %d more messages like the above were left "
+                                     "out in %g s", peer, int(w[2]), self.interval,
+                                     extra={"XSOCK_PEER": peer})
+                del self._windows[peer]
+
     def forget(self, peer: int) -> None:
         """Drops ``peer``'s window (a peer removed from the configuration)."""
         self._windows.pop(peer, None)

@@ -7,7 +7,7 @@ For a link that domain A initiates to domain B (see docs/PROTOCOL.md):
   /local/domain/B/data/xsock/request        owner B, nobody else may do anything with it
   /local/domain/B/data/xsock/request/A      created by B for each configured peer A, only A
       and B may access: "" (idle), "offer <generation>" (A), then "accepted <generation>" or
-      "refused <why>" (B)
+      "refused <generation> <why>" (B)
 
 Because B creates the request nodes itself, no third domain can squat, remove or flood them,
 and B's work per watch event is bounded by its peer count.  Everything read from XenStore
@@ -225,14 +225,21 @@ def parse_request(value: bytes) -> int | None:
     return canonical_int(words[1].decode("ascii", "replace"), 1, 2**63)
 
 
-def read_answer(xs: XenStore, acceptor: int, me: int) -> tuple[str, str] | None:
-    """Returns ("accepted"|"refused", rest) from our request node at ``acceptor``, or None."""
+def read_answer(xs: XenStore, acceptor: int, me: int, generation: int) -> str | None:
+    """Returns the reason ``acceptor`` refused our offer ``generation``, or None.
+
+    None also while it has not answered, once it accepted, and for an answer to another
+    generation.  The reason is the acceptor's text: escape it before logging.
+    """
     try:
         value = xs.read(request_path(acceptor, me))
     except XenStoreError:
         return None
     word, _, rest = value[:512].decode("ascii", "replace").partition(" ")
-    return (word, rest) if word in ("accepted", "refused") else None
+    gen, _, why = rest.partition(" ")
+    if word != "refused" or canonical_int(gen, 1, 2**63) != generation:
+        return None
+    return why or "no reason given"
 
 
 def quiet_rm(xs: XenStore, path: str) -> Callable[[], None]:
@@ -260,43 +267,55 @@ class RequestBoard:
         self.path = request_dir(domid)
         self._peers: frozenset[int] = frozenset()
 
-    def sync(self, peers: Iterable[int]) -> None:
+    def sync(self, peers: Iterable[int]) -> dict[int, XenStoreError]:
+        """Makes the nodes match ``peers``; returns the peers whose node could not be made.
+
+        Node by node, without a transaction: a peer may write its node whenever it likes, and
+        a transaction over it would lose every race to a peer writing in a loop.  Called again
+        it re-applies every node's permissions (xenstored forgets a permission naming a
+        domain that did not exist when it was set: call it when a domain is introduced).
+        """
         self._peers = frozenset(peers)
         me = self.domid
+        self.xs.write(self.path, b"")
+        self.xs.set_perms(self.path, [XenStorePerm(me, "n")])
+        have = set(self.xs.directory(self.path))
+        wanted = {str(p) for p in self._peers}
+        if any(self._owner(f"{self.path}/{name}") != me for name in have):
+            # An older version's directory let others create nodes in it, which we may not
+            # remove one by one; removing the directory removes them all.
+            self.xs.rm(self.path)
+            return self.sync(self._peers)
+        for name in have - wanted:
+            quiet_rm(self.xs, f"{self.path}/{name}")()  # a peer no longer configured
+        failed: dict[int, XenStoreError] = {}
+        for peer in sorted(self._peers):
+            try:
+                self._make_node(peer, exists=str(peer) in have)
+            except XenStoreError as e:
+                failed[peer] = e
+        return failed
 
-        def make(tx: int) -> None:
-            self.xs.write(self.path, b"", tx)
-            self.xs.set_perms(self.path, [XenStorePerm(me, "n")], tx)
-            have = set(self.xs.directory(self.path, tx))
-            for name in have - {str(p) for p in self._peers}:
-                self.xs.rm(f"{self.path}/{name}", tx)  # a removed peer, or an old version's
-            for peer in self._peers:
-                self._make_node(peer, tx, exists=str(peer) in have)
+    def _owner(self, node: str) -> int | None:
+        try:
+            return self.xs.get_perms(node)[0].domid
+        except XenStoreError:
+            return None
 
-        transact(self.xs, make)
-
-    def _make_node(self, peer: int, tx: int, exists: bool) -> None:
+    def _make_node(self, peer: int, exists: bool) -> None:
+        # A new node gets the directory's permissions (ours alone) until the second call
+        # opens it to its peer: at no moment may anybody else touch it.
         node = request_path(self.domid, peer)
         if not exists:
-            self.xs.write(node, b"", tx)
-        self.xs.set_perms(node, [XenStorePerm(self.domid, "n"), XenStorePerm(peer, "b")], tx)
+            self.xs.write(node, b"")
+        self.xs.set_perms(node, [XenStorePerm(self.domid, "n"), XenStorePerm(peer, "b")])
 
     def restore(self, peer: int) -> bool:
         """Recreates ``peer``'s node if it is configured and missing; returns True if it did."""
-        if peer not in self._peers:
+        if peer not in self._peers or self.read(peer) is not None:
             return False
-
-        def make(tx: int) -> bool:
-            try:
-                self.xs.read(request_path(self.domid, peer), tx)
-                return False
-            except XenStoreError as e:
-                if e.errno != errno.ENOENT:
-                    raise
-            self._make_node(peer, tx, exists=False)
-            return True
-
-        return transact(self.xs, make)
+        self._make_node(peer, exists=False)
+        return True
 
     @property
     def peers(self) -> frozenset[int]:
@@ -319,8 +338,20 @@ class RequestBoard:
                 return None
             raise
 
-    def answer(self, peer: int, text: str) -> None:
-        self.xs.write(request_path(self.domid, peer), text)
+    def answer(self, peer: int, generation: int, text: str) -> bool:
+        """Writes our answer to ``peer``'s offer ``generation`` if its node still holds it.
+
+        A newer offer the peer wrote meanwhile is left for us to read; returns False then.
+        """
+        node = request_path(self.domid, peer)
+
+        def answer(tx: int) -> bool:
+            if self.xs.read(node, tx) != f"offer {generation}".encode():
+                return False
+            self.xs.write(node, text, tx)
+            return True
+
+        return transact(self.xs, answer)
 
     def reset(self, peer: int, generation: int) -> None:
         """Makes ``peer``'s node idle again if it still holds that generation's exchange.

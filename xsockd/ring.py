@@ -200,7 +200,7 @@ class RingLink:
             sock.close()
             raise OSError(errno.EINVAL, f"opening a stream: bad service name {service!r}")
         ident = ffi.new("uint32_t *")
-        serial = ffi.new("uint32_t *")
+        serial = ffi.new("uint64_t *")
         fd = sock.detach()
         _check(lib.xsk_link_open_stream(self._ptr, fd, service.encode(), ident, serial),
                "opening a stream")

@@ -105,7 +105,7 @@ enum stream_state {
 
 struct stream {
     uint32_t id;
-    uint32_t serial;        /* link-unique, never reused: commands and events name id AND it */
+    uint64_t serial;        /* link-unique, never reused: commands and events name id AND it */
     int fd;
     uint32_t state;         /* written with set_state: read by Python's threads too */
     unsigned readable : 1, rd_eof : 1, fin_sent : 1, peer_fin : 1, wr_shut : 1, wr_dead : 1;
@@ -127,7 +127,8 @@ enum cmd_type { CMD_OPEN = 1, CMD_ACCEPT, CMD_REJECT, CMD_CLOSE, CMD_STOP };
 
 struct cmd {
     enum cmd_type type;
-    uint32_t id, serial;
+    uint32_t id;
+    uint64_t serial;
     int fd;
     uint32_t arg;
     char name[XSK_NAME_MAX + 1];
@@ -154,7 +155,7 @@ struct xsk_link {
     struct stream **table;
     uint32_t table_mask, nstreams;
     uint32_t next_id;          /* our next stream id (odd for the initiator, even otherwise) */
-    uint32_t next_serial;      /* next stream serial, from 1; atomic: Python's threads take
+    uint64_t next_serial;      /* next stream serial, from 1; atomic: Python's threads take
                                   serials for the streams they open */
 
     struct stream ready_head;  /* streams with readable data, credit and no pending control */
@@ -235,7 +236,7 @@ static void evtchn_clear(struct xsk_link *l)
 
 /* s (may be NULL) gives the counters and name; id and serial name the stream (0 for the link). */
 static void push_event(struct xsk_link *l, uint32_t type, const struct stream *s, uint32_t id,
-                       uint32_t serial, int32_t arg)
+                       uint64_t serial, int32_t arg)
 {
     /* Python relies on one CLOSED per stream (and on LINK_DOWN) to empty its tables, so those
      * are queued past the cap: they are bounded by the streams in the table, as the pump stops
@@ -371,7 +372,7 @@ static void ctl_queue(struct xsk_link *l, struct stream *s)
     l->ctl_tail = s;
 }
 
-static struct stream *stream_new(struct xsk_link *l, uint32_t id, uint32_t serial, int fd,
+static struct stream *stream_new(struct xsk_link *l, uint32_t id, uint64_t serial, int fd,
                                  const char *name, uint32_t state)
 {
     struct stream *s = calloc(1, sizeof(*s));
@@ -702,6 +703,8 @@ static int rx_frame(struct xsk_link *l, uint32_t prod)
         if (!is_peer_id(l, h->stream) || lookup(l, h->stream) || h->len > XSK_NAME_MAX ||
             h->arg == 0 || h->arg > XSK_MAX_WINDOW)
             return -EPROTO;
+        if (l->nstreams >= l->max_streams && l->norphan == ORPHAN_RESETS)
+            return 0; /* send the RESETs owed first; this OPEN waits in the ring meanwhile */
         int n = payload_iov(&l->rx, l->rx.pvt, 0, h->len, iov);
         memcpy(name, iov[0].iov_base, iov[0].iov_len);
         if (n == 2)
@@ -998,7 +1001,7 @@ static void open_cmd_closed(struct xsk_link *l, const struct cmd *c, uint32_t re
 }
 
 /* Returns the stream with this id and serial if it is in the table and not yet ended. */
-static struct stream *lookup_serial(struct xsk_link *l, uint32_t id, uint32_t serial)
+static struct stream *lookup_serial(struct xsk_link *l, uint32_t id, uint64_t serial)
 {
     struct stream *s = lookup(l, id);
     return s && s->serial == serial && s->state != ST_ZOMBIE ? s : NULL;
@@ -1307,7 +1310,7 @@ int xsk_link_event_fd(struct xsk_link *l) { return l->ev_fd; }
 /* Returns 0 and the new stream's id and serial; the link owns fd from now on, even on
  * failure.  A CLOSED event with that serial ends the stream, whatever happens to it. */
 int xsk_link_open_stream(struct xsk_link *l, int fd, const char *service, uint32_t *id_out,
-                         uint32_t *serial_out)
+                         uint64_t *serial_out)
 {
     size_t nl = service ? strnlen(service, XSK_NAME_MAX + 1) : 0;
     if (nl && !xsk_valid_service_name(service, (uint32_t)nl)) {
@@ -1336,7 +1339,7 @@ int xsk_link_open_stream(struct xsk_link *l, int fd, const char *service, uint32
 /* Returns 1 if the stream (id, serial) is in the table, not ended, and (if want_state) in
  * that state.  Lets a command on a stream that is gone fail at once instead of in the pump;
  * a stream that ends after this check is reported by its CLOSED event all the same. */
-static int stream_present(struct xsk_link *l, uint32_t id, uint32_t serial, uint32_t want_state)
+static int stream_present(struct xsk_link *l, uint32_t id, uint64_t serial, uint32_t want_state)
 {
     pthread_mutex_lock(&l->table_lock); /* the pump inserts and frees under it */
     struct stream *s = lookup(l, id);
@@ -1349,7 +1352,7 @@ static int stream_present(struct xsk_link *l, uint32_t id, uint32_t serial, uint
     return ok;
 }
 
-static int stream_cmd(struct xsk_link *l, enum cmd_type t, uint32_t id, uint32_t serial,
+static int stream_cmd(struct xsk_link *l, enum cmd_type t, uint32_t id, uint64_t serial,
                       uint32_t arg, int fd)
 {
     struct cmd *c = NULL;
@@ -1377,21 +1380,21 @@ static int stream_cmd(struct xsk_link *l, enum cmd_type t, uint32_t id, uint32_t
 /* Returns 0, -ENOENT if the stream (id, serial) is gone or no longer waits for an answer
  * (its CLOSED event is queued or on its way), or -ESHUTDOWN once the pump has ended.  The
  * link owns fd from now on and closes it in every case but 0. */
-int xsk_link_accept_stream(struct xsk_link *l, uint32_t id, uint32_t serial, int fd)
+int xsk_link_accept_stream(struct xsk_link *l, uint32_t id, uint64_t serial, int fd)
 {
     return stream_cmd(l, CMD_ACCEPT, id, serial, 0, fd);
 }
 
 /* Returns 0 (the peer's request is answered with RESET(reason), CLOSED follows), -ENOENT
  * or -ESHUTDOWN as xsk_link_accept_stream. */
-int xsk_link_reject_stream(struct xsk_link *l, uint32_t id, uint32_t serial, uint32_t reason)
+int xsk_link_reject_stream(struct xsk_link *l, uint32_t id, uint64_t serial, uint32_t reason)
 {
     return stream_cmd(l, CMD_REJECT, id, serial, reason, -1);
 }
 
 /* Returns 0 (the stream is aborted on both sides, CLOSED follows), -ENOENT or -ESHUTDOWN as
  * xsk_link_accept_stream. */
-int xsk_link_close_stream(struct xsk_link *l, uint32_t id, uint32_t serial)
+int xsk_link_close_stream(struct xsk_link *l, uint32_t id, uint64_t serial)
 {
     return stream_cmd(l, CMD_CLOSE, id, serial, 0, -1);
 }

@@ -92,8 +92,9 @@ struct xsk_event {
     uint32_t type;
     uint32_t stream;
     int32_t arg;
-    uint32_t serial;        /* the stream's serial (0 for link events): ids are reused by the
-                               peer, serials never (per link) */
+    uint32_t pad;
+    uint64_t serial;        /* the stream's serial (0 for link events): ids are reused by the
+                               peer, serials never (per link; 64 bits cannot wrap) */
     uint64_t bytes_in;      /* received from the peer and delivered to the application */
     uint64_t bytes_out;     /* read from the application and sent to the peer */
     char name[65];
@@ -117,7 +118,7 @@ struct xsk_stream_info {
     uint64_t bytes_out;
     uint32_t tx_credit;
     uint32_t rx_buffered;
-    uint32_t serial;
+    uint64_t serial;
 };
 
 /* Bytes a link still holds, for a daemon that stops only once in-flight data has drained. */
@@ -140,10 +141,10 @@ int xsk_link_new(const struct xsk_link_params *p, struct xsk_link **out);
 int xsk_link_start(struct xsk_link *l);
 int xsk_link_event_fd(struct xsk_link *l);
 int xsk_link_open_stream(struct xsk_link *l, int fd, const char *service, uint32_t *id_out,
-                         uint32_t *serial_out);
-int xsk_link_accept_stream(struct xsk_link *l, uint32_t id, uint32_t serial, int fd);
-int xsk_link_reject_stream(struct xsk_link *l, uint32_t id, uint32_t serial, uint32_t reason);
-int xsk_link_close_stream(struct xsk_link *l, uint32_t id, uint32_t serial);
+                         uint64_t *serial_out);
+int xsk_link_accept_stream(struct xsk_link *l, uint32_t id, uint64_t serial, int fd);
+int xsk_link_reject_stream(struct xsk_link *l, uint32_t id, uint64_t serial, uint32_t reason);
+int xsk_link_close_stream(struct xsk_link *l, uint32_t id, uint64_t serial);
 int xsk_link_events(struct xsk_link *l, struct xsk_event *out, int max);
 int xsk_link_stats(struct xsk_link *l, struct xsk_link_stats *out);
 int xsk_link_streams(struct xsk_link *l, struct xsk_stream_info *out, int max);

@@ -8,9 +8,11 @@ cffi module of the running Python.  Everything downloaded or unpacked is cached 
 images are rebuilt in seconds.
 
 A scenario is two shell scripts: ``dom0`` runs after xenstored, xen-init-dom0, xenconsoled
-and ``xl create`` of the domU (whose domid is in ``$DOMU``), ``domu`` runs in the domU.  Either
-reports with lines ``XSOCK-STEP <name> PASS|FAIL <detail>`` on its console; the domU's console
-is relayed by dom0, prefixed ``DOMU:``.  dom0 powers the machine off when its script ends.
+and ``xl create`` of the domU (whose domid is in ``$DOMU``), ``domu`` runs in the domU.  A
+scenario may add a third script, ``third``: then a second, smaller domU ("domu2", domid in
+``$DOMU2``) boots from the same image and runs it.  Each reports with lines
+``XSOCK-STEP <name> PASS|FAIL <detail>`` on its console; the domUs' consoles are relayed by dom0,
+prefixed ``DOMU:`` and ``DOMU2:``.  dom0 powers the machine off when its script ends.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ XEN_MODULES = ["xen-evtchn", "xen-gntdev", "xen-gntalloc", "xen-privcmd", "xenfs
 # vector-register state now and then (docs/XEN.md, "The emulation and XSAVE").
 QEMU_CPU = "max,-xsave,-avx,-avx2,-avx512f"
 STEP = re.compile(r"XSOCK-STEP (\S+) (PASS|FAIL) ?(.*)")
+RELAYED = re.compile(r"(DOMU2?): ")  # a domU's console line, relayed by dom0
 FIGURE = re.compile(r"XSOCK-FIGURE (\S+) (\S+)")
 SILENCE = 300.0  # seconds without a console line: the guests are stuck
 
@@ -73,25 +76,35 @@ xenconsoled --log=guest --log-dir=/var/log/xen && step xenconsoled PASS
 if xl create /etc/xen/domu.cfg >/tmp/xl.log 2>&1; then step domu-created PASS
 else step domu-created FAIL "$(tail -3 /tmp/xl.log)"; fi
 export DOMU=$(xl domid domu)
+if [ -f /scenario/third.sh ]; then  # the second domU: same image, its kernel line picks third.sh
+  if xl create /etc/xen/domu2.cfg >/tmp/xl2.log 2>&1; then step domu2-created PASS
+  else step domu2-created FAIL "$(tail -3 /tmp/xl2.log)"; fi
+  export DOMU2=$(xl domid domu2)
+fi
 # wait_domu NAME [SECONDS]: waits until the domU has reported step NAME (0 if it did).
 wait_domu() {
   i=0; while [ $i -lt $((${2:-120} * 5)) ]; do
     grep -q "XSOCK-STEP $1 " /var/log/xen/guest-domu.log 2>/dev/null && return 0
     sleep 0.2; i=$((i + 1)); done; return 1; }
-# Relay the domU's console (xenconsoled's log) to ours.
-(while [ ! -f /var/log/xen/guest-domu.log ]; do sleep 0.2; done
- tail -f /var/log/xen/guest-domu.log | while IFS= read -r l; do echo "DOMU: $l"; done) &
+# Relay the domUs' consoles (xenconsoled's logs) to ours.
+relay() {
+  (while [ ! -f /var/log/xen/guest-$1.log ]; do sleep 0.2; done
+   tail -f /var/log/xen/guest-$1.log | while IFS= read -r l; do echo "$2: $l"; done) & }
+relay domu DOMU
+[ -n "${DOMU2:-}" ] && relay domu2 DOMU2
 . /scenario/dom0.sh
-# The relay polls; replay what the domU said so that nothing is lost at power-off.
-sleep 2; grep -v '^\[' /var/log/xen/guest-domu.log | sed 's/^/DOMU: /'
+# The relay polls; replay what the domUs said so that nothing is lost at power-off.
+replay() {
+  [ -f /var/log/xen/guest-$1.log ] && grep -v '^\[' /var/log/xen/guest-$1.log | sed "s/^/$2: /"; }
+sleep 2; replay domu DOMU; replay domu2 DOMU2
 step dom0-done PASS
 sleep 1
 poweroff -f
 """
 
 DOMU_INIT = INIT_COMMON + """
-. /scenario/domu.sh
-step domu-done PASS
+if grep -qw xsock_role=third /proc/cmdline; then . /scenario/third.sh; step domu2-done PASS
+else . /scenario/domu.sh; step domu-done PASS; fi
 sleep 3600
 """
 
@@ -104,6 +117,11 @@ memory = 256
 vcpus = 1
 on_crash = "preserve"
 """
+# The second domU: the same kernel and image with less memory and one vCPU.  Its root, an
+# initramfs of about 45 MB, lives in that memory: 160 MiB is too little to unpack it
+# ("Initramfs unpacking failed: write error"). dom0 1024 MiB + 256 + 192 fit in QEMU's 2048.
+DOMU2_CFG = DOMU_CFG.replace('name = "domu"', 'name = "domu2"').replace(
+    "quiet", "quiet xsock_role=third").replace("memory = 256", "memory = 192")
 
 
 @dataclass
@@ -223,7 +241,8 @@ def _cpio(tree: Path, out: Path) -> None:
     out.write_bytes(gzip.compress(data, compresslevel=1))
 
 
-def build(dom0_script: str, domu_script: str) -> tuple[Path, Path, Path]:
+def build(dom0_script: str, domu_script: str, third_script: str | None = None
+          ) -> tuple[Path, Path, Path]:
     """Returns (xen, kernel, dom0 initrd) paths for a scenario, building what is not cached."""
     root = fetch_packages()
     xen = CACHE / "xen.elf"
@@ -235,6 +254,7 @@ def build(dom0_script: str, domu_script: str) -> tuple[Path, Path, Path]:
         if p.is_file() and "__pycache__" not in p.parts:
             key.update(p.name.encode() + p.read_bytes())
     key.update(Path(__file__).read_bytes() + dom0_script.encode() + domu_script.encode())
+    key.update(b"third\0" + third_script.encode() if third_script is not None else b"")
     for p in sorted(GUEST.glob("*.py")):
         key.update(p.name.encode() + p.read_bytes())
     image = CACHE / f"dom0-{key.hexdigest()[:16]}.gz"
@@ -246,15 +266,20 @@ def build(dom0_script: str, domu_script: str) -> tuple[Path, Path, Path]:
     _base_tree(root, domu)
     (domu / "init").write_text(DOMU_INIT)
     (domu / "scenario/domu.sh").write_text(domu_script)
+    if third_script is not None:
+        (domu / "scenario/third.sh").write_text(third_script)
     _copy_guest_files(domu)
     (domu / "init").chmod(0o755)
     _base_tree(root, dom0)
     _copy_tree(root / "usr/lib/xen-4.17", dom0 / "usr/lib/xen-4.17")
     (dom0 / "etc/xen").mkdir(parents=True, exist_ok=True)
     (dom0 / "etc/xen/domu.cfg").write_text(DOMU_CFG)
+    (dom0 / "etc/xen/domu2.cfg").write_text(DOMU2_CFG)
     (dom0 / "init").write_text(DOM0_INIT)
     (dom0 / "init").chmod(0o755)
     (dom0 / "scenario/dom0.sh").write_text(dom0_script)
+    if third_script is not None:  # dom0 creates the second domU when this file exists
+        (dom0 / "scenario/third.sh").write_text(third_script)
     _copy_guest_files(dom0)
     _cpio(domu, dom0 / "boot/domu.gz")
     shutil.copy(kernel, dom0 / "boot/vmlinuz")
@@ -265,11 +290,12 @@ def build(dom0_script: str, domu_script: str) -> tuple[Path, Path, Path]:
     return xen, kernel, image
 
 
-def boot(dom0_script: str, domu_script: str, timeout: float = 600) -> Iterator[str]:
+def boot(dom0_script: str, domu_script: str, timeout: float = 600,
+         third_script: str | None = None) -> Iterator[str]:
     """Yields console lines of one run; QEMU is killed when the generator closes."""
     if shutil.which("qemu-system-x86_64") is None:
         raise RuntimeError("qemu-system-x86_64 is missing: apt-get install qemu-system-x86")
-    xen, kernel, initrd = build(dom0_script, domu_script)
+    xen, kernel, initrd = build(dom0_script, domu_script, third_script)
     # XSOCK_QEMU_CPU / _ACCEL / _SMP vary the emulation (see docs/XEN.md).
     env = os.environ.get
     cmd = ["qemu-system-x86_64", "-machine", "q35",
@@ -311,20 +337,22 @@ def boot(dom0_script: str, domu_script: str, timeout: float = 600) -> Iterator[s
         proc.stdout.close()
 
 
-def run(dom0_script: str, domu_script: str, timeout: float = 600, echo: bool = True) -> Result:
-    """Returns the steps both guests reported, printing each as it comes."""
+def run(dom0_script: str, domu_script: str, timeout: float = 600, echo: bool = True,
+        third_script: str | None = None) -> Result:
+    """Returns the steps the guests reported, printing each as it comes."""
     result = Result()
     start = time.monotonic()
-    lines = boot(dom0_script, domu_script, timeout)
+    lines = boot(dom0_script, domu_script, timeout, third_script)
     try:
         for line in lines:
             result.console.append(line)
-            if (f := FIGURE.search(line)) and not line.startswith("DOMU:"):
+            relayed = RELAYED.match(line)
+            if (f := FIGURE.search(line)) and not relayed:
                 result.figures[f.group(1)] = f.group(2)
             m = STEP.search(line)
             if not m:
                 continue
-            where = "domU" if line.startswith("DOMU:") else "dom0"
+            where = {"DOMU": "domU", "DOMU2": "domU2"}[relayed.group(1)] if relayed else "dom0"
             name = f"{where}:{m.group(1)}"
             result.steps[name] = (m.group(2) == "PASS", m.group(3))
             if echo:
@@ -341,11 +369,14 @@ def run(dom0_script: str, domu_script: str, timeout: float = 600, echo: bool = T
 
 
 def main(argv: list[str]) -> int:
-    """``python tests/xen/harness.py SCENARIO``: runs tests/xen/SCENARIO_dom0.sh and _domu.sh."""
+    """``python tests/xen/harness.py SCENARIO``: runs tests/xen/SCENARIO_dom0.sh and _domu.sh
+    (and _third.sh in a second domU, if the scenario has one)."""
     here = Path(__file__).parent
     name = argv[0] if argv else "stream"
+    third = here / f"{name}_third.sh"
     r = run((here / f"{name}_dom0.sh").read_text(), (here / f"{name}_domu.sh").read_text(),
-            timeout=float(os.environ.get("XSOCK_XEN_TIMEOUT", "1800")))
+            timeout=float(os.environ.get("XSOCK_XEN_TIMEOUT", "1800")),
+            third_script=third.read_text() if third.exists() else None)
     ok = bool(r.steps) and all(passed for passed, _ in r.steps.values())
     log = r.save(name)
     print(f"{name}: full console in {log}")

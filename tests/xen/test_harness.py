@@ -56,6 +56,14 @@ def test_steps_and_figures_are_read_and_the_run_ends_at_dom0_done(fake_qemu):
     assert r.seconds < 30 and gone(pidfile), "the emulator was left running after dom0-done"
 
 
+def test_the_second_domus_lines_are_its_own(fake_qemu):
+    fake_qemu('echo "DOMU2: XSOCK-STEP attack FAIL squatted"\n'
+              'echo "DOMU2: XSOCK-FIGURE xsockd.open_ms 99"\necho "XSOCK-STEP dom0-done PASS"')
+    r = harness.run("", "", timeout=60, echo=False, third_script="")
+    assert r.steps["domU2:attack"] == (False, "squatted")
+    assert "dom0:attack" not in r.steps and r.figures == {"xsockd.open_ms": "12.5"}
+
+
 def test_a_run_past_its_time_is_a_failed_step_and_the_emulator_is_killed(fake_qemu):
     pidfile = fake_qemu("exec sleep 600")  # prints nothing more: a hung guest
     start = time.monotonic()

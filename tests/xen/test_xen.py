@@ -1,4 +1,5 @@
-"""The xen backend on a real hypervisor: Debian's Xen 4.17, a PV dom0 and a PV domU, under QEMU.
+"""The xen backend on a real hypervisor: Debian's Xen 4.17, a PV dom0 and two PV domUs, under
+QEMU (the second domU is a third domain that runs no xsockd and attacks the link).
 
 One boot runs the whole proof (``tests/xen/guest/xsproof.py``, driven from dom0); each test
 below checks the steps of one claim and shows the guests' consoles when it fails.  The steps
@@ -23,9 +24,11 @@ TIMEOUT = float(os.environ.get("XSOCK_XEN_TIMEOUT", "1500"))
 def proof(pytestconfig: pytest.Config) -> Iterator[harness.Result]:
     capture = pytestconfig.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled():
-        print("\nxen proof: booting Xen 4.17 with a PV dom0 and a PV domU under QEMU", flush=True)
+        print("\nxen proof: booting Xen 4.17 with a PV dom0 and two PV domUs under QEMU",
+              flush=True)
         result = harness.run((HERE / "proof_dom0.sh").read_text(),
-                             (HERE / "proof_domu.sh").read_text(), timeout=TIMEOUT)
+                             (HERE / "proof_domu.sh").read_text(), timeout=TIMEOUT,
+                             third_script=(HERE / "proof_third.sh").read_text())
         log = result.save("proof")
         print(f"xen proof: {len(result.steps)} steps in {result.seconds:.0f} s; "
               f"console in {log}", flush=True)
@@ -90,6 +93,20 @@ def test_a_half_closed_stream_keeps_flowing_the_other_way(proof):
 
 def test_xenstore_permissions_hold_on_xens_own_xenstored(proof):
     expect(proof, "xs-permissions", "xs-no-squat", "xs-request-dir-kept")
+
+
+def test_a_third_domain_can_neither_squat_create_read_list_nor_remove_the_link_requests(proof):
+    expect(proof, "domu2-created", "third-ready", "third-attack", "third-cannot-squat",
+           "third-cannot-create", "third-cannot-read-write", "third-cannot-list",
+           "third-cannot-remove", "third-nodes-unchanged")
+
+
+def test_a_third_domain_flooding_the_link_requests_changes_nothing(proof):
+    expect(proof, "third-flood-harmless", "third-nodes-unchanged")
+
+
+def test_the_link_streams_through_the_attack_and_is_set_up_again_after_it(proof):
+    expect(proof, "third-streaming-unharmed", "third-link-setup-after")
 
 
 def test_backend_errors_name_the_fix(proof):

@@ -3,7 +3,8 @@
 ``python3 xsproof.py dom0`` drives the whole scenario; ``python3 xsproof.py domu`` is an agent
 that runs in the domU and does what dom0 asks.  dom0 passes its requests through XenStore
 (``/local/domain/<domU>/data/proof/cmd``, answered in ``.../res``), the one channel the two
-guests have besides xsockd itself.
+guests have besides xsockd itself.  ``python3 xsproof.py third`` runs in a second domU, which
+runs no xsockd: asked the same way, it attacks the request nodes of the dom0 <-> domU link.
 
 Applications and services here are plain Unix-socket programs, as a user's would be; the
 daemons are ``python3 -m xsockd.daemon --backend xen``.  Every check prints
@@ -18,14 +19,17 @@ import hashlib
 import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 
+from xsockd.backend import XenStorePerm
 from xsockd.demo import stream_through
 from xsockd.errors import XenStoreError
 from xsockd.rendezvous import offer_path, request_dir
@@ -39,6 +43,7 @@ SERVICES = ("echo", "sink", "source", "halfclose")
 BIG = 64 * MiB            # per direction, as the issue asks
 BASELINE = 16 * MiB       # vchan-socket-proxy moves about 2 MB/s under emulation
 HALF_BACK = 8 * MiB       # what halfclose sends after the caller's FIN
+ATTACK_ECHO = 16 * MiB    # each way, per round of streaming while a third domain attacks
 
 
 def step(name: str, ok: bool, detail: str = "") -> bool:
@@ -363,6 +368,10 @@ def xs_exists(xs: XenStoreClient, path: str) -> bool:
     return xs_errno(lambda: xs.read(path)) == 0
 
 
+def errname(code: int) -> str:
+    return "ok" if code == 0 else errno.errorcode.get(code, str(code))
+
+
 # ---- the domU's agent --------------------------------------------------------------------------
 
 class Agent:
@@ -376,16 +385,22 @@ class Agent:
     def run(self) -> None:
         start_services()
         write_config([0], 0)
+        self.serve()
+
+    def wait_cmd(self) -> None:
+        time.sleep(0.02)
+
+    def serve(self) -> None:
         self.xs.write(f"{self.base}/res", json.dumps({"seq": 0}))
         seen = 0
         while True:
             try:
                 cmd = json.loads(self.xs.read(f"{self.base}/cmd"))
             except (XenStoreError, ValueError):
-                time.sleep(0.05)
+                self.wait_cmd()
                 continue
             if cmd["seq"] == seen:
-                time.sleep(0.02)
+                self.wait_cmd()
                 continue
             seen = cmd["seq"]
             try:
@@ -399,6 +414,17 @@ class Agent:
     def op_start(self) -> dict[str, object]:
         self.xsockd = start_xsockd(f"{RUN}/0.sock")
         return {"ok": True, "pid": self.xsockd.pid}
+
+    def op_restart(self) -> dict[str, object]:
+        """Stops xsockd (SIGTERM: its links go down) and starts it again."""
+        assert self.xsockd is not None
+        self.xsockd.send_signal(signal.SIGTERM)
+        code = self.xsockd.wait(60)
+        self.xsockd = start_xsockd(f"{RUN}/0.sock")
+        return {"ok": code == 0, "stopped_with": code, "pid": self.xsockd.pid}
+
+    def op_open_time(self, path: str) -> dict[str, object]:
+        return {"ok": True, "seconds": open_time(path)}
 
     def op_kill9(self) -> dict[str, object]:
         assert self.xsockd is not None
@@ -498,11 +524,99 @@ class Agent:
         return {"ok": True}
 
 
+# ---- the second domU: a third domain, no xsockd -----------------------------------------------
+
+FLOOD_S = 3.0  # seconds of flooding
+
+
+class Third(Agent):
+    """Takes dom0's requests like the agent (blocked on a watch instead of polling: this
+    domain runs nothing else), and does one thing: attack the link's request nodes."""
+
+    def run(self) -> None:
+        self.xs.watch(f"{self.base}/cmd", "cmd")
+        self.serve()
+
+    def wait_cmd(self) -> None:
+        select.select([self.xs.fileno()], [], [], 5)
+        self.xs.read_events()
+
+    def tool(self, *argv: str) -> str:
+        """Runs one of Xen's own xenstore-* tools: "ok", or how it failed."""
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        why = (p.stderr.strip().splitlines() or [""])[-1][-60:]  # the reason is at the end
+        return "ok" if p.returncode == 0 else f"exit {p.returncode}: {why}"
+
+    def op_attack(self, domu: int, flood_s: float = FLOOD_S) -> dict[str, object]:
+        """Everything a third domain might try on the request nodes of the dom0 <-> domU
+        link, in dom0's tree (D0) and in the domU's (D1).  Each attempt's result is "ok" (it
+        worked) or the errno name; removal comes last, as it may break the rest."""
+        me, xs = self.domid, self.xs
+        trees = {"D0": (request_dir(0), domu), "D1": (request_dir(domu), 0)}
+        out: dict[str, object] = {"ok": True, "me": me}
+
+        def tries(group: str, attempts: dict[str, Callable[[], object]]) -> None:
+            out[group] = {k: errname(xs_errno(fn)) for k, fn in attempts.items()}
+
+        def each(fn: Callable[[str, str, int], dict[str, Callable[[], object]]]
+                 ) -> dict[str, Callable[[], object]]:
+            got: dict[str, Callable[[], object]] = {}
+            for t, (d, peer) in trees.items():
+                got.update(fn(t, d, peer))
+            return got
+
+        start = time.monotonic()
+        tries("list", each(lambda t, d, peer: {
+            f"ls {t}": lambda: xs.directory(d),
+            f"ls {t}/..": lambda: xs.directory(d.rsplit("/", 1)[0]),
+            f"perms {t}": lambda: xs.get_perms(d)}))
+        tries("read_write", each(lambda t, d, peer: {
+            f"read {t}/{peer}": lambda: xs.read(f"{d}/{peer}"),
+            f"perms {t}/{peer}": lambda: xs.get_perms(f"{d}/{peer}"),
+            f"write {t}/{peer}": lambda: xs.write(f"{d}/{peer}", b"accepted 1")}))
+        tries("squat", each(lambda t, d, peer: {
+            f"create {t}/{peer}": lambda: xs.write(f"{d}/{peer}", b"offer 1"),
+            f"mkdir {t}/{peer}": lambda: xs.mkdir(f"{d}/{peer}"),
+            f"chmod {t}/{peer}": lambda: xs.set_perms(f"{d}/{peer}", [XenStorePerm(me, "n")]),
+            f"chmod {t}": lambda: xs.set_perms(d, [XenStorePerm(me, "n")])}))
+        tries("create", each(lambda t, d, peer: {
+            f"create {t}/{me}": lambda: xs.write(f"{d}/{me}", b"offer 1"),
+            f"create {t}/7777": lambda: xs.write(f"{d}/7777", b"offer 1"),
+            f"create {t}/x": lambda: xs.write(f"{d}/x", b""),
+            f"create {t}/{peer}/x": lambda: xs.write(f"{d}/{peer}/x", b"")}))
+        # The same with Xen's own client, in dom0's tree.
+        d0, p0 = request_dir(0), f"{request_dir(0)}/{domu}"
+        for group, key, argv in (
+                ("list", "xenstore-ls D0", ["xenstore-ls", d0]),
+                ("read_write", f"xenstore-read D0/{domu}", ["xenstore-read", p0]),
+                ("squat", f"xenstore-write D0/{domu}", ["xenstore-write", p0, "offer 1"]),
+                ("squat", f"xenstore-chmod D0/{domu}", ["xenstore-chmod", p0, f"n{me}"]),
+                ("create", f"xenstore-write D0/{me}", ["xenstore-write", f"{d0}/{me}", "offer 1"])):
+            out[group][key] = self.tool(*argv)  # type: ignore[index]
+        # The flood: writes as fast as this domain can make them, each a new offer.
+        targets = [f"{d}/{n}" for d, peer in trees.values() for n in (peer, me)]
+        errs: Counter[str] = Counter()
+        n, end = 0, time.monotonic() + flood_s
+        while time.monotonic() < end:
+            for path in targets:
+                n += 1
+                errs[errname(xs_errno(lambda path=path, n=n: xs.write(path, f"offer {n}")))] += 1
+        out["flood"] = {"writes": n, "per_s": round(n / flood_s), "results": dict(errs)}
+        tries("remove", each(lambda t, d, peer: {
+            f"rm {t}/{peer}": lambda: xs.rm(f"{d}/{peer}"),
+            f"rm {t}": lambda: xs.rm(d)}))
+        out["remove"]["xenstore-rm D0"] = self.tool("xenstore-rm", d0)  # type: ignore[index]
+        out["seconds"] = round(time.monotonic() - start, 2)
+        return out
+
+
 # ---- dom0: the driver ----------------------------------------------------------------------------
 
 class Driver:
     def __init__(self) -> None:
         self.domu = int(os.environ["DOMU"])
+        self.domu2 = int(os.environ["DOMU2"]) if os.environ.get("DOMU2") else None
+        self.echo_mbps = 0.0
         self.xs = xenstore()
         self.base = f"/local/domain/{self.domu}/data/proof"
         self.seq = 0
@@ -513,14 +627,17 @@ class Driver:
         self.passed &= ok
         return step(name, ok, detail)
 
-    def call(self, op: str, timeout: float = 600, **args: object) -> dict[str, object]:
-        """Runs ``op`` in the domU's agent and returns its answer."""
+    def call(self, op: str, timeout: float = 600, to: str | None = None, **args: object
+             ) -> dict[str, object]:
+        """Runs ``op`` in the domU's agent (or the one whose XenStore base is ``to``) and
+        returns its answer."""
+        base = to or self.base
         self.seq += 1
-        self.xs.write(f"{self.base}/cmd", json.dumps({"seq": self.seq, "op": op, "args": args}))
+        self.xs.write(f"{base}/cmd", json.dumps({"seq": self.seq, "op": op, "args": args}))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                res = json.loads(self.xs.read(f"{self.base}/res"))
+                res = json.loads(self.xs.read(f"{base}/res"))
                 if res.get("seq") == self.seq:
                     return res
             except (XenStoreError, ValueError):
@@ -528,10 +645,10 @@ class Driver:
             time.sleep(0.02)
         return {"ok": False, "error": f"the domU did not answer {op} within {timeout:.0f} s"}
 
-    def wait_agent(self, timeout: float = 300) -> bool:
+    def wait_agent(self, timeout: float = 300, base: str | None = None) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not xs_errno(lambda: self.xs.read(f"{self.base}/res")):
+            if not xs_errno(lambda: self.xs.read(f"{base or self.base}/res")):
                 return True
             time.sleep(0.2)
         return False
@@ -611,6 +728,7 @@ class Driver:
         self.check("open", True, f"first stream (with link set-up) {first * 1000:.0f} ms, "
                                  f"later streams {nxt * 1000:.1f} ms (median of 10)")
         ok, took = echo(to_domu(), BIG)
+        self.echo_mbps = BIG / took / 1e6
         self.check("echo-dom0-app", ok, f"{BIG >> 20} MiB each way through /run/xsock/"
                                         f"{self.domu}.sock in {took:.1f} s, sha256 equal")
         r = self.call("echo", path=f"{RUN}/0.sock", total=BIG)
@@ -657,9 +775,11 @@ class Driver:
             ok = bool(self.call("echo", path=f"{RUN}/0.sock", total=4 * MiB).get("ok"))
         self.check("restart-works", ok, "after the domU's xsockd is started again, new "
                                         "streams from both sides echo 4 MiB intact")
-        # 6. The baseline: Xen's own vchan-socket-proxy between the same two guests.
+        # 6. A third domain attacks the link's request nodes while the link streams.
+        self.third_domain(to_domu(), first)
+        # 7. The baseline: Xen's own vchan-socket-proxy between the same two guests.
         self.vchan_baseline()
-        # 7. xl destroy of the whole domU in mid-stream.
+        # 8. xl destroy of the whole domU in mid-stream.
         self.crash("destroy", {"ports": 0, "gnt_mappings": 0, "xs_nodes": 0},
                    lambda: subprocess.run(["xl", "destroy", "domu"], check=True))
         self.check("dom0-xsockd-alive", self.xsockd.poll() is None, "dom0's xsockd survived")
@@ -682,6 +802,125 @@ class Driver:
         self.check("unknown-domain", ended and took < 2 and said and not junk,
                    f"stream ended in {took:.2f} s, log names the reason: {said}, "
                    f"XenStore nodes made for it: {junk}")
+
+    def tree(self, path: str) -> dict[str, str]:
+        """A request directory as dom0 sees it: each node's value and permissions."""
+        out: dict[str, str] = {}
+
+        def walk(p: str, name: str) -> None:
+            try:
+                out[name] = f"{self.xs.read(p).decode(errors='replace')!r} " + \
+                    ",".join(map(str, self.xs.get_perms(p)))
+                for child in self.xs.directory(p):
+                    walk(f"{p}/{child}", f"{name}/{child}")
+            except XenStoreError as e:
+                out[name] = errname(e.errno or errno.EIO)
+        walk(path, ".")
+        return out
+
+    def third_domain(self, to_domu: str, first_open: float) -> None:
+        """The second domU, which runs no xsockd, tries everything on the request nodes of the
+        dom0 <-> domU link, in dom0's tree and in the domU's, while the two stream: each
+        attempt must be refused and leave the nodes as they were; the stream must not notice,
+        and the domU must set up a new link through the same nodes afterwards."""
+        if self.domu2 is None:
+            self.check("third-ready", False, "no second domU ($DOMU2 is not set)")
+            return
+        base2 = f"/local/domain/{self.domu2}/data/proof"
+        ready = self.wait_agent(60, base2)
+        if not self.check("third-ready", ready, f"domain {self.domu2} (no xsockd) answers in "
+                          "XenStore" + ("" if ready else "; its console ends: "
+                                        + tail("/var/log/xen/guest-domu2.log", 3))):
+            return
+        trees = {"D0": request_dir(0), "D1": request_dir(self.domu)}
+        say(f"the third domain is {self.domu2}; D0 = {trees['D0']}, D1 = {trees['D1']}")
+        before = {t: self.tree(d) for t, d in trees.items()}
+        watcher = xenstore()
+        for t, d in trees.items():
+            watcher.watch(d, t)
+        time.sleep(0.5)
+        watcher.read_events()  # the event each new watch fires once
+        mark = os.path.getsize("/tmp/xsockd.log")
+        done = threading.Event()
+        rounds: list[tuple[bool, float]] = []
+        failure: list[str] = []
+
+        def stream() -> None:
+            while not done.is_set() or not rounds:
+                try:
+                    rounds.append(echo(to_domu, ATTACK_ECHO))
+                except (OSError, EOFError) as e:
+                    failure.append(repr(e))
+                    return
+        streamer = threading.Thread(target=stream, daemon=True)
+        streamer.start()
+        t0 = time.monotonic()
+        r = self.call("attack", timeout=120, to=base2, domu=self.domu)
+        attacked = time.monotonic() - t0
+        done.set()
+        streamer.join(300)
+        time.sleep(1.0)  # what the daemons do about the attack shows in XenStore by then
+        changes = [e.path for e in watcher.read_events()]
+        watcher.close()
+        after = {t: self.tree(d) for t, d in trees.items()}
+        with open("/tmp/xsockd.log", errors="replace") as f:
+            f.seek(mark)
+            warned = [ln for ln in f.read().splitlines() if " INFO " not in ln
+                      and " DEBUG " not in ln]
+        if not self.check("third-attack", bool(r.get("ok")), f"took {attacked:.1f} s: {r}"):
+            return
+
+        def refused(group: str, name: str, what: str) -> None:
+            got: dict[str, str] = r.get(group) or {}  # type: ignore[assignment]
+            # Our client reports xenstored's errno; Xen's tools only that they failed.
+            bad = {k: v for k, v in got.items()
+                   if v == "ok" or (not k.startswith("xenstore-") and v not in ("EACCES",
+                                                                                 "ENOENT"))}
+            shown = bad or got
+            self.check(name, bool(got) and not bad,
+                       f"{what}: {'ALLOWED or unexpected' if bad else 'all refused'}: "
+                       + "; ".join(f"{k} -> {v}" for k, v in shown.items()))
+        refused("squat", "third-cannot-squat", f"domain {self.domu2} creating, changing or "
+                "chmod-ing the link's request node (D0 = dom0's request directory, D1 = "
+                "the domU's)")
+        refused("create", "third-cannot-create", "creating its own or other requests")
+        refused("read_write", "third-cannot-read-write", "reading or answering the request")
+        refused("list", "third-cannot-list", "listing the request directories")
+        refused("remove", "third-cannot-remove", "removing the request node or directory")
+        flood: dict[str, object] = r.get("flood") or {}  # type: ignore[assignment]
+        results: dict[str, int] = flood.get("results") or {}  # type: ignore[assignment]
+        self.check("third-flood-harmless", bool(results) and set(results) <= {"EACCES",
+                                                                               "ENOENT"}
+                   and not warned,
+                   f"{flood.get('writes')} offers written in {FLOOD_S:.0f} s "
+                   f"({flood.get('per_s')}/s) to D0 and D1: {results}; dom0's xsockd logged "
+                   f"{len(warned)} warnings meanwhile{': ' + warned[0][:200] if warned else ''}")
+        same = before == after
+        self.check("third-nodes-unchanged", same and not changes,
+                   f"{len(changes)} changes under D0 and D1 during the attack "
+                   f"{sorted(set(changes))[:6]}; the nodes "
+                   + ("are as they were: " + str(after) if same else
+                      f"differ: before {before}, after {after}"))
+        good = sum(ok for ok, _ in rounds)
+        secs = sum(took for _, took in rounds)
+        mbps = good * ATTACK_ECHO / secs / 1e6 if secs else 0.0
+        self.check("third-streaming-unharmed", bool(rounds) and good == len(rounds)
+                   and not failure,
+                   f"{good} of {len(rounds)} rounds of {ATTACK_ECHO >> 20} MiB each way "
+                   f"through {to_domu} sha256 equal while domain {self.domu2} attacked for "
+                   f"{attacked:.1f} s: {mbps:.1f} MB/s each way (before: "
+                   f"{self.echo_mbps:.1f}) {' '.join(failure)}")
+        # A new link from the domU, through dom0's request node for it.
+        r = self.call("restart")
+        took = -1.0
+        if r.get("ok"):
+            r = self.call("open-time", path=f"{RUN}/0.sock")
+            took = float(r.get("seconds", -1.0))  # type: ignore[arg-type]
+        limit = max(2.0, 3 * first_open)
+        self.check("third-link-setup-after", 0 <= took < limit,
+                   f"the domU's xsockd restarted; its first stream to dom0 (a new link set "
+                   f"up by the domU) opened in {took * 1000:.0f} ms (limit {limit * 1000:.0f}"
+                   f" ms; dom0's first was {first_open * 1000:.0f} ms): {r}")
 
     def crash(self, how: str, after: dict[str, int], act: Callable[[], object]) -> None:
         """Kills the peer in mid-stream: the application must see the end at once, and dom0's
@@ -752,6 +991,9 @@ def main(argv: list[str]) -> int:
     if role == "domu":
         Agent().run()
         return 0
+    if role == "third":
+        Third().run()
+        return 0
     if role == "dom0":
         d = Driver()
         try:
@@ -762,7 +1004,7 @@ def main(argv: list[str]) -> int:
             for line in str(d.call("log", timeout=30).get("tail", "")).splitlines()[-25:]:
                 print(f"DOMU-XSOCKD: {line}", flush=True)
         return 0 if d.passed else 1
-    print("usage: xsproof.py dom0|domu", file=sys.stderr)
+    print("usage: xsproof.py dom0|domu|third", file=sys.stderr)
     return 2
 
 

@@ -331,7 +331,7 @@ def test_link_offers_past_their_budget_are_refused_busy(plane: Plane, caplog):
     ([sys.executable, "-c", "import time; time.sleep(30)", "xsockd"], False),
 ])
 def test_a_stale_daemon_record_counts_only_for_an_xsockd_process(argv, daemon):
-    from xsockd.manager import _runs_xsockd
+    from xsockd.rendezvous import _runs_xsockd
     p = subprocess.Popen(argv)
     try:
         time.sleep(0.3)  # let bash exec

@@ -33,7 +33,7 @@ from xsockd.admission import (
     admit_stream,
     grant_budget,
 )
-from xsockd.backend import Backend, XenStorePerm
+from xsockd.backend import Backend
 from xsockd.config import Config, ServiceConfig
 from xsockd.constants import PROTOCOL_VERSION, XS_ROOT
 from xsockd.errors import (
@@ -49,16 +49,13 @@ from xsockd.link import Link, grant_link, map_link
 from xsockd.listeners import Rundir, socket_path
 from xsockd.peerlog import PeerLog, escape
 from xsockd.rendezvous import (
+    Offering,
     RequestBoard,
     VersionMismatch,
-    ask,
+    claim_domain,
     domain_path,
-    parse_request,
-    publish_offer,
-    read_answer,
     read_offer,
     request_dir,
-    request_path,
 )
 from xsockd.ring import EventType, Reason, RingEvent, Role
 
@@ -131,26 +128,6 @@ class ChannelObserver:
         """A channel left the table; ``reason`` is a short word ("done", "link-down"...)."""
 
 
-def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return "unknown"
-
-
-def _runs_xsockd(pid: int) -> bool:
-    """Returns True if process ``pid`` is an xsockd daemon (not, say, journalctl -u xsockd)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-    except OSError:
-        return False
-    # /usr/bin/xsockd, "python3 /usr/bin/xsockd ...", or "python -m xsockd.daemon ...".
-    names = [os.path.basename(a) for a in argv[:2]]
-    return b"xsockd" in names or b"xsockd.daemon" in argv[1:3]
-
-
 class Manager:
     """Owns every link, listener and channel of one daemon.
 
@@ -169,10 +146,9 @@ class Manager:
         self._by_serial: dict[tuple[int, int], Channel] = {}   # (id(link), serial)
         self._admitting: dict[tuple[int, int], _Admission] = {}
         self._budgets: dict[int, OpenBudget] = {}               # peer
-        self._waiting: dict[int, tuple[Timer, str]] = {}         # id(link): set-up timer, watch
+        self._waiting: dict[int, tuple[Timer, Offering]] = {}    # id(link): timer, our offer
         self._listeners: dict[tuple[int, str], socket.socket] = {}
         self._rundir: Rundir | None = None
-        self._answered: dict[int, int] = {}
         self._draining = False
         self._drain_timer: Timer | None = None
         self._ids = itertools.count(1)
@@ -193,22 +169,9 @@ class Manager:
 
     def start(self) -> None:
         """Publishes our request nodes, watches them and opens the peers' sockets."""
-        root = f"{domain_path(self.domid)}/{XS_ROOT}"
         self._check_peers(self.config)
         self._rundir = Rundir(self.config.daemon.rundir)
-        self._claim_domain(f"{root}/daemon")
-        try:
-            names = self.xs.directory(root)
-        except XenStoreError as e:
-            if e.errno != errno.ENOENT:
-                raise
-            names = []
-        # Our offers of an earlier run go.  Request nodes stay: a peer may have asked while
-        # we were restarting, and the watch's first event makes us look at them.
-        for name in names:
-            if name not in ("request", "daemon"):
-                self.xs.rm(f"{root}/{name}")
-        self.xs.set_perms(root, [XenStorePerm(self.domid, "n")])
+        claim_domain(self.xs, self.domid)
         self._sync_requests()
         self.xs.watch(request_dir(self.domid), "requests")
         # A destroyed domain runs no unmap notification: @releaseDomain is how we learn of it.
@@ -327,7 +290,6 @@ class Manager:
             changes += [f"service {service} of domain {peer} added" if service
                         else f"peer {peer} added" for peer, service in added]
         for peer in set(self.config.daemon.peers) - set(config.daemon.peers):
-            self._answered.pop(peer, None)
             self._offers.pop(peer, None)
             self._budgets.pop(peer, None)
             self.peerlog.forget(peer)
@@ -463,17 +425,14 @@ class Manager:
                           max_streams=cfg.max_streams)
         self._add_link(link)
         try:
-            link.on_close(publish_offer(
-                self.xs, self.domid, peer, generation=link.generation,
-                ring_size=cfg.ring_size, control_ref=link.grant_refs[0], port=link.port,
-                refs=link.grant_refs[1:]))
             link.ring.start()
-            token = f"answer:{peer}:{link.generation}"
-            self.xs.watch(request_path(peer, self.domid), token)
+            offering = Offering(self.xs, self.domid, peer, generation=link.generation,
+                                ring_size=cfg.ring_size, control_ref=link.grant_refs[0],
+                                port=link.port, refs=link.grant_refs[1:])
+            link.on_close(offering.close)
             timer = self.loop.call_later(LINK_SETUP_TIMEOUT, lambda: self._guard(
                 peer, Role.INITIATOR, "waiting for it to attach", self._setup_timeout, link))
-            self._waiting[id(link)] = (timer, token)
-            ask(self.xs, self.domid, peer, link.generation)
+            self._waiting[id(link)] = (timer, offering)
         except BaseException:
             self._drop_link(link)
             raise
@@ -500,14 +459,10 @@ class Manager:
 
     def _stop_waiting(self, link: Link) -> None:
         waiting = self._waiting.pop(id(link), None)
-        if waiting is None:
-            return
-        timer, token = waiting
-        timer.cancel()
-        try:
-            self.xs.unwatch(request_path(link.peer, self.domid), token)
-        except XenStoreError as e:
-            log.debug("unwatch: %s", e)
+        if waiting is not None:
+            timer, offering = waiting
+            timer.cancel()
+            offering.stop_watching()
 
     def _drop_link(self, link: Link, goodbye: bool = False) -> None:
         if self.links.get((link.peer, link.role)) is link:
@@ -535,10 +490,9 @@ class Manager:
                 self._drop_destroyed_peers()
             elif ev.token == "introduced":
                 self._sync_requests()
-            elif ev.token.startswith("answer:"):
-                _, peer, gen = ev.token.split(":")
-                self._guard(int(peer), Role.INITIATOR, "reading its answer to our offer",
-                            self._check_answer, int(peer), int(gen))
+            elif (answer := Offering.parse_token(ev.token)) is not None:
+                self._guard(answer[0], Role.INITIATOR, "reading its answer to our offer",
+                            self._check_answer, *answer)
 
     def _on_request_event(self, path: str) -> None:
         """Looks at the request node the event names, or at every peer's for the directory.
@@ -572,9 +526,10 @@ class Manager:
 
     def _check_answer(self, peer: int, generation: int) -> None:
         link = self.links.get((peer, Role.INITIATOR))
-        if link is None or link.generation != generation or link.up:
+        waiting = self._waiting.get(id(link)) if link is not None else None
+        if link is None or waiting is None or link.generation != generation:
             return
-        why = read_answer(self.xs, peer, self.domid, generation)
+        why = waiting[1].refusal()
         if why is not None:
             self.counters["links_refused"] += 1
             self.peerlog.error(peer, "domain %d refused our link: %s", peer, escape(why))
@@ -590,26 +545,6 @@ class Manager:
                 log.warning("domain %d (in [daemon] peers) does not exist now: streams to it "
                             "are refused until it does", peer, extra={"XSOCK_PEER": peer})
 
-    def _claim_domain(self, node: str) -> None:
-        """Refuses to start beside a running xsockd of the same domain, then records us.
-
-        A second daemon would take over the request nodes and the sockets of the first and
-        leave both broken.  The record (pid and boot id) survives a kill -9: it counts only
-        while that process still runs an xsockd.
-        """
-        try:
-            words = self.xs.read(node).decode("ascii", "replace").split()
-        except XenStoreError as e:
-            if e.errno != errno.ENOENT:
-                raise
-            words = []
-        boot = _boot_id()
-        if len(words) == 2 and words[0].isdigit() and words[1] == boot \
-                and int(words[0]) != os.getpid() and _runs_xsockd(int(words[0])):
-            raise XsockError(f"another xsockd already serves domain {self.domid} (pid "
-                             f"{words[0]}); stop that one first")
-        self.xs.write(node, f"{os.getpid()} {boot}")
-
     def _on_request(self, peer: int) -> None:
         """Answers what ``peer`` wrote in its request node (only it and we may write there)."""
         value = self.board.read(peer)
@@ -618,10 +553,9 @@ class Manager:
                 self.peerlog.warning(peer, "the link request node of domain %d was removed "
                                      "(only it or dom0 may): recreated", peer)
             return
-        generation = parse_request(value)
-        if generation is None or self._answered.get(peer) == generation:
-            return  # idle, our own answer, or junk the peer wrote into its own node
-        self._answered[peer] = generation
+        generation = self.board.new_offer(peer, value)
+        if generation is None:
+            return  # idle, our own answer, junk the peer wrote, or an offer answered already
         refusal = admit_link(self.config, self.domid, peer, self._draining)
         if refusal is None:
             bucket = self._offers.setdefault(peer, RateBucket(OFFER_RATE, OFFER_BURST,

@@ -17,19 +17,22 @@ about a peer goes through ``parse_offer`` or ``parse_request``: read once, check
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from xsockd.backend import XenStore, XenStorePerm
 from xsockd.constants import PROTOCOL_VERSION, XS_ROOT
-from xsockd.errors import ProtocolError, RefusedError, XenStoreError
+from xsockd.errors import ProtocolError, RefusedError, XenStoreError, XsockError
 from xsockd.ring import MAX_RING_SIZE, MIN_RING_SIZE, link_pages
 from xsockd.xenstore_client import transact
 
 __all__ = [
     "Offer",
+    "Offering",
     "RequestBoard",
     "ask",
+    "claim_domain",
     "domain_path",
     "offer_path",
     "parse_offer",
@@ -242,6 +245,105 @@ def read_answer(xs: XenStore, acceptor: int, me: int, generation: int) -> str | 
     return why or "no reason given"
 
 
+class Offering:
+    """Our offer of a link to ``peer``, our request at ``peer`` and the watch for its answer.
+
+    Made in that order (publish, watch, ask), so that no answer is missed; ``close()``
+    withdraws the watch and the offer.  Raises RefusedError (no request node for us) or
+    XenStoreError with nothing left behind.
+    """
+
+    def __init__(self, xs: XenStore, me: int, peer: int, *, generation: int, ring_size: int,
+                 control_ref: int, port: int, refs: tuple[int, ...]) -> None:
+        self.xs, self.me, self.peer, self.generation = xs, me, peer, generation
+        self.token = f"answer:{peer}:{generation}"
+        self._remove: Callable[[], None] | None = publish_offer(
+            xs, me, peer, generation=generation, ring_size=ring_size, control_ref=control_ref,
+            port=port, refs=refs)
+        self._watching = False
+        try:
+            xs.watch(request_path(peer, me), self.token)
+            self._watching = True
+            ask(xs, me, peer, generation)
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def parse_token(token: str) -> tuple[int, int] | None:
+        """Returns (peer, generation) of an answer watch's token, None for another watch."""
+        words = token.split(":")
+        if len(words) != 3 or words[0] != "answer":
+            return None
+        return int(words[1]), int(words[2])
+
+    def refusal(self) -> str | None:
+        """Returns why the peer refused this offer, None while it has not (or accepted)."""
+        return read_answer(self.xs, self.peer, self.me, self.generation)
+
+    def stop_watching(self) -> None:
+        if self._watching:
+            self._watching = False
+            try:
+                self.xs.unwatch(request_path(self.peer, self.me), self.token)
+            except XenStoreError:
+                pass  # the connection's watches end with it anyway
+
+    def close(self) -> None:
+        self.stop_watching()
+        if self._remove is not None:
+            remove, self._remove = self._remove, None
+            remove()
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
+
+
+def _runs_xsockd(pid: int) -> bool:
+    """Returns True if process ``pid`` is an xsockd daemon (not, say, journalctl -u xsockd)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    # /usr/bin/xsockd, "python3 /usr/bin/xsockd ...", or "python -m xsockd.daemon ...".
+    names = [os.path.basename(a) for a in argv[:2]]
+    return b"xsockd" in names or b"xsockd.daemon" in argv[1:3]
+
+
+def claim_domain(xs: XenStore, domid: int) -> None:
+    """Refuses to start beside a running xsockd of the same domain, then records us.
+
+    A second daemon would take over the request nodes and the sockets of the first and leave
+    both broken.  The record (pid and boot id, in our private tree) survives a kill -9: it
+    counts only while that process still runs an xsockd.  Then our offers of an earlier run
+    go; request nodes stay (a peer may have asked while we were away).
+    """
+    root = f"{domain_path(domid)}/{XS_ROOT}"
+    node = f"{root}/daemon"
+    try:
+        words = xs.read(node).decode("ascii", "replace").split()
+    except XenStoreError as e:
+        if e.errno != errno.ENOENT:
+            raise
+        words = []
+    boot = _boot_id()
+    if len(words) == 2 and words[0].isdigit() and words[1] == boot \
+            and int(words[0]) != os.getpid() and _runs_xsockd(int(words[0])):
+        raise XsockError(f"another xsockd already serves domain {domid} (pid {words[0]}); "
+                         "stop that one first")
+    xs.write(node, f"{os.getpid()} {boot}")
+    for name in xs.directory(root):
+        if name not in ("request", "daemon"):
+            xs.rm(f"{root}/{name}")
+    xs.set_perms(root, [XenStorePerm(domid, "n")])
+
+
 def quiet_rm(xs: XenStore, path: str) -> Callable[[], None]:
     """Returns a callable that removes ``path``, ignoring that it is gone or not ours."""
     def rm() -> None:
@@ -266,6 +368,18 @@ class RequestBoard:
         self.domid = domid
         self.path = request_dir(domid)
         self._peers: frozenset[int] = frozenset()
+        self._answered: dict[int, int] = {}  # peer -> the last generation we took up
+
+    def new_offer(self, peer: int, value: bytes) -> int | None:
+        """Returns the generation of an offer in ``peer``'s node ``value`` not yet taken up.
+
+        None for an idle node, our own answer, junk, or an offer seen before.
+        """
+        generation = parse_request(value)
+        if generation is None or self._answered.get(peer) == generation:
+            return None
+        self._answered[peer] = generation
+        return generation
 
     def sync(self, peers: Iterable[int]) -> dict[int, XenStoreError]:
         """Makes the nodes match ``peers``; returns the peers whose node could not be made.
@@ -276,6 +390,8 @@ class RequestBoard:
         domain that did not exist when it was set: call it when a domain is introduced).
         """
         self._peers = frozenset(peers)
+        for gone in set(self._answered) - self._peers:
+            del self._answered[gone]
         me = self.domid
         self.xs.write(self.path, b"")
         self.xs.set_perms(self.path, [XenStorePerm(me, "n")])

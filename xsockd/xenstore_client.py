@@ -159,8 +159,30 @@ class XenStoreClient(XenStore):
         self._request(Op.RM, path.encode() + b"\0", tx, path)
 
     def directory(self, path: str, tx: int = 0) -> list[str]:
-        reply = self._request(Op.DIRECTORY, path.encode() + b"\0", tx, path)
+        try:
+            reply = self._request(Op.DIRECTORY, path.encode() + b"\0", tx, path)
+        except XenStoreError as e:
+            if e.errno != errno.E2BIG:
+                raise
+            reply = self._directory_parts(path, tx)
         return [p.decode(errors="replace") for p in split_strings(reply)]
+
+    def _directory_parts(self, path: str, tx: int) -> bytes:
+        """The child list of a directory too long for one reply, read with DIRECTORY_PART
+        as libxenstore does: restarted if the node's generation changes between parts."""
+        for _ in range(16):
+            names, gen = bytearray(), None
+            while True:
+                reply = self._request(Op.DIRECTORY_PART, path.encode() + b"\0%d\0" % len(names),
+                                      tx, path)
+                part_gen, _, part = reply.partition(b"\0")
+                if gen is not None and part_gen != gen:
+                    break  # changed meanwhile: start again
+                gen = part_gen
+                if part.endswith(b"\0\0") or part == b"\0":  # the empty string ends the list
+                    return bytes(names) + part[:-1]
+                names += part
+        raise XenStoreError(errno.EAGAIN, f"XenStore directory {path} kept changing", path)
 
     def get_perms(self, path: str, tx: int = 0) -> list[XenStorePerm]:
         reply = self._request(Op.GET_PERMS, path.encode() + b"\0", tx, path)

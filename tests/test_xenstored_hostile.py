@@ -19,6 +19,7 @@ import pytest
 from xsockd.backend import XenStorePerm
 from xsockd.errors import XenStoreError
 from xsockd.sim.host import SimHost
+from xsockd.sim.xsstore import parent_of
 from xsockd.xenstore_wire import HEADER, Op
 
 HOST_DOMAINS = [0, 1, 2, 3]
@@ -102,6 +103,18 @@ def status_kb(pid: int, key: str = "VmRSS") -> int:
 
 BAD_PATHS = [b"@x", b"@", b"@x/y", b"@releaseDomain", b"/a//b", b"/a/", b"/a b", b"/\xff\xfe",
              b"/a/../b", b"/" + b"x" * 2049, b"/local/domain/1/" + b"y" * 2049]
+
+
+@pytest.mark.parametrize("path", ["@x", "@", "", "x", "//", "/a//", "a/b", "/a/b/c", "/"])
+def test_every_walk_to_the_root_ends(path):
+    """get_parent shortens every path, whatever it is, so walks over parents end."""
+    for _ in range(len(path) + 1):
+        if path == "/":
+            return
+        shorter = parent_of(path)
+        assert len(shorter) < len(path) or shorter == "/"
+        path = shorter
+    assert path == "/"
 
 
 @pytest.mark.parametrize("op", [Op.WRITE, Op.MKDIR, Op.RM, Op.READ, Op.DIRECTORY,

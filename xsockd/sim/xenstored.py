@@ -526,6 +526,8 @@ class XenStoreServer:
         parent_path = parent_of(name)
         parent = req.view.get(parent_path)
         while parent is None:  # ends: parent_of shortens the path and "/" always exists
+            if parent_path == "/":
+                raise XsErr(errno.EIO)  # no root: never, but no loop either
             missing.append(parent_path)
             parent_path = parent_of(parent_path)
             parent = req.view.get(parent_path)

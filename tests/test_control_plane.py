@@ -124,7 +124,8 @@ def test_streams_flow_in_process(plane: Plane):
 
 # (domain whose handler fails, method name): every entry point a peer can drive.
 HANDLERS = [(2, "_on_request"), (2, "_admit"), (2, "_connect_service"), (2, "_on_link_event"),
-            (1, "_check_answer"), (1, "_on_link_event"), (1, "_on_closed")]
+            (1, "_on_peer_node"), (1, "_on_link_event"), (1, "_on_closed"),
+            (2, "_on_peer_node")]
 
 
 @pytest.mark.parametrize(("dom", "name"), HANDLERS)
@@ -143,7 +144,7 @@ def test_a_failing_handler_costs_only_its_link(plane: Plane, caplog, monkeypatch
 
     monkeypatch.setattr(m, name, broken)
     plane.echo_ok(1, 2)  # fails one way or another; must not raise out of the loop
-    if not calls:  # _check_answer runs only for an answer: make one arrive
+    if not calls:  # _on_peer_node runs only when the peer's node changes: change it
         with plane.host.xenstore(0) as xs0:
             xs0.write(request_path(2, 1), b"refused injected")
         plane.loop.run_until(lambda: calls, what=f"{name} to run")

@@ -50,10 +50,12 @@ from xsockd.listeners import Rundir, socket_path
 from xsockd.peerlog import PeerLog, escape
 from xsockd.rendezvous import (
     Offering,
+    PeerNode,
     RequestBoard,
     VersionMismatch,
     claim_domain,
     domain_path,
+    offer_path,
     read_offer,
     request_dir,
 )
@@ -146,7 +148,8 @@ class Manager:
         self._by_serial: dict[tuple[int, int], Channel] = {}   # (id(link), serial)
         self._admitting: dict[tuple[int, int], _Admission] = {}
         self._budgets: dict[int, OpenBudget] = {}               # peer
-        self._waiting: dict[int, tuple[Timer, Offering]] = {}    # id(link): timer, our offer
+        self._waiting: dict[int, Timer] = {}                     # id(link): set-up timer
+        self._peer_nodes: dict[int, PeerNode] = {}               # id(link): the peer's node
         self._listeners: dict[tuple[int, str], socket.socket] = {}
         self._rundir: Rundir | None = None
         self._draining = False
@@ -429,10 +432,9 @@ class Manager:
             offering = Offering(self.xs, self.domid, peer, generation=link.generation,
                                 ring_size=cfg.ring_size, control_ref=link.grant_refs[0],
                                 port=link.port, refs=link.grant_refs[1:])
-            link.on_close(offering.close)
-            timer = self.loop.call_later(LINK_SETUP_TIMEOUT, lambda: self._guard(
+            self._watch_peer(link, offering)
+            self._waiting[id(link)] = self.loop.call_later(LINK_SETUP_TIMEOUT, lambda: self._guard(
                 peer, Role.INITIATOR, "waiting for it to attach", self._setup_timeout, link))
-            self._waiting[id(link)] = (timer, offering)
         except BaseException:
             self._drop_link(link)
             raise
@@ -458,11 +460,17 @@ class Manager:
             self._drop_link(link)
 
     def _stop_waiting(self, link: Link) -> None:
-        waiting = self._waiting.pop(id(link), None)
-        if waiting is not None:
-            timer, offering = waiting
+        timer = self._waiting.pop(id(link), None)
+        if timer is not None:
             timer.cancel()
-            offering.stop_watching()
+
+    def _watch_peer(self, link: Link, node: PeerNode) -> None:
+        self._peer_nodes[id(link)] = node
+
+        def forget() -> None:
+            self._peer_nodes.pop(id(link), None)
+            node.close()
+        link.on_close(forget)
 
     def _drop_link(self, link: Link, goodbye: bool = False) -> None:
         if self.links.get((link.peer, link.role)) is link:
@@ -490,9 +498,11 @@ class Manager:
                 self._drop_destroyed_peers()
             elif ev.token == "introduced":
                 self._sync_requests()
-            elif (answer := Offering.parse_token(ev.token)) is not None:
-                self._guard(answer[0], Role.INITIATOR, "reading its answer to our offer",
-                            self._check_answer, *answer)
+            elif (ours := PeerNode.parse_token(ev.token)) is not None:
+                kind, peer, generation = ours
+                role = Role.INITIATOR if kind == "answer" else Role.ACCEPTOR
+                self._guard(peer, role, "reading its XenStore node", self._on_peer_node, role,
+                            peer, generation)
 
     def _on_request_event(self, path: str) -> None:
         """Looks at the request node the event names, or at every peer's for the directory.
@@ -524,15 +534,22 @@ class Manager:
                         extra={"XSOCK_PEER": link.peer})
             self._guard(link.peer, link.role, "dropping it", self._drop_link, link)
 
-    def _check_answer(self, peer: int, generation: int) -> None:
-        link = self.links.get((peer, Role.INITIATOR))
-        waiting = self._waiting.get(id(link)) if link is not None else None
-        if link is None or waiting is None or link.generation != generation:
+    def _on_peer_node(self, role: Role, peer: int, generation: int) -> None:
+        """Reads the peer's node we watch: its answer to our offer, or that it is gone."""
+        link = self.links.get((peer, role))
+        node = self._peer_nodes.get(id(link)) if link is not None else None
+        if link is None or node is None or link.generation != generation:
             return
-        why = waiting[1].refusal()
-        if why is not None:
-            self.counters["links_refused"] += 1
-            self.peerlog.error(peer, "domain %d refused our link: %s", peer, escape(why))
+        if isinstance(node, Offering) and not link.up:
+            why = node.refusal()
+            if why is not None:
+                self.counters["links_refused"] += 1
+                self.peerlog.error(peer, "domain %d refused our link: %s", peer, escape(why))
+                self._drop_link(link)
+                return
+        if node.gone():
+            self.peerlog.warning(peer, "link with domain %d down: %s is gone (the domain was "
+                                 "destroyed, or its xsockd stopped)", peer, node.path)
             self._drop_link(link)
 
     def _check_peers(self, config: Config) -> None:
@@ -602,6 +619,8 @@ class Manager:
             return
         self._add_link(link)
         link.on_close(lambda: self.board.reset(peer, generation))
+        self._watch_peer(link, PeerNode(self.xs, "offer", offer_path(peer, self.domid), peer,
+                                        generation))
         link.ring.start()
         if not self.board.answer(peer, generation, f"accepted {generation}"):
             # The peer wrote a newer offer meanwhile: this link will never be used.

@@ -30,6 +30,7 @@ from xsockd.xenstore_client import transact
 __all__ = [
     "Offer",
     "Offering",
+    "PeerNode",
     "RequestBoard",
     "ask",
     "claim_domain",
@@ -245,8 +246,51 @@ def read_answer(xs: XenStore, acceptor: int, me: int, generation: int) -> str | 
     return why or "no reason given"
 
 
-class Offering:
-    """Our offer of a link to ``peer``, our request at ``peer`` and the watch for its answer.
+class PeerNode:
+    """A watch on the node of a link's peer that we may read: its answer node for a link we
+    offered (``kind`` "answer"), its offer for one we accepted ("offer").
+
+    xl destroy removes a domain's whole XenStore tree, and xenstored tells each domain that
+    could read a removed node: a domU, which may not ask whether a domain still exists, learns
+    so that its peer's domain was destroyed.  ``close()`` ends the watch.
+    """
+
+    def __init__(self, xs: XenStore, kind: str, path: str, peer: int, generation: int) -> None:
+        self.xs, self.path = xs, path
+        self.token = f"{kind}:{peer}:{generation}"
+        xs.watch(path, self.token)
+        self._watching = True
+
+    @staticmethod
+    def parse_token(token: str) -> tuple[str, int, int] | None:
+        """Returns (kind, peer, generation) of one of our tokens, None for another watch."""
+        words = token.split(":")
+        if len(words) != 3 or words[0] not in ("answer", "offer"):
+            return None
+        return words[0], int(words[1]), int(words[2])
+
+    def gone(self) -> bool:
+        """Returns True once the node is no longer there for us."""
+        try:
+            self.xs.read(self.path)
+        except XenStoreError as e:
+            if e.errno in (errno.ENOENT, errno.EACCES):
+                return True
+            raise
+        return False
+
+    def close(self) -> None:
+        if self._watching:
+            self._watching = False
+            try:
+                self.xs.unwatch(self.path, self.token)
+            except XenStoreError:
+                pass  # the connection's watches end with it anyway
+
+
+class Offering(PeerNode):
+    """Our offer of a link to ``peer``, our request at ``peer`` and the watch on that request
+    node (for the answer, then for the peer's domain going away).
 
     Made in that order (publish, watch, ask), so that no answer is missed; ``close()``
     withdraws the watch and the offer.  Raises RefusedError (no request node for us) or
@@ -255,42 +299,24 @@ class Offering:
 
     def __init__(self, xs: XenStore, me: int, peer: int, *, generation: int, ring_size: int,
                  control_ref: int, port: int, refs: tuple[int, ...]) -> None:
-        self.xs, self.me, self.peer, self.generation = xs, me, peer, generation
-        self.token = f"answer:{peer}:{generation}"
+        self.me, self.peer, self.generation = me, peer, generation
         self._remove: Callable[[], None] | None = publish_offer(
             xs, me, peer, generation=generation, ring_size=ring_size, control_ref=control_ref,
             port=port, refs=refs)
-        self._watching = False
         try:
-            xs.watch(request_path(peer, me), self.token)
-            self._watching = True
+            super().__init__(xs, "answer", request_path(peer, me), peer, generation)
             ask(xs, me, peer, generation)
         except BaseException:
             self.close()
             raise
 
-    @staticmethod
-    def parse_token(token: str) -> tuple[int, int] | None:
-        """Returns (peer, generation) of an answer watch's token, None for another watch."""
-        words = token.split(":")
-        if len(words) != 3 or words[0] != "answer":
-            return None
-        return int(words[1]), int(words[2])
-
     def refusal(self) -> str | None:
         """Returns why the peer refused this offer, None while it has not (or accepted)."""
         return read_answer(self.xs, self.peer, self.me, self.generation)
 
-    def stop_watching(self) -> None:
-        if self._watching:
-            self._watching = False
-            try:
-                self.xs.unwatch(request_path(self.peer, self.me), self.token)
-            except XenStoreError:
-                pass  # the connection's watches end with it anyway
-
     def close(self) -> None:
-        self.stop_watching()
+        if hasattr(self, "_watching"):
+            super().close()
         if self._remove is not None:
             remove, self._remove = self._remove, None
             remove()

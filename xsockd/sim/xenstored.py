@@ -635,10 +635,7 @@ class XenStoreServer:
         then one event at once."""
         conn = req.conn
         assert conn is not None
-        payload = req.msg.payload
-        if payload.count(b"\0") != 2:
-            raise XsErr(errno.EINVAL)
-        raw, token, _ = payload.split(b"\0")
+        raw, token = _path_and_token(req.msg.payload)
         if raw.startswith(b"@"):
             relative = False
             if len(raw) > REL_PATH_MAX:
@@ -668,10 +665,7 @@ class XenStoreServer:
     def _do_unwatch(self, req: Request) -> bytes:
         conn = req.conn
         assert conn is not None
-        payload = req.msg.payload
-        if payload.count(b"\0") != 2:
-            raise XsErr(errno.EINVAL)
-        raw, token, _ = payload.split(b"\0")
+        raw, token = _path_and_token(req.msg.payload)
         path = canonicalize(conn.domid, raw).decode("latin-1")
         for w in conn.watches:
             if w.path == path and w.token == token:
@@ -898,3 +892,11 @@ def main() -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _path_and_token(payload: bytes) -> tuple[bytes, bytes]:
+    """Returns the path and token of a WATCH or UNWATCH payload ("path\\0token\\0")."""
+    if payload.count(b"\0") != 2:
+        raise XsErr(errno.EINVAL)
+    raw, token, _ = payload.split(b"\0")
+    return raw, token

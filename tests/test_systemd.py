@@ -16,6 +16,7 @@ import json
 import os
 import re
 import select
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -671,21 +672,24 @@ def test_cleanup_checks_work(c):
 
 
 def newer_build(deb: Path, tmp: Path) -> Path:
-    """Returns deb repacked with a higher version: a rebuild after a version bump, to dpkg.
+    """Builds the package again from a copy of this tree with a higher xsockd.__version__.
 
-    Its files, conffile and maintainer scripts are the same build's, as in most upgrades.
+    The copy has no .git: ./run deb takes the tree as a release's source would come.
     """
-    tree = tmp / "tree"
-    subprocess.run(["dpkg-deb", "-R", str(deb), str(tree)], check=True)
+    src = tmp / "src"
+    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".cache", "build", "__pycache__", "*.egg-info", "*.so", ".*_cache",
+        ".hypothesis"))
     version = deb.name.split("_")[1]
-    newer = f"{version}+1"
-    control = tree / "DEBIAN" / "control"
-    text = control.read_text()
-    assert f"\nVersion: {version}\n" in text, text
-    control.write_text(text.replace(f"\nVersion: {version}\n", f"\nVersion: {newer}\n"))
-    out = tmp / deb.name.replace(f"_{version}_", f"_{newer}_")
-    subprocess.run(["dpkg-deb", "--root-owner-group", "-b", str(tree), str(out)], check=True,
-                   capture_output=True)
+    init = src / "xsockd" / "__init__.py"
+    text = init.read_text()
+    assert f'\n__version__ = "{version}"\n' in text, text
+    init.write_text(text.replace(f'__version__ = "{version}"', f'__version__ = "{version}+1"'))
+    r = subprocess.run([str(src / "run"), "deb"], cwd=src, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, f"./run deb of the newer version failed:\n{r.stdout}{r.stderr}"
+    out = Path(r.stdout.split()[-1])
+    assert out.name == deb.name.replace(f"_{version}_", f"_{version}+1_"), out
     return out
 
 
@@ -708,6 +712,10 @@ def test_upgrade_keeps_the_edited_configuration_and_restarts_the_daemon(c, deb, 
              and prop(c, "xsockd", "ActiveState") == "active", units=("xsockd",))
     wait_for(c, "/run/xsock/2/hello.sock (the edited configuration in use)",
              lambda: exists(c, "/run/xsock/2/hello.sock"), units=("xsockd",))
+    # The daemon now running is the new build's.
+    r = c.run("busctl", "--system", "get-property", *BUS, "Version", check=False)
+    assert r.stdout.strip() == f's "{version}"', \
+        f"Version after the upgrade: {r.stdout}{r.stderr}" + journal(c, "xsockd")
     sent, got, n = echo_through(c, "/run/xsock/2.sock", MiB)
     assert sent == got and n == MiB, "no echo after the upgrade" + journal(c)
 

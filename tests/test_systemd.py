@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from systemd_container import SystemdContainer
+from systemd_container import ContainerError, SystemdContainer
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -663,6 +663,22 @@ def test_stop_releases_every_grant_port_and_node(c, held):
     # must not wait for [daemon] stop_timeout (10 s by default).
     assert took < 5, f"systemctl stop took {took:.1f} s with one idle stream (nothing in " \
         f"flight): the drain waited for stop_timeout" + journal(c, "xsockd")
+
+
+def test_a_failing_start_shows_the_journal_of_the_failed_unit(c):
+    # What a failure inside says must be read before the container goes: the error carries it.
+    c.install(f"{ETC}/xsock-fails.service",
+              "[Service]\nType=oneshot\nExecStart=/bin/sh -c 'echo the-reason-it-failed; exit 3'\n")
+    c.run("systemctl", "daemon-reload")
+    try:
+        with pytest.raises(ContainerError) as e:
+            c.run("systemctl", "start", "xsock-fails")
+        assert "failed units: xsock-fails.service" in str(e.value) and \
+            "the-reason-it-failed" in str(e.value), str(e.value)
+    finally:
+        c.remove(f"{ETC}/xsock-fails.service")
+        c.run("systemctl", "reset-failed", "xsock-fails", check=False)
+        c.run("systemctl", "daemon-reload")
 
 
 def test_cleanup_checks_work(c):

@@ -1,15 +1,15 @@
 """Debian's systemd as PID 1 in a throw-away container made from this machine's own root.
 
-The container's root is an overlay: this machine's root file system read-only below, a tmpfs
-above, mounted in a mount namespace of its own (``unshare --mount``) so that nothing of it
-shows on the host, and gone with the container.  So the container starts as a copy of this
-machine, packages and all, and whatever a test does inside (``apt install``, units in /etc,
-users, files in /run) is thrown away when it stops.  (``systemd-nspawn --volatile=yes`` would
-keep /usr read-only and /etc, /var empty: no apt.)  It has a network of its own
-(``--private-network``): the services this machine enables start inside too, and must not
-touch its interfaces.  The host has no systemd of its own, hence ``--register=no
---keep-unit``.  Commands run inside through ``nsenter`` into every namespace of the
-container's systemd.
+The container's root is an overlay: this machine's root file system read-only below (that one
+file system: a /usr or /var mounted apart from it would be missing), a tmpfs above, mounted in
+a mount namespace of its own (``unshare --mount``) so that nothing of it shows on the host, and
+gone with the container. So the container starts as a copy of this machine, packages and all,
+and whatever a test does inside (``apt install``, units in /etc, users, files in /run) is
+thrown away when it stops. (``systemd-nspawn --volatile=yes`` would keep /usr read-only and
+/etc, /var empty: no apt.) It has a network of its own (``--private-network``): the services
+this machine enables start inside too, and must not touch its interfaces. The host has no
+systemd of its own, hence ``--register=no --keep-unit``. Commands run inside through
+``nsenter`` into every namespace of the container's systemd.
 
     with SystemdContainer("xsockd-test", log=tmpdir / "console.log") as c:
         c.install("/etc/systemd/system/foo.service", text)

@@ -246,6 +246,23 @@ def test_busctl_and_xsockctl_see_the_same_channel(world, bus):
         assert shown["grant_refs"] == ch["grant_refs"]["data"]
 
 
+
+def test_global_options_work_before_or_after_the_command(world, bus):
+    with open_echo(world, b"o" * 300):
+        outputs = []
+        for argv in (["--json", "--address", bus.address, "list"],
+                     ["list", "--json", "--address", bus.address],
+                     ["--address", bus.address, "list", "--json"],
+                     ["--json", "list", "--address", bus.address]):
+            r = subprocess.run([XSOCKCTL, *argv], capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, (argv, r.stderr)
+            outputs.append([(c["id"], c["bytes_in"]) for c in json.loads(r.stdout)])
+        assert outputs[0] == [(outputs[0][0][0], 300)] and all(o == outputs[0] for o in outputs)
+        ident = str(outputs[0][0][0])
+        for argv in (["--json", "show", ident], ["show", ident, "--json"]):
+            r = xsockctl(bus.address, *argv)
+            assert r.returncode == 0 and json.loads(r.stdout)["bytes_out"] == 300, r.stderr
+
 def test_statistics_and_properties(world, proxy, bus):
     with open_echo(world, b"s" * 5000):
         stats = pump(lambda: (s := proxy.GetStatistics())["bytes_out"] >= 5000 and s)

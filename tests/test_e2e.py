@@ -390,16 +390,33 @@ def test_a_daemon_listing_its_own_domain_as_a_peer_does_not_start(world):
     r = subprocess.run([sys.executable, "-m", "xsockd.daemon", "--domid", "1", "--config",
                         str(conf), "--no-dbus"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 1
-    assert "daemon.peers: lists domain 1, which is this domain itself" in r.stderr, r.stderr
-    assert "Traceback" not in r.stderr
+    said = f"xsockd: {conf}:3: daemon.peers: lists domain 1, which is this domain itself"
+    assert said in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # --check-config for that domain refuses it in the same words; for another it passes.
+    check = subprocess.run([sys.executable, "-m", "xsockd.daemon", "--check-config", str(conf),
+                            "--domid", "1"], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 1 and check.stderr.strip() in r.stderr.splitlines(), check.stderr
+    assert check.stderr.startswith(said)
+    # And so does a reload of a running daemon, which keeps its old configuration.
+    world.start(1)
+    d1 = world.daemons[1]
+    d1.config.write_text(conf.read_text().replace(f"{world.work}/self",
+                                                  str(world.rundir(1))))
+    d1.signal(signal.SIGHUP)
+    world.wait_for("the refused reload", lambda: "reload refused" in d1.log())
+    assert "daemon.peers: lists domain 1, which is this domain itself" in d1.log()
 
 
 def test_errors_for_a_missing_simulated_domain_and_a_missing_xen_name_the_fix(world):
+    world.host.destroy_domain(3)
     r = subprocess.run([sys.executable, "-m", "xsockd.daemon", "--backend", "sim", "--domid",
                         "5", "--sim-dir", str(world.sim_dir), "--config",
                         str(world.daemons[1].config), "--no-dbus"],
                        capture_output=True, text=True, timeout=30)
-    assert r.returncode == 1 and "has no domain 5: check --domid" in r.stderr, r.stderr
+    assert r.returncode == 1, r.stderr
+    # It lists the domains that exist now: not 3, destroyed before.
+    assert f"the simulated host at {world.sim_dir} has no domain 5 (it has 0, 1, 2): check " \
+        "--domid" in r.stderr, r.stderr
     if os.path.exists("/dev/xen"):
         return  # a Xen domain: the next check is about machines without Xen
     r = subprocess.run([sys.executable, "-m", "xsockd.daemon", "--backend", "xen", "--config",

@@ -80,6 +80,8 @@ class Host:
         op = msg.get("op")
         if op == "accounting":
             reply["domains"] = {str(d): a for d, a in self.hypervisor.accounting().items()}
+        elif op == "domains":  # those that exist now (not destroyed)
+            reply["domains"] = sorted(self.hypervisor.listeners)
         elif op == "destroy_domain":
             self.destroy_domain(int(msg["domid"]))
         elif op == "create_domain":

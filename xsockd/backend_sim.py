@@ -186,6 +186,24 @@ class SimEventChannel(EventChannel):
             self.close()
 
 
+def _host_domains(simdir: str) -> list[int] | None:
+    """Returns the domains the simulated host in ``simdir`` has now; None if it does not say."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+            s.settimeout(5)
+            s.connect(os.path.join(simdir, "control.sock"))
+            send_message(s, {"op": "domains"})
+            reply, fds = recv_message(s)
+    except (OSError, ValueError):
+        return None
+    for fd in fds:
+        os.close(fd)
+    domains = reply.get("domains") if isinstance(reply, dict) else None
+    if not isinstance(domains, list) or not all(type(d) is int for d in domains):
+        return None
+    return domains
+
+
 class SimBackend(Backend):
     """Domain ``domid`` of the simulated host in ``simdir``."""
 
@@ -200,9 +218,11 @@ class SimBackend(Backend):
             if not os.path.exists(os.path.join(self.simdir, "control.sock")):
                 raise
             # The host runs, only this domain is not one of its.
+            domains = _host_domains(self.simdir)
+            which = f"it has {', '.join(map(str, domains))}" if domains is not None else \
+                "its domains are --domains of xsockd-simhost"
             raise BackendError(e.errno, f"the simulated host at {self.simdir} has no domain "
-                                        f"{domid}: check --domid (its domains: --domains of "
-                                        "xsockd-simhost)") from None
+                                        f"{domid} ({which}): check --domid") from None
 
     def __repr__(self) -> str:
         return f"<SimBackend domain {self.domid} at {self.simdir}>"

@@ -34,11 +34,10 @@ from xsockd.admission import (
     grant_budget,
 )
 from xsockd.backend import Backend
-from xsockd.config import Config, ServiceConfig
+from xsockd.config import Config, ServiceConfig, check_own_domain
 from xsockd.constants import PROTOCOL_VERSION, XS_ROOT
 from xsockd.errors import (
     BackendError,
-    ConfigError,
     NoSuchChannel,
     ProtocolError,
     RefusedError,
@@ -60,6 +59,7 @@ from xsockd.rendezvous import (
     request_dir,
 )
 from xsockd.ring import EventType, Reason, RingEvent, Role
+from xsockd.words import count
 
 if TYPE_CHECKING:
     from xsockd.loop import Loop, Timer
@@ -190,9 +190,8 @@ class Manager:
         for peer, service in self.config.local_sockets():
             self._listen(peer, service)
         self._started = True
-        n = len(self.config.daemon.peers)
-        log.info("xsockd domain %d ready: %d peer%s, rundir %s", self.domid, n,
-                 "" if n == 1 else "s", self.config.daemon.rundir)
+        log.info("xsockd domain %d ready: %s, rundir %s", self.domid,
+                 count(len(self.config.daemon.peers), "peer"), self.config.daemon.rundir)
 
     def stop(self) -> None:
         """Closes listeners and links (telling peers goodbye) and removes our nodes."""
@@ -233,8 +232,8 @@ class Manager:
             self._on_connect(peer, service)  # clients whose connect() already succeeded
             self._unlisten(peer, service)
         deadline = self.loop.time() + timeout
-        log.info("stopping: no new streams; %d channels may drain for up to %g s",
-                 len(self.channels), timeout)
+        log.info("stopping: no new streams; %s may drain for up to %g s",
+                 count(len(self.channels), "channel"), timeout)
 
         def check() -> None:
             self._drain_timer = None
@@ -244,12 +243,13 @@ class Manager:
                 self._drain_timer = self.loop.call_later(DRAIN_POLL, check)
                 return
             if pending:
-                log.warning("stop_timeout of %g s reached: closing %d streams with %d bytes "
-                            "still on their way (%s)", timeout, held["streams"], pending,
+                log.warning("stop_timeout of %g s reached: closing %s with %s "
+                            "still on their way (%s)", timeout, count(held["streams"], "stream"),
+                            count(pending, "byte"),
                             ", ".join(f"{k} {v}" for k, v in held.items() if v and
                                       k != "streams"))
             else:
-                log.info("drained: closing %d idle streams", held["streams"])
+                log.info("drained: closing %s", count(held["streams"], "idle stream"))
             done()
 
         check()
@@ -554,9 +554,7 @@ class Manager:
 
     def _check_peers(self, config: Config) -> None:
         """Refuses a configuration naming our own domain; warns of peers that do not exist."""
-        if self.domid in config.daemon.peers:
-            raise ConfigError(f"lists domain {self.domid}, which is this domain itself",
-                              table="daemon", key="peers")
+        check_own_domain(config, self.domid)
         for peer in config.daemon.peers:
             if not self._domain_exists(peer):
                 log.warning("domain %d (in [daemon] peers) does not exist now: streams to it "
@@ -868,6 +866,6 @@ class Manager:
 
     def status(self) -> str:
         up = sum(1 for lk in self.links.values() if lk.up)
-        n = len(self.config.daemon.peers)
-        return (f"{len(self.channels)} channels, {up} of {len(self.links)} links up, "
-                f"{n} peer{'' if n == 1 else 's'} configured")
+        return (f"{count(len(self.channels), 'channel')}, {up} of "
+                f"{count(len(self.links), 'link')} up, "
+                f"{count(len(self.config.daemon.peers), 'peer')} configured")

@@ -148,6 +148,8 @@ class Host:
                 self.create_domain(domid)
             else:
                 self.destroy_domain(domid)
+        elif op == "domains":  # those that exist now (not destroyed)
+            return {"ok": True, "domains": sorted(self.hypervisor.listeners)}
         elif op == "accounting":
             return {"ok": True, "domains": {str(d): a for d, a
                                             in self.hypervisor.accounting().items()}}

@@ -89,8 +89,10 @@ def admit_stream(config: Config, peer: int, name: str, stopping: bool
                                            "default_service")
         if (name or config.daemon.default_service) not in config.services:
             return Refusal(Reason.REFUSED, f"no service {name or config.daemon.default_service!r}"
-                                           f": add [services.{name or 'NAME'}]")
-        return Refusal(Reason.REFUSED, "not in that service's allow list")
+                                           f": add [services.{name or 'NAME'}] to this "
+                                           "domain's configuration")
+        return Refusal(Reason.REFUSED, f"not in that service's allow list: add {peer} to its "
+                                       "allow")
     return service
 
 

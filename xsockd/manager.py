@@ -35,6 +35,7 @@ from xsockd.admission import (
 )
 from xsockd.advice import link_refused, no_such_domain, stream_refused
 from xsockd.backend import Backend
+from xsockd.confdiff import describe_changes
 from xsockd.config import Config, ServiceConfig
 from xsockd.constants import PROTOCOL_VERSION, XS_ROOT
 from xsockd.errors import (
@@ -271,10 +272,12 @@ class Manager:
         """Switches to ``config``: new peers and named services get sockets, removed ones' go.
 
         Open links and channels survive; a removed peer may open no new streams or links.
-        Returns what changed, one phrase each.  rundir changes need a restart.
+        New [link] budgets (open_rate, max_connecting) apply to every peer at once, the other
+        [link] settings to links made from now on.  Returns what changed, one phrase each
+        (``confdiff``); [] for nothing.  rundir changes need a restart.
         """
         self._check_peers(config)
-        changes = []
+        changes: list[str] = []
         if config.daemon.rundir != self.config.daemon.rundir:
             config = dataclasses.replace(
                 config, daemon=dataclasses.replace(config.daemon, rundir=self.config.daemon.rundir))
@@ -293,10 +296,10 @@ class Manager:
                                  f"{e.strerror or e}") from e
             for peer, service in sorted(old - new):
                 self._unlisten(peer, service)
-                changes.append(f"service {service} of domain {peer} removed" if service
-                               else f"peer {peer} removed")
-            changes += [f"service {service} of domain {peer} added" if service
-                        else f"peer {peer} added" for peer, service in added]
+        changes += describe_changes(self.config, config)
+        now = self.loop.time()
+        for budget in self._budgets.values():
+            budget.retune(config.link.open_rate, config.link.max_connecting, now)
         for peer in set(self.config.daemon.peers) - set(config.daemon.peers):
             self._offers.pop(peer, None)
             self._budgets.pop(peer, None)

@@ -11,7 +11,6 @@ import json
 import os
 import pwd
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 import pydbus
 import pytest
 from gi.repository import Gio, GLib
+from privatebus import PrivateBus
 from simworld import SimWorld, stream_hashes
 
 from xsockd import __version__
@@ -74,31 +74,6 @@ OPEN_CONF = """<busconfig>
   </policy>
 </busconfig>
 """
-
-
-class PrivateBus:
-    """A dbus-daemon of our own; ready once it has printed its address and pid."""
-
-    def __init__(self, config: Path | None = None) -> None:
-        how = [f"--config-file={config}"] if config else ["--session"]
-        out = subprocess.run(["dbus-daemon", *how, "--fork", "--print-address=1",
-                              "--print-pid=1"], capture_output=True, text=True, check=True,
-                             timeout=30).stdout.split()
-        self.address, self.pid = out[0], int(out[1])
-
-    def close(self) -> None:
-        try:
-            os.kill(self.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                os.kill(self.pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.02)
-        os.kill(self.pid, signal.SIGKILL)
 
 
 @pytest.fixture

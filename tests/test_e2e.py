@@ -165,7 +165,7 @@ def test_refused_domain_and_missing_service(world):
         assert s.recv(10) == b""  # refused: EOF, not a hang
     world.wait_for("domain 3 to log the refusal",
                    lambda: "has no link request node for us" in world.daemons[3].log()
-                   and "does not list domain 3 in [daemon] peers" in world.daemons[3].log())
+                   and "or add 3 to [daemon] peers in its configuration" in world.daemons[3].log())
     # Domain 1 is allowed, but the echo service is not running: clear log line, EOF.
     with world.connect(1, 2) as s:
         assert s.recv(10) == b""

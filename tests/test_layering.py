@@ -22,8 +22,10 @@ ALLOWED: dict[str, set[str] | None] = {
     "admission": {"config", "ring"},
     "listeners": {"errors"},
     "peerlog": set(),
-    "manager": {"admission", "backend", "config", "constants", "errors", "link", "listeners",
-                "loop", "peerlog", "rendezvous", "ring", "words"},
+    "advice": {"ring"},
+    "confdiff": {"config"},
+    "manager": {"admission", "advice", "backend", "confdiff", "config", "constants", "errors",
+                "link", "listeners", "loop", "peerlog", "rendezvous", "ring", "words"},
     "backend_sim": {"backend", "errors", "sim.hypervisor", "xenstore_client"},
     # The face sees the manager only through its snake_case methods (and the loop's call_soon).
     "dbus_face": {"constants", "errors", "loop", "manager"},

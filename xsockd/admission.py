@@ -32,6 +32,11 @@ class RateBucket:
         self._tokens = float(burst)
         self._at = now
 
+    def retune(self, rate: float, burst: float, now: float) -> None:
+        """Switches to ``rate`` and ``burst`` (a reload), keeping the tokens earned so far."""
+        self._tokens = min(float(burst), self._tokens + max(0.0, now - self._at) * self.rate)
+        self._at, self.rate, self.burst = now, rate, burst
+
     def take(self, now: float) -> bool:
         """Returns True (and takes a token) if one is there at ``now``."""
         self._tokens = min(self.burst, self._tokens + max(0.0, now - self._at) * self.rate)
@@ -55,6 +60,11 @@ class OpenBudget:
         self.max_connecting = max_connecting
         self._bucket = RateBucket(rate, rate, now)
         self.connecting = 0
+
+    def retune(self, rate: int, max_connecting: int, now: float) -> None:
+        """Applies a reloaded ``open_rate`` and ``max_connecting``; connects in progress stay."""
+        self.rate, self.max_connecting = rate, max_connecting
+        self._bucket.retune(rate, rate, now)
 
     def take(self, now: float) -> Refusal | None:
         """Returns None if one more open may start now (and counts it), else the refusal."""
@@ -89,8 +99,10 @@ def admit_stream(config: Config, peer: int, name: str, stopping: bool
                                            "default_service")
         if (name or config.daemon.default_service) not in config.services:
             return Refusal(Reason.REFUSED, f"no service {name or config.daemon.default_service!r}"
-                                           f": add [services.{name or 'NAME'}]")
-        return Refusal(Reason.REFUSED, "not in that service's allow list")
+                                           f": add [services.{name or 'NAME'}] to this "
+                                           "domain's configuration")
+        return Refusal(Reason.REFUSED, f"not in that service's allow list: add {peer} to its "
+                                       "allow")
     return service
 
 

@@ -178,7 +178,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
             log.error("reload refused, the old configuration stays: %s", e)
             return
         log.info("configuration reloaded from %s: %s", args.config,
-                 ", ".join(changes) or "no change to peers")
+                 ", ".join(changes) or "no change")
 
     def status() -> None:
         notifier.status(manager.status())

@@ -213,10 +213,11 @@ def ask(xs: XenStore, me: int, peer: int, generation: int) -> None:
         transact(xs, write)
     except XenStoreError as e:
         if e.errno in (errno.EACCES, errno.ENOENT, errno.EPERM):
+            # Both causes look the same from here: the peer's request directory is private.
             raise RefusedError(
-                f"domain {peer} has no link request node for us ({node}): it does not list "
-                f"domain {me} in [daemon] peers, runs no xsockd, or runs one older than "
-                f"protocol version {PROTOCOL_VERSION}") from e
+                f"domain {peer} has no link request node for us ({node}): start xsockd in "
+                f"domain {peer} (link protocol version {PROTOCOL_VERSION} or later), or add "
+                f"{me} to [daemon] peers in its configuration") from e
         raise
 
 

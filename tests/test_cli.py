@@ -85,7 +85,7 @@ def test_demo_shows_the_tables_with_the_stream_open_and_dir_keeps_the_logs(tmp_p
     r = xsockd("demo", "--mib", "1", "--ring-size", "16KiB", "--dir", str(work))
     assert r.returncode == 0 and "demo passed" in r.stdout, r.stdout + r.stderr
     assert r.stdout.count("during the transfer (stream open)") == 2
-    assert r.stdout.count("channel table (1 channels") == 2
+    assert r.stdout.count("channel table (1 channel,") == 2
     assert "ring 16384 bytes/direction" in r.stdout
     assert f"kept in {work}" in r.stdout
     assert (work / "xsockd-1.log").stat().st_size and (work / "xsockd-2.log").stat().st_size

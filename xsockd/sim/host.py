@@ -84,7 +84,9 @@ class Host:
         self.running = True
 
     def create_domain(self, domid: int) -> None:
-        if domid not in self.domains and len(self.domains) >= self.max_domains:
+        if domid in self.domains:  # its listeners would be replaced, the old ones leaked
+            raise OSError(errno.EEXIST, f"domain {domid} exists")
+        if len(self.domains) >= self.max_domains:
             raise OSError(errno.ENOSPC, f"the host's descriptor budget covers "
                                         f"{self.max_domains} domains (--max-domains)")
         home = os.path.join(self.dir, f"dom{domid}")

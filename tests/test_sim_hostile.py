@@ -422,6 +422,16 @@ def test_socket_and_directory_modes_do_not_come_from_the_umask(tmp_path):
         assert mode == (0o600 if is_sock else 0o755), f"{name}: {mode:o}"
 
 
+def test_an_existing_directory_keeps_its_mode(tmp_path):
+    """--dir /tmp must not make /tmp 0755: only what the host creates gets its modes."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    with SimHost(shared, domains=[0, 1]):
+        assert stat.S_IMODE(os.stat(shared).st_mode) == 0o1777
+        assert stat.S_IMODE(os.stat(shared / "dom1").st_mode) == 0o755
+
+
 def test_xenstored_out_of_descriptors_pauses_accepting_instead_of_spinning(tmp_path):
     """A listener whose accept fails with EMFILE stays readable: the loop must not spin on
     it.  The client waits in the backlog and is served once descriptors are free."""

@@ -214,7 +214,6 @@ class SimHost:
         self.proc: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> SimHost:
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "xsockd.sim.host", "--dir", str(self.dir), "--domains",
              ",".join(map(str, self.domains)), "--grant-limit", str(self.grant_limit),

@@ -84,7 +84,9 @@ class Host:
         self.running = True
 
     def create_domain(self, domid: int) -> None:
-        if domid not in self.domains and len(self.domains) >= self.max_domains:
+        if domid in self.domains:  # its listeners would be replaced, the old ones leaked
+            raise OSError(errno.EEXIST, f"domain {domid} exists")
+        if len(self.domains) >= self.max_domains:
             raise OSError(errno.ENOSPC, f"the host's descriptor budget covers "
                                         f"{self.max_domains} domains (--max-domains)")
         home = os.path.join(self.dir, f"dom{domid}")
@@ -214,7 +216,6 @@ class SimHost:
         self.proc: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> SimHost:
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "xsockd.sim.host", "--dir", str(self.dir), "--domains",
              ",".join(map(str, self.domains)), "--grant-limit", str(self.grant_limit),

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from xsockd.cli import parse_args
 from xsockd.demo import DaemonProcess, write_config
 
 
@@ -84,7 +85,26 @@ def test_demo_shows_the_tables_with_the_stream_open_and_dir_keeps_the_logs(tmp_p
     r = xsockd("demo", "--mib", "1", "--ring-size", "16KiB", "--dir", str(work))
     assert r.returncode == 0 and "demo passed" in r.stdout, r.stdout + r.stderr
     assert r.stdout.count("during the transfer (stream open)") == 2
-    assert r.stdout.count("channel table (1 channels") == 2
+    assert r.stdout.count("channel table (1 channel,") == 2
     assert "ring 16384 bytes/direction" in r.stdout
     assert f"kept in {work}" in r.stdout
     assert (work / "xsockd-1.log").stat().st_size and (work / "xsockd-2.log").stat().st_size
+
+
+@pytest.mark.parametrize("argv", [
+    ["--json", "--address", "unix:path=/b", "show", "7"],
+    ["show", "7", "--json", "--address", "unix:path=/b"],
+    ["--address", "unix:path=/b", "show", "--json", "7"],
+    ["--json", "show", "7", "--address", "unix:path=/b"],
+])
+def test_xsockctl_global_options_before_or_after_the_command(argv):
+    args = parse_args(argv)
+    assert (args.command, args.id, args.json, args.address) == ("show", 7, True, "unix:path=/b")
+
+
+def test_xsockctl_defaults_and_conflicting_buses(capsys):
+    args = parse_args(["list"])
+    assert (args.json, args.system, args.address) == (False, False, None)
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--system", "list", "--address", "unix:path=/b"])
+    assert e.value.code == 2 and "two different buses" in capsys.readouterr().err

@@ -8,8 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from xsockd.config import load_config, parse_config, parse_size
+from xsockd.config import (
+    check_config_main,
+    check_own_domain,
+    load_config,
+    parse_config,
+    parse_size,
+)
 from xsockd.errors import ConfigError
+from xsockd.words import count, size_text
 
 SHIPPED = Path(__file__).parent.parent / "conf" / "xsockd.conf"
 
@@ -47,7 +54,8 @@ def test_sizes(value, size):
 @pytest.mark.parametrize("text,where,words", [
     ("[link]\nring_size = 5000\n", "test.conf:2: link.ring_size", "power of two"),
     ("[link]\nring_size = \"lots\"\n", "link.ring_size", "not a size"),
-    ("[link]\nring_size = \"8MiB\"\n", "link.ring_size", "power of two"),
+    ("[link]\nring_size = \"8MiB\"\n", "link.ring_size",
+     "\"8MiB\" is more than the largest, \"4MiB\""),
     ("[link]\nring_size = \"4MiB\"\ngrant_pages = 1024\n", "link.ring_size", "needs 2049 pages"),
     ("[link]\nmax_streams = 0\n", "link.max_streams", "integer from 1"),
     ("[link]\nmax_streams = \"9\"\n", "link.max_streams", "integer"),
@@ -57,7 +65,7 @@ def test_sizes(value, size):
     ("[daemon]\nrundir = \"relative\"\n", "daemon.rundir", "absolute"),
     ("[daemon]\nbackend = \"kvm\"\n", "daemon.backend", "xen"),
     ("[daemon]\nfoo = 1\n", "test.conf:2: daemon.foo", "unknown key"),
-    ("[deamon]\n", "test.conf:1: deamon", "unknown table"),
+    ("[deamon]\n", "test.conf:1: unknown table [deamon]", "did you mean [daemon]?"),
     ("[daemon]\ndefault_service = \"web\"\n", "daemon.default_service", "names no service"),
     ("[daemon]\npeers=[2]\n[services.a]\nallow=[2]\n", "services.a", "needs socket"),
     ("[daemon]\npeers=[2]\n[services.a]\nsocket=\"/s\"\nallow=[3]\n", "services.a.allow",
@@ -95,4 +103,77 @@ def test_check_config_command(tmp_path):
     assert f"{bad}:2: link.stream_window" in r.stderr and "Traceback" not in r.stderr
     missing = subprocess.run([sys.executable, "-m", "xsockd.daemon", "--check-config",
                               str(tmp_path / "nope.conf")], capture_output=True, text=True)
-    assert missing.returncode == 1 and "cannot read" in missing.stderr
+    assert missing.returncode == 1
+    assert missing.stderr == f"xsockd: {tmp_path / 'nope.conf'}: does not exist\n", missing.stderr
+    # Starting the daemon with a missing file also says how to name another one.
+    start = subprocess.run([sys.executable, "-m", "xsockd.daemon", "--config",
+                            str(tmp_path / "nope.conf")], capture_output=True, text=True)
+    assert start.returncode == 1 and "does not exist (another file: --config FILE)" in start.stderr
+
+
+@pytest.mark.parametrize("text,line,words", [
+    ("[daemon]\npeers = [2]\n\n[lnk]\nring_size = 4096\n", 4, "unknown table [lnk]; did you "
+     "mean [link]?"),
+    ("[daemon]\npeers = [2]\n[service.echo]\nsocket = \"/s\"\n", 3,
+     "unknown table [service]; did you mean [services.NAME]?"),
+    ("[daemon]\npeers = [2]\n[ remotes . 2 ]\nservices = []\n", 3,
+     "unknown table [remotes]; did you mean [remote.DOMID]?"),
+    ("# comment\n[[deamon]]\npeers = [2]\n", 2, "unknown table [deamon]"),
+    ("\nrundir = \"/run/x\"\n[daemon]\n", 2, "rundir = ... is outside every table"),
+    ("[daemon]\npeers = [2]\n[\"zzz\".a]\nb = 1\n", 3, "unknown table [zzz] (the tables are"),
+])
+def test_a_mistyped_table_is_reported_with_its_line(text, line, words):
+    e = error_of(text)
+    assert e.line == line and f"test.conf:{line}: " in str(e) and words in str(e), str(e)
+
+
+@pytest.mark.parametrize("value,words", [
+    ('"300KiB"', '"300KiB" is not a power of two: nearest are "256KiB" or "512KiB"'),
+    ('"300K"', '"300K" is not a power of two: nearest are "256K" or "512K"'),
+    ('"3MiB"', '"3MiB" is not a power of two: nearest are "2MiB" or "4MiB"'),
+    ("307200", "307200 is not a power of two: nearest are 262144 or 524288"),
+    ('"2KiB"', '"2KiB" is less than the smallest, "4KiB" (a power of two from "4KiB" to "4MiB")'),
+    ("8388608", "8388608 is more than the largest, 4194304"),
+])
+def test_a_bad_size_is_answered_in_the_units_written(value, words):
+    e = error_of(f"[link]\nring_size = {value}\n")
+    assert str(e).startswith(f"test.conf:2: link.ring_size: {words}"), str(e)
+
+
+def test_own_domain_among_peers_is_refused_by_check_config_with_domid(tmp_path):
+    conf = tmp_path / "self.conf"
+    conf.write_text("[daemon]\nbackend = \"sim\"\npeers = [1, 2]\n")
+    words = f"{conf}:3: daemon.peers: lists domain 1, which is this domain itself"
+    with pytest.raises(ConfigError) as e:
+        check_own_domain(load_config(str(conf)), 1)
+    assert words in str(e.value)
+    check_own_domain(load_config(str(conf)), 3)  # any other domain may use it
+    r = subprocess.run([sys.executable, "-m", "xsockd.daemon", "--check-config", str(conf),
+                        "--domid", "1"], capture_output=True, text=True)
+    assert r.returncode == 1 and words in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "xsockd.daemon", "--check-config", str(conf),
+                        "--domid", "3"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == f"{conf}: OK for domain 3 (2 peers, 0 services)\n"
+    # Without --domid (and no Xen to ask) it says what it could not check.
+    r = subprocess.run([sys.executable, "-m", "xsockd.daemon", "--check-config", str(conf)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "not checked against a domain id: add --domid N" in r.stdout
+
+
+def test_check_config_asks_which_domain_it_is_for_when_not_told(tmp_path, capsys):
+    # On Xen the daemon's check_config_main is given a way to read our domid from XenStore.
+    conf = tmp_path / "x.conf"
+    conf.write_text("[daemon]\npeers = [0, 4]\n")
+    assert check_config_main(str(conf), None, lambda cfg: 0) == 1
+    assert f"{conf}:2: daemon.peers: lists domain 0, which is this domain itself" in \
+        capsys.readouterr().err
+    assert check_config_main(str(conf), 5, lambda cfg: 0) == 0  # --domid wins
+    assert capsys.readouterr().out == f"{conf}: OK for domain 5 (2 peers, 0 services)\n"
+
+
+def test_counts_are_singular_or_plural():
+    assert (count(0, "peer"), count(1, "peer"), count(2, "peer")) == ("0 peers", "1 peer",
+                                                                    "2 peers")
+    assert count(1, "idle stream") == "1 idle stream" and count(3, "ox", "oxen") == "3 oxen"
+    assert size_text(262144) == "256KiB" and size_text(262144, "K") == "256K"
+    assert size_text(4096 * 3 + 1, "KiB") == "12289"

@@ -11,18 +11,20 @@ import json
 import os
 import pwd
 import shutil
-import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from pathlib import Path
 
 import pydbus
 import pytest
 from gi.repository import Gio, GLib
+from privatebus import PrivateBus
 from simworld import SimWorld, stream_hashes
 
 from xsockd import __version__
@@ -74,31 +76,6 @@ OPEN_CONF = """<busconfig>
 """
 
 
-class PrivateBus:
-    """A dbus-daemon of our own; ready once it has printed its address and pid."""
-
-    def __init__(self, config: Path | None = None) -> None:
-        how = [f"--config-file={config}"] if config else ["--session"]
-        out = subprocess.run(["dbus-daemon", *how, "--fork", "--print-address=1",
-                              "--print-pid=1"], capture_output=True, text=True, check=True,
-                             timeout=30).stdout.split()
-        self.address, self.pid = out[0], int(out[1])
-
-    def close(self) -> None:
-        try:
-            os.kill(self.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                os.kill(self.pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.02)
-        os.kill(self.pid, signal.SIGKILL)
-
-
 @pytest.fixture
 def bus():
     b = PrivateBus()
@@ -121,13 +98,76 @@ def proxy(bus, world):
         yield b.get(DBUS_NAME, DBUS_PATH)
 
 
+# What xsockctl imports from outside the system's Python: printed as {top-level name: path}.
+_IMPORTED_FROM = """
+import json, os, sys
+before = set(sys.modules)
+import xsockd.cli, xsockd.dbus_face
+ours = (os.path.realpath(sys.prefix), os.path.realpath(sys.argv[1]))
+found = {}
+for name in set(sys.modules) - before:
+    top = sys.modules.get(name.split(".")[0])
+    f = os.path.realpath(getattr(top, "__file__", None) or "/")
+    if f.startswith(ours):
+        found[top.__name__] = os.path.dirname(f) if f.endswith("__init__.py") else f
+print(json.dumps(found))
+"""
+
+ENTRY = """import sys
+sys.path.insert(0, {dir!r})
+from xsockd.cli import main
+sys.exit(main())
+"""
+
+
+@pytest.fixture(scope="session")
+def foreign_xsockctl():
+    """Returns a command that runs xsockctl for another user (nobody) wherever we are.
+
+    The checkout and its .venv may be where that user cannot go (root's home is 0700): the
+    packages xsockctl imports from them are copied into a world-readable directory under
+    /tmp and run with the system's Python, whose own packages (gi) the venv uses too.
+    """
+    found = json.loads(subprocess.run([sys.executable, "-c", _IMPORTED_FROM, str(ROOT)],
+                                      capture_output=True, text=True, check=True,
+                                      timeout=60).stdout)
+    assert "xsockd" in found, found  # pydbus too, unless the system's (python3-pydbus)
+    home = Path(tempfile.mkdtemp(prefix="xsockctl-", dir="/tmp"))
+    try:
+        for name, path in found.items():
+            if os.path.isdir(path):
+                shutil.copytree(path, home / name,
+                                ignore=shutil.ignore_patterns("__pycache__", "*.c", "*.h"))
+            else:
+                shutil.copy2(path, home / os.path.basename(path))
+        (home / "xsockctl").write_text(ENTRY.format(dir=str(home)))
+        for d, _, files in os.walk(home):
+            os.chmod(d, 0o755)
+            for f in files:
+                os.chmod(os.path.join(d, f), 0o644)
+        command = (os.path.realpath(sys.executable), "-B", str(home / "xsockctl"))
+        # The copy alone (no venv, no checkout on the path) has all xsockctl imports.
+        check = subprocess.run([command[0], "-B", "-c", "import sys; sys.path.insert(0, "
+                                f"{str(home)!r}); import xsockd.cli, xsockd.dbus_face; "
+                                "print(xsockd.__file__)"], capture_output=True, text=True,
+                               timeout=60, cwd="/")
+        assert check.stdout.startswith(str(home)), check.stderr
+        yield command
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def xsockctl(address: str, *args: str, user: pwd.struct_passwd | None = None,
-             groups: str | None = None) -> subprocess.CompletedProcess[str]:
-    cmd = [XSOCKCTL, "--address", address, *args]
+             groups: str | None = None, command: Sequence[str] = (XSOCKCTL,)
+             ) -> subprocess.CompletedProcess[str]:
+    """Runs xsockctl on the bus at ``address``; as ``user`` (root only) with ``command``, the
+    foreign_xsockctl that user can run."""
+    cmd = [*command, "--address", address, *args]
     if user is not None:
+        assert tuple(command) != (XSOCKCTL,), "as another user: command=foreign_xsockctl"
         cmd = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}",
                f"--groups={groups}" if groups else "--clear-groups", *cmd]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd="/")
 
 
 def busctl(address: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -246,6 +286,23 @@ def test_busctl_and_xsockctl_see_the_same_channel(world, bus):
         assert shown["grant_refs"] == ch["grant_refs"]["data"]
 
 
+
+def test_global_options_work_before_or_after_the_command(world, bus):
+    with open_echo(world, b"o" * 300):
+        outputs = []
+        for argv in (["--json", "--address", bus.address, "list"],
+                     ["list", "--json", "--address", bus.address],
+                     ["--address", bus.address, "list", "--json"],
+                     ["--json", "list", "--address", bus.address]):
+            r = subprocess.run([XSOCKCTL, *argv], capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, (argv, r.stderr)
+            outputs.append([(c["id"], c["bytes_in"]) for c in json.loads(r.stdout)])
+        assert outputs[0] == [(outputs[0][0][0], 300)] and all(o == outputs[0] for o in outputs)
+        ident = str(outputs[0][0][0])
+        for argv in (["--json", "show", ident], ["show", ident, "--json"]):
+            r = xsockctl(bus.address, *argv)
+            assert r.returncode == 0 and json.loads(r.stdout)["bytes_out"] == 300, r.stderr
+
 def test_statistics_and_properties(world, proxy, bus):
     with open_echo(world, b"s" * 5000):
         stats = pump(lambda: (s := proxy.GetStatistics())["bytes_out"] >= 5000 and s)
@@ -269,6 +326,9 @@ def test_signals_and_channel_count_changes(world, proxy):
     proxy.ChannelOpened.connect(lambda *a: opened.append(a))
     proxy.ChannelClosed.connect(lambda *a: closed.append(a))
     proxy.PropertiesChanged.connect(lambda iface, ch, inv: changed.append((iface, ch)))
+    # A round trip through the bus after subscribing: the bus has then seen our match rules, so
+    # no signal of the stream below can pass it before they are in place.
+    assert proxy.ChannelCount == 0
     s = open_echo(world)
     pump(lambda: opened and (DBUS_INTERFACE, {"ChannelCount": 1}) in changed)
     ((ident, peer, service),) = opened
@@ -285,6 +345,7 @@ def test_signals_and_channel_count_changes(world, proxy):
 def test_close_ends_the_stream_for_the_application(world, proxy, bus):
     closed = []
     proxy.ChannelClosed.connect(lambda *a: closed.append(a))
+    assert proxy.ChannelCount == 0  # the bus has our match rule (see above)
     with open_echo(world) as s:
         (ch,) = proxy.ListChannels()
         r = xsockctl(bus.address, "close", str(ch["id"]))
@@ -335,7 +396,7 @@ def test_xsockctl_when_no_daemon_owns_the_name(bus):
 # ---- who may do what -------------------------------------------------------------------------
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
-def test_daemon_refuses_close_to_non_root_even_on_an_open_bus(tmp_path):
+def test_daemon_refuses_close_to_non_root_even_on_an_open_bus(tmp_path, foreign_xsockctl):
     conf = tmp_path / "open.conf"
     conf.write_text(OPEN_CONF)
     bus = PrivateBus(conf)
@@ -343,10 +404,10 @@ def test_daemon_refuses_close_to_non_root_even_on_an_open_bus(tmp_path):
     try:
         w.start(1, 2)
         with open_echo(w) as s:
-            r = xsockctl(bus.address, "list", user=NOBODY)
+            r = xsockctl(bus.address, "list", user=NOBODY, command=foreign_xsockctl)
             assert r.returncode == 0, r.stderr
             ident = r.stdout.splitlines()[1].split()[0]
-            r = xsockctl(bus.address, "close", ident, user=NOBODY)
+            r = xsockctl(bus.address, "close", ident, user=NOBODY, command=foreign_xsockctl)
             assert r.returncode == 4
             assert "only root may call CloseChannel" in r.stderr and "Traceback" not in r.stderr
             s.sendall(b"still here")  # the channel survived
@@ -359,9 +420,21 @@ def test_daemon_refuses_close_to_non_root_even_on_an_open_bus(tmp_path):
     assert "Traceback" not in w.daemons[1].log()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_nobody_runs_xsockctl_wherever_the_checkout_is(foreign_xsockctl):
+    # The checkout may be under /root (0700): nobody runs a copy outside it, as it is here.
+    r = subprocess.run(["setpriv", f"--reuid={NOBODY.pw_uid}", f"--regid={NOBODY.pw_gid}",
+                        "--clear-groups", *foreign_xsockctl, "--version"],
+                       capture_output=True, text=True, timeout=60, cwd="/")
+    assert (r.returncode, r.stdout.strip()) == (0, f"xsockctl {__version__}"), r.stderr
+    entry = Path(foreign_xsockctl[-1])
+    assert entry.parent.parent == Path("/tmp") and not str(entry).startswith(str(ROOT))
+    assert (entry.parent / "xsockd" / "cli.py").stat().st_mode & 0o004
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
                     reason="needs root and setpriv to act as other users")
-def test_policy_file_on_a_system_like_bus(tmp_path):
+def test_policy_file_on_a_system_like_bus(tmp_path, foreign_xsockctl):
     # The shipped policy, with its group renamed to one that exists here ("users"), so that
     # a member can be made with setpriv --groups without touching /etc/group.
     group = "users"
@@ -377,10 +450,10 @@ def test_policy_file_on_a_system_like_bus(tmp_path):
         w.start(1, 2)  # as root: it may own the name
         with open_echo(w) as s:
             # Outside the group: nothing, not even a list.
-            r = xsockctl(bus.address, "list", user=NOBODY)
-            assert r.returncode == 4 and "access denied by the bus policy" in r.stderr
+            r = xsockctl(bus.address, "list", user=NOBODY, command=foreign_xsockctl)
+            assert r.returncode == 4 and "access denied by the bus policy" in r.stderr, r.stderr
             # In the group: list, show, stats; not close.
-            member = {"user": NOBODY, "groups": gid}
+            member = {"user": NOBODY, "groups": gid, "command": foreign_xsockctl}
             r = xsockctl(bus.address, "list", **member)
             assert r.returncode == 0, r.stderr
             ident = r.stdout.splitlines()[1].split()[0]
@@ -396,7 +469,7 @@ def test_policy_file_on_a_system_like_bus(tmp_path):
                                 "--address", bus.address, "--dest", "org.freedesktop.DBus",
                                 "--object-path", "/org/freedesktop/DBus", "--method",
                                 "org.freedesktop.DBus.RequestName", DBUS_NAME, "4"],
-                               capture_output=True, text=True, timeout=60)
+                               capture_output=True, text=True, timeout=60, cwd="/")
             assert r.returncode != 0 and "AccessDenied" in r.stderr
             # Root closes.
             assert xsockctl(bus.address, "close", ident).returncode == 0

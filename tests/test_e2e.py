@@ -13,13 +13,14 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from simworld import SimWorld, assert_ended, echo_roundtrip, stream_hashes
 
 from xsockd.backend import XenStorePerm
 from xsockd.errors import XenStoreError
-from xsockd.rendezvous import offer_path, request_dir
+from xsockd.rendezvous import how_to_stop, offer_path, request_dir, systemd_unit
 from xsockd.ring import link_pages
 
 GiB = 1 << 30
@@ -164,7 +165,7 @@ def test_refused_domain_and_missing_service(world):
         assert s.recv(10) == b""  # refused: EOF, not a hang
     world.wait_for("domain 3 to log the refusal",
                    lambda: "has no link request node for us" in world.daemons[3].log()
-                   and "does not list domain 3 in [daemon] peers" in world.daemons[3].log())
+                   and "or add 3 to [daemon] peers in its configuration" in world.daemons[3].log())
     # Domain 1 is allowed, but the echo service is not running: clear log line, EOF.
     with world.connect(1, 2) as s:
         assert s.recv(10) == b""
@@ -377,10 +378,43 @@ def test_a_second_daemon_for_the_same_domain_is_refused_and_the_first_keeps_work
                         "--config", str(d1.config), "--no-dbus"],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 1, r.stderr
-    assert f"another xsockd already serves domain 1 (pid {d1.proc.pid})" in r.stderr, r.stderr
+    # Started by hand (the test's child, not systemd's): the pid, and kill as the way to stop it.
+    assert f"another xsockd already serves domain 1 (pid {d1.proc.pid}, started by hand, not by " \
+        f"systemd): stop it first with `kill {d1.proc.pid}`" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and not (other / "2.sock").exists()
     with world.connect(1, 2) as s:
         assert echo_roundtrip(s, b"first one fine") == b"first one fine"
+
+
+def fake_proc(root: Path, cgroup: str, parent: str) -> Path:
+    """A /proc with process 40 (its cgroup file as given), child of process 1 (``parent``)."""
+    (root / "40").mkdir(parents=True)
+    (root / "1").mkdir()
+    (root / "40" / "cgroup").write_text(cgroup)
+    (root / "40" / "status").write_text("Name:\txsockd\nPPid:\t1\n")
+    (root / "1" / "comm").write_text(parent + "\n")
+    return root
+
+
+@pytest.mark.parametrize("cgroup,parent,unit", [
+    ("0::/system.slice/xsockd-dom2.service\n", "systemd", "xsockd-dom2.service"),
+    ("12:pids:/\n1:name=systemd:/system.slice/xsockd.service\n0::/\n", "systemd",
+     "xsockd.service"),
+    ("0::/user.slice/user-0.slice/session-4.scope\n", "systemd", None),  # by hand, then disowned
+    ("0::/system.slice/ssh.service\n", "bash", None),  # by hand from a shell in a service
+    ("garbage", "systemd", None),
+])
+def test_the_unit_of_a_running_daemon_is_named_only_when_systemd_runs_it(tmp_path, cgroup,
+                                                                       parent, unit):
+    proc = str(fake_proc(tmp_path / "proc", cgroup, parent))
+    assert systemd_unit(40, proc) == unit
+    who, how = how_to_stop(40, proc)
+    if unit:
+        assert (who, how) == (f"pid 40, systemd unit {unit}", f"`systemctl stop {unit}`")
+    else:
+        assert who == "pid 40, started by hand, not by systemd" and how.startswith("`kill 40`")
+    assert systemd_unit(41, proc) is None  # no such process (or one hidden from us)
+    assert how_to_stop(41, proc) == ("pid 41", "`systemctl stop` of its unit, or `kill 41`")
 
 
 def test_a_daemon_listing_its_own_domain_as_a_peer_does_not_start(world):
@@ -390,16 +424,33 @@ def test_a_daemon_listing_its_own_domain_as_a_peer_does_not_start(world):
     r = subprocess.run([sys.executable, "-m", "xsockd.daemon", "--domid", "1", "--config",
                         str(conf), "--no-dbus"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 1
-    assert "daemon.peers: lists domain 1, which is this domain itself" in r.stderr, r.stderr
-    assert "Traceback" not in r.stderr
+    said = f"xsockd: {conf}:3: daemon.peers: lists domain 1, which is this domain itself"
+    assert said in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # --check-config for that domain refuses it in the same words; for another it passes.
+    check = subprocess.run([sys.executable, "-m", "xsockd.daemon", "--check-config", str(conf),
+                            "--domid", "1"], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 1 and check.stderr.strip() in r.stderr.splitlines(), check.stderr
+    assert check.stderr.startswith(said)
+    # And so does a reload of a running daemon, which keeps its old configuration.
+    world.start(1)
+    d1 = world.daemons[1]
+    d1.config.write_text(conf.read_text().replace(f"{world.work}/self",
+                                                  str(world.rundir(1))))
+    d1.signal(signal.SIGHUP)
+    world.wait_for("the refused reload", lambda: "reload refused" in d1.log())
+    assert "daemon.peers: lists domain 1, which is this domain itself" in d1.log()
 
 
 def test_errors_for_a_missing_simulated_domain_and_a_missing_xen_name_the_fix(world):
+    world.host.destroy_domain(3)
     r = subprocess.run([sys.executable, "-m", "xsockd.daemon", "--backend", "sim", "--domid",
                         "5", "--sim-dir", str(world.sim_dir), "--config",
                         str(world.daemons[1].config), "--no-dbus"],
                        capture_output=True, text=True, timeout=30)
-    assert r.returncode == 1 and "has no domain 5: check --domid" in r.stderr, r.stderr
+    assert r.returncode == 1, r.stderr
+    # It lists the domains that exist now: not 3, destroyed before.
+    assert f"the simulated host at {world.sim_dir} has no domain 5 (it has 0, 1, 2): check " \
+        "--domid" in r.stderr, r.stderr
     if os.path.exists("/dev/xen"):
         return  # a Xen domain: the next check is about machines without Xen
     r = subprocess.run([sys.executable, "-m", "xsockd.daemon", "--backend", "xen", "--config",

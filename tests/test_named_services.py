@@ -150,7 +150,7 @@ def test_named_service_sockets_header_refusals_and_reload(tmp_path):
                 assert s.recv(10) == b""
             world.wait_for(f"the refusal of {name}", lambda n=name: (
                 f"refused stream from domain 1 to service '{n}'" in world.daemons[2].log()
-                and f"to service '{n}': refused" in world.daemons[1].log()))
+                and f"domain 2 refused service '{n}'" in world.daemons[1].log()))
         # Reload: web goes, echo comes (the named echo service: domain 2's default, by name).
         conf = world.daemons[1].config
         conf.write_text(conf.read_text().replace('"web", "secret", "nope"', '"echo"'))
@@ -224,7 +224,7 @@ def test_a_service_that_never_comes_is_refused_after_the_short_wait(tmp_path):
         assert 1.5 < took < 10, took
         world.wait_for("both sides to log it", lambda: (
             "service 'web'" in world.daemons[2].log() and "unreachable" in world.daemons[2].log()
-            and "to service 'web': no service" in world.daemons[1].log()))
+            and "domain 2 could not reach its service 'web'" in world.daemons[1].log()))
     finally:
         world.close()
 

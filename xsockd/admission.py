@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from xsockd.config import Config, ServiceConfig
 from xsockd.ring import Reason, link_pages
+from xsockd.words import count
 
 __all__ = ["OpenBudget", "RateBucket", "Refusal", "admit_link", "admit_stream", "grant_budget"]
 
@@ -31,6 +32,11 @@ class RateBucket:
         self.burst = burst
         self._tokens = float(burst)
         self._at = now
+
+    def retune(self, rate: float, burst: float, now: float) -> None:
+        """Switches to ``rate`` and ``burst`` (a reload), keeping the tokens earned so far."""
+        self._tokens = min(float(burst), self._tokens + max(0.0, now - self._at) * self.rate)
+        self._at, self.rate, self.burst = now, rate, burst
 
     def take(self, now: float) -> bool:
         """Returns True (and takes a token) if one is there at ``now``."""
@@ -56,11 +62,16 @@ class OpenBudget:
         self._bucket = RateBucket(rate, rate, now)
         self.connecting = 0
 
+    def retune(self, rate: int, max_connecting: int, now: float) -> None:
+        """Applies a reloaded ``open_rate`` and ``max_connecting``; connects in progress stay."""
+        self.rate, self.max_connecting = rate, max_connecting
+        self._bucket.retune(rate, rate, now)
+
     def take(self, now: float) -> Refusal | None:
         """Returns None if one more open may start now (and counts it), else the refusal."""
         if self.connecting >= self.max_connecting:
-            return Refusal(Reason.TOO_MANY, f"{self.connecting} connects to local services "
-                                            "already in progress")
+            return Refusal(Reason.TOO_MANY, f"{count(self.connecting, 'connect')} to local "
+                                            "services already in progress")
         if not self._bucket.take(now):
             return Refusal(Reason.TOO_MANY, f"more than {self.rate} stream opens a second")
         return None
@@ -89,8 +100,10 @@ def admit_stream(config: Config, peer: int, name: str, stopping: bool
                                            "default_service")
         if (name or config.daemon.default_service) not in config.services:
             return Refusal(Reason.REFUSED, f"no service {name or config.daemon.default_service!r}"
-                                           f": add [services.{name or 'NAME'}]")
-        return Refusal(Reason.REFUSED, "not in that service's allow list")
+                                           f": add [services.{name or 'NAME'}] to this "
+                                           "domain's configuration")
+        return Refusal(Reason.REFUSED, f"not in that service's allow list: add {peer} to its "
+                                       "allow")
     return service
 
 

@@ -73,10 +73,11 @@ class _Handle:
                                f"no simulated host at {path} ({e.strerror}); start one with "
                                f"`python -m xsockd.sim.host --dir DIR` or use --sim-dir") from None
 
-    def call(self, request: dict[str, Any], fds: list[int] | None = None
+    def call(self, request: dict[str, Any], grant: bool = False
              ) -> tuple[dict[str, Any], list[int]]:
+        """Returns the reply and its fds; ``grant``: ENOSPC is the grant limit."""
         try:
-            send_message(self.sock, request, fds)
+            send_message(self.sock, request)
             reply, got = recv_message(self.sock)
         except (OSError, ValueError) as e:
             raise BackendError(errno.EIO, f"simulated host: {e}") from None
@@ -86,7 +87,7 @@ class _Handle:
             for fd in got:
                 os.close(fd)
             code = int(reply.get("errno", errno.EIO))
-            cls = GrantLimitError if code == errno.ENOSPC else BackendError
+            cls = GrantLimitError if grant and code == errno.ENOSPC else BackendError
             raise cls(code, str(reply.get("error", "refused")))
         return reply, got
 
@@ -185,6 +186,24 @@ class SimEventChannel(EventChannel):
             self.close()
 
 
+def _host_domains(simdir: str) -> list[int] | None:
+    """Returns the domains the simulated host in ``simdir`` has now; None if it does not say."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+            s.settimeout(5)
+            s.connect(os.path.join(simdir, "control.sock"))
+            send_message(s, {"op": "domains"})
+            reply, fds = recv_message(s)
+    except (OSError, ValueError):
+        return None
+    for fd in fds:
+        os.close(fd)
+    domains = reply.get("domains") if isinstance(reply, dict) else None
+    if not isinstance(domains, list) or not all(type(d) is int for d in domains):
+        return None
+    return domains
+
+
 class SimBackend(Backend):
     """Domain ``domid`` of the simulated host in ``simdir``."""
 
@@ -199,22 +218,30 @@ class SimBackend(Backend):
             if not os.path.exists(os.path.join(self.simdir, "control.sock")):
                 raise
             # The host runs, only this domain is not one of its.
+            domains = _host_domains(self.simdir)
+            which = f"it has {', '.join(map(str, domains))}" if domains is not None else \
+                "its domains are --domains of xsockd-simhost"
             raise BackendError(e.errno, f"the simulated host at {self.simdir} has no domain "
-                                        f"{domid}: check --domid (its domains: --domains of "
-                                        "xsockd-simhost)") from None
+                                        f"{domid} ({which}): check --domid") from None
 
     def __repr__(self) -> str:
         return f"<SimBackend domain {self.domid} at {self.simdir}>"
 
     def grant(self, peer: int, count: int, notify: UnmapNotify | None = None) -> GrantedPages:
-        fd = os.memfd_create(f"xsock-grant-{peer}", os.MFD_CLOEXEC)
+        # The hypervisor makes the pages (a sealed memfd, so that we cannot shrink them under
+        # the peer's mapping any more than a domain can on Xen); we map what it sends.
+        reply, fds = self._handle.call({"op": "grant", "peer": peer, "count": count,
+                                        "notify": _notify(notify)}, grant=True)
         try:
-            os.ftruncate(fd, count * PAGE)
-            reply, _ = self._handle.call({"op": "grant", "peer": peer, "count": count,
-                                          "notify": _notify(notify)}, [fd])
-            region = _Region(count, [(fd, p) for p in range(count)])
+            if len(fds) != 1:
+                raise BackendError(errno.EIO, f"simulated host: grant reply with {len(fds)} fds")
+            region = _Region(count, [(fds[0], p) for p in range(count)])
+        except BaseException:
+            self._handle.call({"op": "ungrant", "id": reply["id"]})
+            raise
         finally:
-            os.close(fd)
+            for fd in fds:
+                os.close(fd)
         return SimGrantedPages(self._handle, peer, reply["refs"], region,
                                {"op": "ungrant", "id": reply["id"]})
 

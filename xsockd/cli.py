@@ -32,7 +32,7 @@ Commands:
   show ID       every field of channel ID (grant refs, event channel, ring sizes...)
   close ID      abort channel ID: both applications see the stream end (root only)
   stats         the daemon's domain, backend, version and counters
-Each takes --json for machine-readable output.
+Each takes --json for machine-readable output, before or after the command.
 
 Access on the system bus: root may do everything; members of group {DBUS_READ_GROUP} may list,
 show and stats; others may do nothing.
@@ -50,25 +50,48 @@ COLUMNS = [("ID", ">"), ("PEER", ">"), ("DIR", "<"), ("SERVICE", "<"), ("STATE",
            ("GRANTS", ">")]
 
 
+def _global_options() -> argparse.ArgumentParser:
+    """The options every command takes, before or after it (``--json list``, ``list --json``).
+
+    They are added to the main parser and to each command's; SUPPRESS as the default keeps a
+    value given before the command from being reset by the command's parser.
+    """
+    g = argparse.ArgumentParser(add_help=False)
+    opts = g.add_argument_group("options (before or after COMMAND)")
+    opts.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                      help="print JSON instead of text")
+    opts.add_argument("--system", action="store_true", default=argparse.SUPPRESS,
+                      help="talk to the xsockd on the system bus (the default)")
+    opts.add_argument("--address", metavar="ADDR", default=argparse.SUPPRESS,
+                      help="talk to the xsockd on the bus at ADDR (as xsockd --dbus-address)")
+    return g
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="xsockctl", description=DESCRIPTION,
+    common = _global_options()
+    p = argparse.ArgumentParser(prog="xsockctl", description=DESCRIPTION, parents=[common],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    bus = p.add_mutually_exclusive_group()
-    bus.add_argument("--system", action="store_true",
-                     help="talk to the xsockd on the system bus (the default)")
-    bus.add_argument("--address", metavar="ADDR",
-                     help="talk to the xsockd on the bus at ADDR (as xsockd --dbus-address)")
     p.add_argument("--version", action="version", version=f"xsockctl {__version__}")
-    json_opt = argparse.ArgumentParser(add_help=False)
-    json_opt.add_argument("--json", action="store_true", help="print JSON instead of text")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("list", parents=[json_opt], help="list the open channels")
+    sub.add_parser("list", parents=[common], help="list the open channels")
     for name, what in (("show", "show every field of channel ID"),
                        ("close", "abort channel ID (root only)")):
-        sp = sub.add_parser(name, parents=[json_opt], help=what)
+        sp = sub.add_parser(name, parents=[common], help=what)
         sp.add_argument("id", type=int, metavar="ID", help="channel id, as list shows it")
-    sub.add_parser("stats", parents=[json_opt], help="show the daemon's counters")
+    sub.add_parser("stats", parents=[common], help="show the daemon's counters")
     return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Returns the command line with every global option set, wherever it was given."""
+    p = _parser()
+    args = p.parse_args(argv)
+    if getattr(args, "system", False) and getattr(args, "address", None) is not None:
+        p.error("--system and --address ADDR name two different buses: give one")
+    args.json = getattr(args, "json", False)
+    args.system = getattr(args, "system", False)
+    args.address = getattr(args, "address", None)
+    return args
 
 
 def _age(created: float) -> str:
@@ -158,7 +181,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return _run(args)
     except DaemonNotRunning as e:

@@ -6,10 +6,12 @@ the line; nothing is ever ignored with a warning.  ``xsockd --check-config`` use
 
 from __future__ import annotations
 
+import difflib
+import errno
 import re
 import sys
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +33,7 @@ from xsockd.ring import (
     link_pages,
     valid_service_name,
 )
+from xsockd.words import count, size_text
 
 __all__ = [
     "Config",
@@ -39,6 +42,7 @@ __all__ = [
     "RemoteConfig",
     "ServiceConfig",
     "check_config_main",
+    "check_own_domain",
     "load_config",
     "parse_config",
     "parse_size",
@@ -50,6 +54,11 @@ DOMID_MAX = 0x7FEF  # DOMID_FIRST_RESERVED - 1
 SUN_PATH_MAX = 107
 _SIZE = re.compile(r"(\d+)\s*(KiB|MiB|K|M)?")
 _UNITS = {None: 1, "K": 1024, "KiB": 1024, "M": 1 << 20, "MiB": 1 << 20}
+TABLES = ("daemon", "link", "services", "remote")
+TABLES_TEXT = "[daemon], [link], [services.NAME], [remote.DOMID]"
+# A TOML table header, [a.b] or [[a.b]], and one bare or quoted key of its dotted name.
+_HEADER = re.compile(r"\s*\[\[?(?P<name>[^\[\]]*)\]\]?\s*(?:#.*)?$")
+_KEY_PART = re.compile(r'\s*(?:"((?:[^"\\]|\\.)*)"|\'([^\']*)\'|([A-Za-z0-9_-]+))\s*(?:\.|$)')
 DEFAULT_STOP_TIMEOUT = 10.0  # seconds a stopping daemon lets in-flight data drain
 MAX_STOP_TIMEOUT = 3600
 # What one link's peer may ask of us: stream opens a second, and connects to local services in
@@ -101,6 +110,9 @@ class Config:
     link: LinkConfig = field(default_factory=LinkConfig)
     services: Mapping[str, ServiceConfig] = field(default_factory=dict)
     remotes: Mapping[int, RemoteConfig] = field(default_factory=dict)
+    # Where it came from, for what is checked after parsing (check_own_domain).
+    path: str | None = field(default=None, compare=False)
+    peers_line: int | None = field(default=None, compare=False)
 
     def local_sockets(self) -> list[tuple[int, str]]:
         """Returns (peer, service) for every socket in rundir; service "" is the default."""
@@ -140,23 +152,37 @@ class _Reader:
         self.text, self.path = text, path
 
     def line_of(self, table: str, key: str | None) -> int | None:
+        """Returns the line of ``[table]`` (key None) or of ``key =`` in it, if written so."""
         lines = self.text.splitlines()
-        start = 0
-        header = re.compile(r"\s*\[\s*" + re.escape(table).replace(r"\.", r"\s*\.\s*")
-                            + r"\s*\]")
-        for i, ln in enumerate(lines):
-            if header.match(ln):
-                start = i
-                if key is None:
-                    return i + 1
-                break
-        else:
+        start = next((i for i, ln in enumerate(lines)
+                      if (name := _header_name(ln)) is not None and ".".join(name) == table),
+                     None)
+        if start is None:
             return None
+        if key is None:
+            return start + 1
         for i in range(start + 1, len(lines)):
-            if lines[i].lstrip().startswith("["):
+            if _header_name(lines[i]) is not None:
                 break
-            if re.match(r"\s*" + re.escape(key) + r"\s*=", lines[i]):
+            if re.match(r"\s*[\"']?" + re.escape(key) + r"[\"']?\s*=", lines[i]):
                 return i + 1
+        # A key written as its own table, [daemon.peers]: point there.
+        return self.line_of(f"{table}.{key}", None) if "." not in key else None
+
+    def first_line_of(self, top: str) -> int | None:
+        """Returns the first line that makes the top-level name ``top``: a header [top...] or
+        [[top...]], or a ``top = `` / ``top.x = `` before any header (tomllib gives no lines)."""
+        in_root = True
+        for i, ln in enumerate(self.text.splitlines()):
+            name = _header_name(ln)
+            if name is not None:
+                in_root = False
+                if name[:1] == [top]:
+                    return i + 1
+            elif in_root and (m := re.match(r"\s*([^=#]+?)\s*=", ln)):
+                first = _dotted(m.group(1))
+                if first is not None and first[:1] == [top]:
+                    return i + 1
         return None
 
     def error(self, table: str, key: str | None, message: str) -> ConfigError:
@@ -195,9 +221,25 @@ class _Reader:
             n = parse_size(value)
         except ValueError as e:
             raise self.error(table, key, str(e)) from None
-        if not lo <= n <= hi or n & (n - 1):
-            raise self.error(table, key, f"{n} is not a power of two from {lo} to {hi}")
-        return n
+        if lo <= n <= hi and not n & (n - 1):
+            return n
+        # Said in the units written: "300KiB" is answered in KiB, 307200 in bytes.
+        unit = m.group(2) if isinstance(value, str) and (m := _SIZE.fullmatch(value.strip())) \
+            else None
+
+        def written(x: int, best: bool = False) -> str:
+            text = (size_text(x) if best else size_text(x, unit)) if unit else str(x)
+            return f'"{text}"' if isinstance(value, str) else text
+        span = f"a power of two from {written(lo, True)} to {written(hi, True)}"
+        if n < lo:
+            raise self.error(table, key, f"{written(n)} is less than the smallest, "
+                                         f"{written(lo, True)} ({span})")
+        if n > hi:
+            raise self.error(table, key, f"{written(n)} is more than the largest, "
+                                         f"{written(hi, True)} ({span})")
+        below = 1 << (n.bit_length() - 1)
+        raise self.error(table, key, f"{written(n)} is not a power of two: nearest are "
+                                     f"{written(below)} or {written(below * 2)}")
 
     def seconds(self, table: str, key: str, value: object, hi: int) -> float:
         if type(value) not in (int, float) or not 0 <= value <= hi:  # type: ignore[operator]
@@ -210,6 +252,37 @@ class _Reader:
         return value
 
 
+def _dotted(name: str) -> list[str] | None:
+    """Returns the parts of a dotted TOML key (``a."b.c"`` -> [a, b.c]), None if it is not one."""
+    parts, pos = [], 0
+    while pos < len(name):
+        m = _KEY_PART.match(name, pos)
+        if m is None:
+            return None
+        parts.append(next(g for g in m.groups() if g is not None))
+        pos = m.end()
+    return parts or None
+
+
+def _header_name(line: str) -> list[str] | None:
+    """Returns the dotted name of a table header line ([a.b], [[a]]), None for other lines."""
+    m = _HEADER.match(line)
+    return _dotted(m.group("name")) if m else None
+
+
+def _unknown_table(r: _Reader, name: str, value: object) -> ConfigError:
+    """The error for a top-level name that is none of ours, with its line and a guess."""
+    close = difflib.get_close_matches(name, TABLES, n=1, cutoff=0.6)
+    guess = {"services": "[services.NAME]", "remote": "[remote.DOMID]"}.get(
+        close[0], f"[{close[0]}]") if close else None
+    table = isinstance(value, dict) or (  # [name] or [[name]]
+        isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value))
+    what = f"unknown table [{name}]" if table else f"{name} = ... is outside every table"
+    message = what + (f"; did you mean {guess}?" if guess else "") + \
+        f" (the tables are {TABLES_TEXT})"
+    return ConfigError(message, path=r.path, line=r.first_line_of(name))
+
+
 def parse_config(text: str, path: str = "<string>") -> Config:
     """Returns the validated configuration in ``text``; raises ConfigError."""
     try:
@@ -220,9 +293,8 @@ def parse_config(text: str, path: str = "<string>") -> Config:
                           line=int(m.group(1)) if m else None) from None
     r = _Reader(text, path)
     for name in data:
-        if name not in ("daemon", "link", "services", "remote"):
-            raise r.error(name, None, "unknown table; expected [daemon], [link], "
-                                      "[services.NAME], [remote.DOMID]")
+        if name not in TABLES:
+            raise _unknown_table(r, name, data[name])
 
     d = r.table(data, "daemon", {"rundir", "peers", "default_service", "backend", "sim_dir",
                                  "stop_timeout"})
@@ -286,7 +358,8 @@ def parse_config(text: str, path: str = "<string>") -> Config:
     if daemon.default_service is not None and daemon.default_service not in services:
         raise r.error("daemon", "default_service",
                       f"names no service; define [services.{daemon.default_service}]")
-    return Config(daemon, link, services, _remotes(r, data, daemon))
+    return Config(daemon, link, services, _remotes(r, data, daemon), path,
+                  r.line_of("daemon", "peers"))
 
 
 def _remotes(r: _Reader, data: Mapping[str, Any], daemon: DaemonConfig) -> dict[int, RemoteConfig]:
@@ -325,26 +398,53 @@ def _remotes(r: _Reader, data: Mapping[str, Any], daemon: DaemonConfig) -> dict[
     return remotes
 
 
-def load_config(path: str) -> Config:
-    """Returns the validated configuration in the file ``path``; raises ConfigError."""
+def load_config(path: str, hint: str = "") -> Config:
+    """Returns the validated configuration in the file ``path``; raises ConfigError.
+
+    ``hint`` follows the reason when the file cannot be read (e.g. how to name another file).
+    """
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
-        raise ConfigError(f"cannot read: {e.strerror} (another file: --config FILE)",
-                          path=path) from None
+        reason = "does not exist" if e.errno == errno.ENOENT else f"cannot read: {e.strerror}"
+        raise ConfigError(reason + (f" ({hint})" if hint else ""), path=path) from None
     except UnicodeDecodeError:
         raise ConfigError("is not UTF-8 text", path=path) from None
     return parse_config(text, path)
 
 
-def check_config_main(path: str) -> int:
-    """``xsockd --check-config FILE``: prints a verdict; returns the exit status."""
+def check_own_domain(config: Config, domid: int) -> None:
+    """Refuses a configuration that lists ``domid``, the domain it would run in, as a peer.
+
+    One check for start, reload and ``--check-config FILE --domid N``: the same words in each.
+    """
+    if domid in config.daemon.peers:
+        raise ConfigError(f"lists domain {domid}, which is this domain itself: a domain is not "
+                          "its own peer (remove it from peers, or check --domid)",
+                          path=config.path, table="daemon", key="peers",
+                          line=config.peers_line)
+
+
+def check_config_main(path: str, domid: int | None = None,
+                      this_domain: Callable[[Config], int | None] | None = None) -> int:
+    """``xsockd --check-config FILE [--domid N]``: prints a verdict; returns the exit status.
+
+    Without ``domid``, ``this_domain`` may name the domain the file would serve (on Xen, ours).
+    """
     try:
         cfg = load_config(path)
+        if domid is None and this_domain is not None:
+            domid = this_domain(cfg)
+        if domid is not None:
+            check_own_domain(cfg, domid)
     except ConfigError as e:
         print(f"xsockd: {e}", file=sys.stderr)
         return 1
-    n, m = len(cfg.daemon.peers), len(cfg.services)
-    print(f"{path}: OK ({n} peer{'' if n == 1 else 's'}, {m} service{'' if m == 1 else 's'})")
+    where = f" for domain {domid}" if domid is not None else ""
+    print(f"{path}: OK{where} ({count(len(cfg.daemon.peers), 'peer')}, "
+          f"{count(len(cfg.services), 'service')})")
+    if domid is None and cfg.daemon.peers:
+        print("  (not checked against a domain id: add --domid N to check it as domain N's "
+              "daemon would)")
     return 0

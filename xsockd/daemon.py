@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import resource
 import signal
 import sys
@@ -19,6 +20,7 @@ from xsockd.backend import Backend
 from xsockd.config import Config, check_config_main, load_config
 from xsockd.constants import DEFAULT_CONFIG
 from xsockd.errors import XsockError
+from xsockd.words import count
 
 if TYPE_CHECKING:
     from xsockd.dbus_face import DBusFace
@@ -39,7 +41,10 @@ in-flight data has drained ([daemon] stop_timeout, default 10 s).
 Commands:
   xsockd [options]             run the daemon (what systemd starts)
   xsockd demo [--help]         run two simulated domains and stream data between them
-  xsockd --check-config FILE   validate a configuration file and exit
+  xsockd --check-config FILE [--domid N]
+                               validate a configuration file and exit; also as domain
+                               N's daemon would (N not among its peers); on Xen, N is
+                               this domain unless --domid says otherwise
 
 The daemon serves the D-Bus interface org.xsockd.Xsockd1 on the system bus (or the bus of
 --dbus-address); xsockctl talks to it. Without a reachable system bus it logs one warning and
@@ -62,6 +67,21 @@ def make_backend(name: str, domid: int | None, sim_dir: str) -> Backend:
     return XenBackend(domid)
 
 
+def _xen_domid() -> int | None:
+    """Returns our domain id from XenStore, as the xen backend reads it; None if it cannot."""
+    if not os.path.exists("/dev/xen"):
+        return None
+    try:
+        from xsockd.backend_xen import XENBUS, XENSTORED_SOCKET  # type: ignore[import-not-found]
+        from xsockd.xenstore_client import XenStoreClient
+
+        path = XENSTORED_SOCKET if os.path.exists(XENSTORED_SOCKET) else XENBUS
+        with XenStoreClient(path) as xs:
+            return int(xs.read("domid"))
+    except (ImportError, OSError, ValueError):  # XsockError's backend errors are OSErrors
+        return None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xsockd", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,7 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rundir", metavar="DIR",
                    help="where to create <domid>.sock for each peer (default: [daemon] rundir)")
     p.add_argument("--check-config", metavar="FILE",
-                   help="validate FILE, print the result and exit (0 if valid)")
+                   help="validate FILE, print the result and exit (0 if valid); also refuse it "
+                        "as the daemon of domain N would (N among its peers), N from --domid or, "
+                        "for the xen backend, from XenStore")
     bus = p.add_mutually_exclusive_group()
     bus.add_argument("--dbus-address", metavar="ADDR",
                      help="serve D-Bus on the bus at ADDR (e.g. unix:path=/run/x.sock) instead "
@@ -110,8 +132,8 @@ def _log_channels(manager: Manager) -> None:
                     f"{'up' if link.up else 'attaching'}, in {st['bytes_in']} out "
                     f"{st['bytes_out']} bytes, {st['notify_sent']} notifications")
     st = manager.statistics()
-    rows.append(f"tables: {st['channels']} channels, {st['admitting']} being admitted, "
-                f"{st['core_streams']} streams in the data plane")
+    rows.append(f"tables: {count(st['channels'], 'channel')}, {st['admitting']} being admitted, "
+                f"{count(st['core_streams'], 'stream')} in the data plane")
     log.info("channel table (%s):\n%s", manager.status(), "\n".join(rows))
 
 
@@ -174,7 +196,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
             log.error("reload refused, the old configuration stays: %s", e)
             return
         log.info("configuration reloaded from %s: %s", args.config,
-                 ", ".join(changes) or "no change to peers")
+                 ", ".join(changes) or "no change")
 
     def status() -> None:
         notifier.status(manager.status())
@@ -216,12 +238,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return demo_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.check_config:
-        return check_config_main(args.check_config)
+        return check_config_main(
+            args.check_config, args.domid,
+            lambda cfg: _xen_domid() if (args.backend or cfg.daemon.backend) == "xen" else None)
     from xsockd.service import setup_logging
 
     setup_logging(args.verbose)
     try:
-        config = _apply_overrides(load_config(args.config), args)
+        config = _apply_overrides(load_config(args.config, "another file: --config FILE"),
+                                  args)
         return run(config, args)
     except XsockError as e:
         # An OSError's own sentence, without the "[Errno N]" in front of it.

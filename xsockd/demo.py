@@ -29,6 +29,7 @@ from xsockd.constants import DEFAULT_GRANT_LIMIT
 from xsockd.errors import ConfigError
 from xsockd.ring import MAX_RING_SIZE, MIN_RING_SIZE, link_pages
 from xsockd.sim.host import SimHost
+from xsockd.words import size_text
 
 __all__ = ["DaemonProcess", "config_text", "main", "write_config"]
 
@@ -269,10 +270,6 @@ def _table(daemon: DaemonProcess, before: int, timeout: float = 5.0) -> str:
     return "    (no table logged)"
 
 
-def _size_text(n: int) -> str:
-    return f"{n // MiB}MiB" if n % MiB == 0 else f"{n // 1024}KiB" if n % 1024 == 0 else str(n)
-
-
 def _largest_ring(grant_pages: int = DEFAULT_GRANT_LIMIT) -> int:
     """The largest ring size a link can have within ``grant_pages`` (1 + 2 * ring / 4096)."""
     ring = MAX_RING_SIZE
@@ -281,7 +278,7 @@ def _largest_ring(grant_pages: int = DEFAULT_GRANT_LIMIT) -> int:
     return ring
 
 
-RING_RANGE = f"a power of two from {_size_text(MIN_RING_SIZE)} to {_size_text(_largest_ring())}"
+RING_RANGE = f"a power of two from {size_text(MIN_RING_SIZE)} to {size_text(_largest_ring())}"
 
 
 def _ring_size(text: str) -> int:

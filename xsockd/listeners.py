@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 from xsockd.errors import ConfigError
 
-__all__ = ["DIR_MODE", "SOCKET_MODE", "Rundir", "socket_path"]
+__all__ = ["DIR_MODE", "SOCKET_MODE", "Rundir", "listen_unix", "make_dir", "socket_path"]
 
 SOCKET_MODE = 0o660
 DIR_MODE = 0o755
@@ -34,6 +34,39 @@ def _umask(mask: int) -> Iterator[None]:
         yield
     finally:
         os.umask(old)
+
+
+def listen_unix(path: str, mode: int, kind: int = socket.SOCK_STREAM,
+                backlog: int = socket.SOMAXCONN) -> socket.socket:
+    """Returns a non-blocking listener bound at ``path`` with exactly ``mode``, whatever the
+    umask; a socket left there by an earlier run is replaced (anything else is not)."""
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
+    try:
+        sock.setblocking(False)
+        with _umask(0o777 & ~mode):
+            sock.bind(path)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def make_dir(path: str, mode: int = DIR_MODE) -> None:
+    """Creates ``path`` (and missing parents) with ``mode``, whatever the umask; an existing
+    directory is left as it is (it may be /tmp)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        return
+    os.chmod(path, mode)
 
 
 def _check_owned(fd: int, path: str) -> None:
@@ -105,23 +138,9 @@ class Rundir:
         """Returns a non-blocking listener at <rundir>/<peer>[/<service>].sock, mode 0660."""
         with self._dir_of(peer, service, create=True) as dfd:
             name = f"{service}.sock" if service else f"{peer}.sock"
-            try:
-                if stat.S_ISSOCK(os.lstat(name, dir_fd=dfd).st_mode):
-                    os.unlink(name, dir_fd=dfd)  # left by an earlier run
-            except FileNotFoundError:
-                pass
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            try:
-                sock.setblocking(False)
-                # Bound through our descriptor of the directory: no path component can be
-                # swapped for a symlink between the checks above and the bind.
-                with _umask(0o777 & ~SOCKET_MODE):
-                    sock.bind(f"/proc/self/fd/{dfd}/{name}")
-                sock.listen(socket.SOMAXCONN)
-            except BaseException:
-                sock.close()
-                raise
-            return sock
+            # Bound through our descriptor of the directory: no path component can be
+            # swapped for a symlink between the checks above and the bind.
+            return listen_unix(f"/proc/self/fd/{dfd}/{name}", SOCKET_MODE)
 
     def unlink(self, peer: int, service: str = "") -> None:
         """Removes the socket (and a peer's subdir once its last service is gone)."""

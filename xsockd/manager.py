@@ -33,12 +33,13 @@ from xsockd.admission import (
     admit_stream,
     grant_budget,
 )
+from xsockd.advice import link_refused, no_such_domain, stream_refused
 from xsockd.backend import Backend
-from xsockd.config import Config, ServiceConfig
+from xsockd.confdiff import describe_changes
+from xsockd.config import Config, ServiceConfig, check_own_domain
 from xsockd.constants import PROTOCOL_VERSION, XS_ROOT
 from xsockd.errors import (
     BackendError,
-    ConfigError,
     NoSuchChannel,
     ProtocolError,
     RefusedError,
@@ -60,6 +61,7 @@ from xsockd.rendezvous import (
     request_dir,
 )
 from xsockd.ring import EventType, Reason, RingEvent, Role
+from xsockd.words import count
 
 if TYPE_CHECKING:
     from xsockd.loop import Loop, Timer
@@ -155,8 +157,12 @@ class Manager:
         self._draining = False
         self._drain_timer: Timer | None = None
         self._ids = itertools.count(1)
-        self.counters = {"links_refused": 0, "streams_refused": 0, "peer_faults": 0,
-                         "links_opened": 0, "streams_opened": 0, "handler_failures": 0}
+        # *_refused: refused by a decision (ours of a peer's, or a peer's of ours); *_failed:
+        # could not be made (no such domain, no xsockd there, set-up timed out, link lost
+        # before the peer accepted, local service unreachable).
+        self.counters = {"links_refused": 0, "streams_refused": 0, "links_failed": 0,
+                         "streams_failed": 0, "peer_faults": 0, "links_opened": 0,
+                         "streams_opened": 0, "handler_failures": 0}
         self.peerlog = PeerLog(log, loop.time)
         # One record per closed channel is what operators search for; a peer opening and
         # resetting streams in a loop must not turn it into a flood.
@@ -190,9 +196,8 @@ class Manager:
         for peer, service in self.config.local_sockets():
             self._listen(peer, service)
         self._started = True
-        n = len(self.config.daemon.peers)
-        log.info("xsockd domain %d ready: %d peer%s, rundir %s", self.domid, n,
-                 "" if n == 1 else "s", self.config.daemon.rundir)
+        log.info("xsockd domain %d ready: %s, rundir %s", self.domid,
+                 count(len(self.config.daemon.peers), "peer"), self.config.daemon.rundir)
 
     def stop(self) -> None:
         """Closes listeners and links (telling peers goodbye) and removes our nodes."""
@@ -233,8 +238,8 @@ class Manager:
             self._on_connect(peer, service)  # clients whose connect() already succeeded
             self._unlisten(peer, service)
         deadline = self.loop.time() + timeout
-        log.info("stopping: no new streams; %d channels may drain for up to %g s",
-                 len(self.channels), timeout)
+        log.info("stopping: no new streams; %s may drain for up to %g s",
+                 count(len(self.channels), "channel"), timeout)
 
         def check() -> None:
             self._drain_timer = None
@@ -244,12 +249,13 @@ class Manager:
                 self._drain_timer = self.loop.call_later(DRAIN_POLL, check)
                 return
             if pending:
-                log.warning("stop_timeout of %g s reached: closing %d streams with %d bytes "
-                            "still on their way (%s)", timeout, held["streams"], pending,
+                log.warning("stop_timeout of %g s reached: closing %s with %s "
+                            "still on their way (%s)", timeout, count(held["streams"], "stream"),
+                            count(pending, "byte"),
                             ", ".join(f"{k} {v}" for k, v in held.items() if v and
                                       k != "streams"))
             else:
-                log.info("drained: closing %d idle streams", held["streams"])
+                log.info("drained: closing %s", count(held["streams"], "idle stream"))
             done()
 
         check()
@@ -266,10 +272,12 @@ class Manager:
         """Switches to ``config``: new peers and named services get sockets, removed ones' go.
 
         Open links and channels survive; a removed peer may open no new streams or links.
-        Returns what changed, one phrase each.  rundir changes need a restart.
+        New [link] budgets (open_rate, max_connecting) apply to every peer at once, the other
+        [link] settings to links made from now on.  Returns what changed, one phrase each
+        (``confdiff``); [] for nothing.  rundir changes need a restart.
         """
         self._check_peers(config)
-        changes = []
+        changes: list[str] = []
         if config.daemon.rundir != self.config.daemon.rundir:
             config = dataclasses.replace(
                 config, daemon=dataclasses.replace(config.daemon, rundir=self.config.daemon.rundir))
@@ -288,10 +296,10 @@ class Manager:
                                  f"{e.strerror or e}") from e
             for peer, service in sorted(old - new):
                 self._unlisten(peer, service)
-                changes.append(f"service {service} of domain {peer} removed" if service
-                               else f"peer {peer} removed")
-            changes += [f"service {service} of domain {peer} added" if service
-                        else f"peer {peer} added" for peer, service in added]
+        changes += describe_changes(self.config, config)
+        now = self.loop.time()
+        for budget in self._budgets.values():
+            budget.retune(config.link.open_rate, config.link.max_connecting, now)
         for peer in set(self.config.daemon.peers) - set(config.daemon.peers):
             self._offers.pop(peer, None)
             self._budgets.pop(peer, None)
@@ -392,8 +400,11 @@ class Manager:
                 link = self._link_for(peer)
                 sid, serial = link.ring.open_stream(conn, service)
             except (XsockError, OSError) as e:
-                log.error("connection to domain %d failed: %s", peer, e,
-                          extra={"XSOCK_PEER": peer})
+                self.counters["streams_failed"] += 1
+                # A local application can retry in a loop: bounded like a peer's lines.
+                self.peerlog.error(peer, "stream to %s of domain %d failed, the application "
+                                   "sees EOF: %s", f"service {service!r}" if service else
+                                   "the default service", peer, e, XSOCK_SERVICE=service)
                 conn.close()
                 continue
             except Exception as e:  # a bug costs this connection, not the daemon
@@ -419,9 +430,11 @@ class Manager:
         if links:
             return min(links, key=lambda lk: not lk.up)  # an up link if there is one
         if not self._domain_exists(peer):
-            raise RefusedError(f"domain {peer} does not exist (xenstored does not know it)")
+            self.counters["links_failed"] += 1
+            raise RefusedError(no_such_domain(peer))
         why = grant_budget(self.config, self.granted_pages())
         if why:
+            self.counters["links_failed"] += 1
             raise RefusedError(why)
         cfg = self.config.link
         link = grant_link(self.backend, peer, ring_size=cfg.ring_size, window=cfg.stream_window,
@@ -436,6 +449,7 @@ class Manager:
             self._waiting[id(link)] = self.loop.call_later(LINK_SETUP_TIMEOUT, lambda: self._guard(
                 peer, Role.INITIATOR, "waiting for it to attach", self._setup_timeout, link))
         except BaseException:
+            self.counters["links_failed"] += 1
             self._drop_link(link)
             raise
         self.counters["links_opened"] += 1
@@ -455,8 +469,10 @@ class Manager:
     def _setup_timeout(self, link: Link) -> None:
         self._waiting.pop(id(link), None)
         if not link.up and not link.closed:
-            self.peerlog.error(link.peer, "domain %d did not attach to our link within %.0f s; "
-                               "is xsockd running there?", link.peer, LINK_SETUP_TIMEOUT)
+            self.counters["links_failed"] += 1
+            self.peerlog.error(link.peer, "domain %d did not attach to our link within %.0f s: "
+                               "its xsockd stopped or is stuck (see its log); streams "
+                               "waiting for the link end", link.peer, LINK_SETUP_TIMEOUT)
             self._drop_link(link)
 
     def _stop_waiting(self, link: Link) -> None:
@@ -472,7 +488,10 @@ class Manager:
             node.close()
         link.on_close(forget)
 
-    def _drop_link(self, link: Link, goodbye: bool = False) -> None:
+    def _drop_link(self, link: Link, goodbye: bool = False,
+                   unopened: str = "streams_failed") -> None:
+        """Closes ``link`` and forgets it; its streams the peer had not accepted yet count
+        under the counter ``unopened``."""
         if self.links.get((link.peer, link.role)) is link:
             del self.links[(link.peer, link.role)]
         if link.closed:
@@ -485,6 +504,8 @@ class Manager:
             for key in [k for k, a in self._admitting.items() if a.link is link]:
                 self._finish(self._admitting[key])
             for ch in [c for c in self.channels.values() if c.link is link]:
+                if ch.state == "opening":
+                    self.counters[unopened] += 1
                 self._remove_channel(ch, "link-down")
 
     # ---- XenStore -----------------------------------------------------------------------
@@ -544,8 +565,9 @@ class Manager:
             why = node.refusal()
             if why is not None:
                 self.counters["links_refused"] += 1
-                self.peerlog.error(peer, "domain %d refused our link: %s", peer, escape(why))
-                self._drop_link(link)
+                self.peerlog.error(peer, "%s; streams waiting for the link end",
+                                   link_refused(peer, self.domid, escape(why)))
+                self._drop_link(link, unopened="streams_refused")
                 return
         if node.gone():
             self.peerlog.warning(peer, "link with domain %d down: %s is gone (the domain was "
@@ -554,9 +576,7 @@ class Manager:
 
     def _check_peers(self, config: Config) -> None:
         """Refuses a configuration naming our own domain; warns of peers that do not exist."""
-        if self.domid in config.daemon.peers:
-            raise ConfigError(f"lists domain {self.domid}, which is this domain itself",
-                              table="daemon", key="peers")
+        check_own_domain(config, self.domid)
         for peer in config.daemon.peers:
             if not self._domain_exists(peer):
                 log.warning("domain %d (in [daemon] peers) does not exist now: streams to it "
@@ -682,8 +702,11 @@ class Manager:
         why = reason.name.lower().replace("_", "-") if reason is not None else f"reason-{ev.arg}"
         if reason in (Reason.REFUSED, Reason.NO_SERVICE, Reason.TOO_MANY) \
                 and ch.direction == "out":
-            self.peerlog.warning(peer, "domain %d refused stream %d to service %r: %s", peer,
-                                 ch.id, ch.service or "(default)", why.replace("-", " "),
+            # No service there is a failure, not a decision: counted as the peer counts it.
+            self.counters["streams_failed" if reason == Reason.NO_SERVICE
+                          else "streams_refused"] += 1
+            self.peerlog.warning(peer, "stream %d not opened, the application sees EOF: %s",
+                                 ch.id, stream_refused(peer, self.domid, ch.service, reason),
                                  XSOCK_CHANNEL=ch.id, XSOCK_SERVICE=ch.service)
         # One record per stream, as a server logs a connection: what an operator searches
         # the journal for (XSOCK_CHANNEL, XSOCK_PEER, XSOCK_SERVICE, bytes).
@@ -760,9 +783,11 @@ class Manager:
                     self._connect_service, adm, min(delay * 2, 0.2)))
                 return
             self._finish(adm)
-            self.counters["streams_refused"] += 1
-            self.peerlog.warning(link.peer, "service %r at %s unreachable for domain %d: %s",
+            self.counters["streams_failed"] += 1
+            self.peerlog.warning(link.peer, "service %r at %s unreachable for domain %d: %s; "
+                                 "start the service (or fix [services.%s] socket)",
                                  adm.name or "(default)", service.socket, link.peer, why,
+                                 adm.name or self.config.daemon.default_service,
                                  XSOCK_SERVICE=adm.name)
             link.ring.reject_stream(adm.stream, adm.serial, Reason.NO_SERVICE)
             return
@@ -868,6 +893,6 @@ class Manager:
 
     def status(self) -> str:
         up = sum(1 for lk in self.links.values() if lk.up)
-        n = len(self.config.daemon.peers)
-        return (f"{len(self.channels)} channels, {up} of {len(self.links)} links up, "
-                f"{n} peer{'' if n == 1 else 's'} configured")
+        return (f"{count(len(self.channels), 'channel')}, {up} of "
+                f"{count(len(self.links), 'link')} up, "
+                f"{count(len(self.config.daemon.peers), 'peer')} configured")

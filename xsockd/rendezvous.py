@@ -35,6 +35,7 @@ __all__ = [
     "ask",
     "claim_domain",
     "domain_path",
+    "how_to_stop",
     "offer_path",
     "parse_offer",
     "parse_request",
@@ -43,6 +44,7 @@ __all__ = [
     "read_offer",
     "request_dir",
     "request_path",
+    "systemd_unit",
 ]
 
 REFS_PER_NODE = 128  # ring refs per XenStore node: keeps values far below the 4 KiB limit
@@ -211,10 +213,11 @@ def ask(xs: XenStore, me: int, peer: int, generation: int) -> None:
         transact(xs, write)
     except XenStoreError as e:
         if e.errno in (errno.EACCES, errno.ENOENT, errno.EPERM):
+            # Both causes look the same from here: the peer's request directory is private.
             raise RefusedError(
-                f"domain {peer} has no link request node for us ({node}): it does not list "
-                f"domain {me} in [daemon] peers, runs no xsockd, or runs one older than "
-                f"protocol version {PROTOCOL_VERSION}") from e
+                f"domain {peer} has no link request node for us ({node}): start xsockd in "
+                f"domain {peer} (link protocol version {PROTOCOL_VERSION} or later), or add "
+                f"{me} to [daemon] peers in its configuration") from e
         raise
 
 
@@ -342,6 +345,45 @@ def _runs_xsockd(pid: int) -> bool:
     return b"xsockd" in names or b"xsockd.daemon" in argv[1:3]
 
 
+def _cgroup_path(text: str) -> str:
+    """Returns the systemd cgroup of a /proc/PID/cgroup text (v2, or v1's name=systemd)."""
+    paths = {}
+    for line in text.splitlines():
+        _, controllers, path = line.split(":", 2) if line.count(":") >= 2 else ("", "-", "")
+        paths[controllers] = path
+    return paths.get("name=systemd") or paths.get("", "")
+
+
+def systemd_unit(pid: int, proc: str = "/proc") -> str | None:
+    """Returns the service unit that runs ``pid`` as its main process, None if none does.
+
+    A process is a unit's when it sits directly in a ``*.service`` cgroup and a systemd
+    (system or user manager) is its parent: one started by hand from a shell inside some
+    service is that shell's child, and one from a login session sits in a ``.scope``.
+    """
+    try:
+        with open(f"{proc}/{pid}/cgroup", encoding="ascii", errors="replace") as f:
+            unit = _cgroup_path(f.read()).rstrip("/").rpartition("/")[2]
+        with open(f"{proc}/{pid}/status", encoding="ascii", errors="replace") as f:
+            ppid = next((int(ln.split()[1]) for ln in f if ln.startswith("PPid:")), 0)
+        with open(f"{proc}/{ppid}/comm", encoding="ascii", errors="replace") as f:
+            parent = f.read().strip()
+    except (OSError, ValueError, IndexError):
+        return None
+    return unit if unit.endswith(".service") and parent == "systemd" else None
+
+
+def how_to_stop(pid: int, proc: str = "/proc") -> tuple[str, str]:
+    """Returns who runs xsockd ``pid`` ("pid 7, systemd unit x.service") and how to stop it."""
+    unit = systemd_unit(pid, proc)
+    if unit is not None:
+        return f"pid {pid}, systemd unit {unit}", f"`systemctl stop {unit}`"
+    if not os.access(f"{proc}/{pid}/status", os.R_OK):  # hidden from us (hidepid=): say less
+        return f"pid {pid}", f"`systemctl stop` of its unit, or `kill {pid}`"
+    return (f"pid {pid}, started by hand, not by systemd",
+            f"`kill {pid}` (it lets its streams drain, then exits)")
+
+
 def claim_domain(xs: XenStore, domid: int) -> None:
     """Refuses to start beside a running xsockd of the same domain, then records us.
 
@@ -361,8 +403,9 @@ def claim_domain(xs: XenStore, domid: int) -> None:
     boot = _boot_id()
     if len(words) == 2 and words[0].isdigit() and words[1] == boot \
             and int(words[0]) != os.getpid() and _runs_xsockd(int(words[0])):
-        raise XsockError(f"another xsockd already serves domain {domid} (pid {words[0]}); "
-                         "stop that one first")
+        who, how = how_to_stop(int(words[0]))
+        raise XsockError(f"another xsockd already serves domain {domid} ({who}): stop it "
+                         f"first with {how}")
     xs.write(node, f"{os.getpid()} {boot}")
     for name in xs.directory(root):
         if name not in ("request", "daemon"):

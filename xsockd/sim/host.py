@@ -1,11 +1,15 @@
 """The simulated Xen host: XenStore and the hypervisor for several domains, in one process.
 
     python -m xsockd.sim.host --dir DIR --domains 0,1,2 [--grant-limit N]
+        [--max-event-channels N] [--max-domains N]
 
 creates, per domain N, ``DIR/domN/xenstored.sock`` (XenStore as domain N; point Xen's own tools
 at it with XENSTORED_PATH) and ``DIR/domN/hypervisor.sock`` (grants and event channels as domain
 N), plus ``DIR/control.sock`` for accounting and for creating or destroying domains.  It prints
-``ready`` once every socket listens, and removes them on SIGTERM or SIGINT.
+``ready`` once every socket listens, and removes them on SIGTERM or SIGINT.  Sockets are
+mode 0600 and directories 0755 whatever the umask.  Every domain is bounded (docs/SIM.md):
+its event-channel ports by what the descriptor limit covers (the soft RLIMIT_NOFILE is raised
+to the hard one at start), at most Xen's default of 1023.
 
 ``SimHost`` runs it as a child process for tests and the demo.
 """
@@ -13,6 +17,8 @@ N), plus ``DIR/control.sock`` for accounting and for creating or destroying doma
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
 import os
 import selectors
 import shutil
@@ -24,81 +30,156 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from xsockd.listeners import listen_unix, make_dir
 from xsockd.service import ServiceNotifier
-from xsockd.sim.hypervisor import Hypervisor, recv_message, send_message
+from xsockd.sim import SOCKET_MODE
+from xsockd.sim.acceptpause import PAUSE, AcceptPause
+from xsockd.sim.budget import XEN_MAX_EVENT_CHANNELS, event_channel_budget, raise_nofile
+from xsockd.sim.hypervisor import (
+    DOMID_FIRST_RESERVED,
+    Hypervisor,
+    recv_message,
+    send_message,
+)
+from xsockd.sim.hypervisor import (
+    MAX_CONNECTIONS as HV_CONNECTIONS,
+)
+from xsockd.sim.xenstored import MAX_CONNECTIONS as XS_CONNECTIONS
 from xsockd.sim.xenstored import XenStoreServer
 from xsockd.xenstore_client import XenStoreClient
 
 __all__ = ["SimHost", "main", "sim_accounting"]
 
+log = logging.getLogger(__name__)
+
+MAX_CONTROL_CLIENTS = 16
+DEFAULT_MAX_DOMAINS = 8
+
+
+def fixed_fds_per_domain(grant_limit: int) -> int:
+    """Descriptors one domain may cost the host besides its ports: a memfd per grant request
+    (at most one per page), its hypervisor and XenStore connections, and its two listeners."""
+    return grant_limit + HV_CONNECTIONS + XS_CONNECTIONS + 2
+
 
 class Host:
-    def __init__(self, directory: str, domains: Sequence[int], grant_limit: int) -> None:
+    def __init__(self, directory: str, domains: Sequence[int], grant_limit: int,
+                 max_ports: int = XEN_MAX_EVENT_CHANNELS,
+                 max_domains: int = DEFAULT_MAX_DOMAINS) -> None:
         self.dir = directory
+        self.max_domains = max(max_domains, len(set(domains)))
         self.sel = selectors.DefaultSelector()
         self.xenstore = XenStoreServer()
-        self.hypervisor = Hypervisor(grant_limit)
+        self.hypervisor = Hypervisor(grant_limit, max_ports)
         self.xenstore.register(self.sel)
         self.hypervisor.register(self.sel)
+        self.pause = AcceptPause()
+        self.clients: list[socket.socket] = []
+        self.domains: set[int] = set()
         for d in domains:
             self.create_domain(d)
-        self.control = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        path = os.path.join(directory, "control.sock")
-        if os.path.exists(path):
-            os.unlink(path)
-        self.control.bind(path)
-        self.control.listen(16)
+        self.control = listen_unix(os.path.join(directory, "control.sock"), SOCKET_MODE,
+                                   socket.SOCK_SEQPACKET, backlog=MAX_CONTROL_CLIENTS)
         self.sel.register(self.control, selectors.EVENT_READ, self._accept_control)
         self.running = True
 
     def create_domain(self, domid: int) -> None:
+        if domid in self.domains:  # its listeners would be replaced, the old ones leaked
+            raise OSError(errno.EEXIST, f"domain {domid} exists")
+        if len(self.domains) >= self.max_domains:
+            raise OSError(errno.ENOSPC, f"the host's descriptor budget covers "
+                                        f"{self.max_domains} domains (--max-domains)")
         home = os.path.join(self.dir, f"dom{domid}")
-        os.makedirs(home, exist_ok=True)
+        make_dir(home)
         self.xenstore.add_domain(domid, os.path.join(home, "xenstored.sock"))
         self.hypervisor.add_domain(domid, os.path.join(home, "hypervisor.sock"))
+        self.domains.add(domid)
 
     def destroy_domain(self, domid: int) -> None:
         self.hypervisor.remove_domain(domid)
         self.xenstore.remove_domain(domid)
+        self.domains.discard(domid)
 
     def _accept_control(self) -> None:
-        client, _ = self.control.accept()
+        client = self.pause.accept(self.sel, self.control)
+        if client is None:
+            return
+        if len(self.clients) >= MAX_CONTROL_CLIENTS:
+            client.close()
+            return
+        client.setblocking(False)
+        self.clients.append(client)
         self.sel.register(client, selectors.EVENT_READ, lambda: self._control(client))
+
+    def _drop_control(self, client: socket.socket) -> None:
+        self.sel.unregister(client)
+        self.clients.remove(client)
+        client.close()
 
     def _control(self, client: socket.socket) -> None:
         try:
             msg, fds = recv_message(client)
+        except (BlockingIOError, InterruptedError):
+            return
         except (ValueError, OSError):
             msg, fds = None, []
         for fd in fds:
             os.close(fd)
         if msg is None:
-            self.sel.unregister(client)
-            client.close()
+            self._drop_control(client)
             return
-        reply: dict[str, Any] = {"ok": True}
+        try:
+            reply = self._control_request(msg)
+        except OSError as e:
+            reply = {"ok": False, "errno": e.errno, "error": str(e)}
+        except Exception as e:  # a bug must cost this request, not the host
+            log.exception("internal error answering a control request")
+            reply = {"ok": False, "errno": errno.EIO, "error": f"internal error: {e}"}
+        try:
+            send_message(client, reply)
+        except OSError:
+            self._drop_control(client)
+
+    def _control_request(self, msg: dict[str, Any]) -> dict[str, Any]:
         op = msg.get("op")
-        if op == "accounting":
-            reply["domains"] = {str(d): a for d, a in self.hypervisor.accounting().items()}
-        elif op == "destroy_domain":
-            self.destroy_domain(int(msg["domid"]))
-        elif op == "create_domain":
-            self.create_domain(int(msg["domid"]))
+        if op in ("destroy_domain", "create_domain"):
+            domid = msg.get("domid")
+            if type(domid) is not int or not 0 <= domid < DOMID_FIRST_RESERVED:
+                raise OSError(errno.EINVAL, f"domid: an integer in 0..{DOMID_FIRST_RESERVED - 1}")
+            if op == "create_domain":
+                self.create_domain(domid)
+            else:
+                self.destroy_domain(domid)
+        elif op == "domains":  # those that exist now (not destroyed)
+            return {"ok": True, "domains": sorted(self.hypervisor.listeners)}
+        elif op == "accounting":
+            return {"ok": True, "domains": {str(d): a for d, a
+                                            in self.hypervisor.accounting().items()}}
+        elif op == "stats":
+            return {"ok": True, "internal_errors": (self.hypervisor.internal_errors
+                                                    + self.xenstore.internal_errors),
+                    "max_event_channels": self.hypervisor.max_ports,
+                    "max_domains": self.max_domains}
         elif op == "shutdown":
             self.running = False
         else:
-            reply = {"ok": False, "error": f"unknown operation {op!r}"}
-        send_message(client, reply)
+            raise OSError(errno.ENOSYS, f"unknown operation {str(op)[:40]!r}")
+        return {"ok": True}
 
     def run(self) -> None:
         while self.running:
-            for key, _ in self.sel.select(1.0):
+            paused = self.pause.paused or self.hypervisor.pause.paused or self.xenstore.pause.paused
+            for key, _ in self.sel.select(PAUSE if paused else 1.0):
                 key.data()
+            for owner in (self, self.hypervisor, self.xenstore):
+                owner.pause.resume(self.sel)
 
     def close(self) -> None:
         self.hypervisor.close()
         self.xenstore.close()
-        self.sel.unregister(self.control)
+        for client in list(self.clients):
+            self._drop_control(client)
+        self.pause.unregister(self.sel, self.control)
         self.control.close()
         os.unlink(os.path.join(self.dir, "control.sock"))
 
@@ -123,17 +204,22 @@ class SimHost:
     """A simulated host in a child process, for tests and the demo.  A context manager."""
 
     def __init__(self, directory: str | os.PathLike[str], domains: Sequence[int] = (0, 1, 2),
-                 grant_limit: int = 1024) -> None:
+                 grant_limit: int = 1024, max_event_channels: int | None = None,
+                 max_domains: int | None = None) -> None:
         self.dir = Path(directory)
         self.domains = list(domains)
         self.grant_limit = grant_limit
+        self.options = [] if max_event_channels is None else [
+            "--max-event-channels", str(max_event_channels)]
+        if max_domains is not None:
+            self.options += ["--max-domains", str(max_domains)]
         self.proc: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> SimHost:
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "xsockd.sim.host", "--dir", str(self.dir), "--domains",
-             ",".join(map(str, self.domains)), "--grant-limit", str(self.grant_limit)],
+             ",".join(map(str, self.domains)), "--grant-limit", str(self.grant_limit),
+             *self.options],
             stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         if self.proc.stdout.readline().strip() != "ready":
@@ -196,13 +282,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--domains", default="0,1,2", help="comma-separated domain ids (default 0,1,2)")
     p.add_argument("--grant-limit", type=int, default=1024,
                    help="pages one domain may grant at once (default 1024, as Linux gntalloc)")
+    p.add_argument("--max-event-channels", type=int, default=None, metavar="N",
+                   help="event-channel ports one domain may hold (default: Xen's 1023, or "
+                        "fewer if the descriptor limit does not cover that many)")
+    p.add_argument("--max-domains", type=int, default=None, metavar="N",
+                   help="domains the host may run at once, counting those created later "
+                        f"(default: {DEFAULT_MAX_DOMAINS} or as many as --domains)")
     args = p.parse_args(argv)
     try:
         domains = [int(x) for x in args.domains.split(",")]
     except ValueError:
         p.error(f"--domains {args.domains!r}: a comma-separated list of integers")
-    os.makedirs(args.dir, exist_ok=True)
-    host = Host(args.dir, domains, args.grant_limit)
+    if not all(0 <= d < DOMID_FIRST_RESERVED for d in domains):
+        p.error(f"--domains: domain ids are 0..{DOMID_FIRST_RESERVED - 1}")
+    if args.grant_limit < 1:
+        p.error("--grant-limit: at least 1")
+    max_domains = max(args.max_domains or DEFAULT_MAX_DOMAINS, len(set(domains)))
+    nofile = raise_nofile()
+    budget = event_channel_budget(nofile, max_domains, fixed_fds_per_domain(args.grant_limit))
+    max_ports = budget if args.max_event_channels is None else args.max_event_channels
+    if max_ports < 1 or max_ports > budget:
+        p.error(f"{nofile} descriptors (RLIMIT_NOFILE) cover {max(budget, 0)} event-channel "
+                f"ports for each of {max_domains} domains with a grant limit of "
+                f"{args.grant_limit}; asked for {max_ports}: raise the limit (ulimit -n) or "
+                "lower --max-domains, --grant-limit or --max-event-channels")
+    make_dir(args.dir)
+    host = Host(args.dir, domains, args.grant_limit, max_ports, max_domains)
 
     def stop(*_: object) -> None:
         host.running = False

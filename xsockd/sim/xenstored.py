@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
-import os
 import selectors
 import signal
 import socket
@@ -45,6 +44,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from xsockd.backend import XenStorePerm
+from xsockd.listeners import listen_unix, make_dir
+from xsockd.sim import SOCKET_MODE
+from xsockd.sim.acceptpause import PAUSE, AcceptPause
 from xsockd.sim.xsstore import (
     DOMID_SELF,
     MAX_ENTRY_SIZE,
@@ -153,6 +155,7 @@ class XenStoreServer:
         self.special_perms: dict[str, Perms] = {s: (XenStorePerm(0, "n"),) for s in _SPECIALS}
         self.watch_index: dict[str, list[tuple[Connection, Watch]]] = {}
         self.internal_errors = 0
+        self.pause = AcceptPause()
         self._serial = 0
         self._handlers: dict[int, tuple[Callable[[Request], bytes | None], int]] = {
             Op.CONTROL: (self._do_not_supported, _PRIV),
@@ -186,14 +189,13 @@ class XenStoreServer:
         for domid, sock in self.listeners.items():
             sel.register(sock, selectors.EVENT_READ, lambda d=domid: self._accept(d))
 
+    def resume_accepting(self) -> None:
+        """Watches again the listeners paused for lack of descriptors (acceptpause)."""
+        self.pause.resume(self.sel)
+
     def add_domain(self, domid: int, socket_path: str) -> None:
         """Listens for ``domid`` at ``socket_path`` and creates its home, as the toolstack does."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        if os.path.exists(socket_path):
-            os.unlink(socket_path)
-        sock.bind(socket_path)
-        sock.listen(64)
-        sock.setblocking(False)
+        sock = listen_unix(socket_path, SOCKET_MODE, backlog=64)
         self.listeners[domid] = sock
         if self.sel is not None:
             self.sel.register(sock, selectors.EVENT_READ, lambda: self._accept(domid))
@@ -213,8 +215,7 @@ class XenStoreServer:
         node it owns (xl destroy; xenstored's destroy_domain and domain_tree_remove)."""
         sock = self.listeners.pop(domid, None)
         if sock is not None:
-            if self.sel is not None:
-                self.sel.unregister(sock)
+            self.pause.unregister(self.sel, sock)
             sock.close()
         for conn in [c for c in self.conns if c.domid == domid]:
             self.drop(conn)
@@ -231,8 +232,7 @@ class XenStoreServer:
     def close(self) -> None:
         for domid in list(self.listeners):
             sock = self.listeners.pop(domid)
-            if self.sel is not None:
-                self.sel.unregister(sock)
+            self.pause.unregister(self.sel, sock)
             sock.close()
         for conn in list(self.conns):
             self.drop(conn)
@@ -246,9 +246,10 @@ class XenStoreServer:
         sock = self.listeners.get(domid)
         if sock is None:
             return
-        try:
-            client, _ = sock.accept()
-        except OSError:  # EAGAIN, or out of descriptors: the client waits in the backlog
+        # Out of descriptors, the listener is left alone a moment rather than spun on; the
+        # client waits in the backlog.
+        client = self.pause.accept(self.sel, sock)
+        if client is None:
             return
         held = sum(1 for c in self.conns if c.domid == domid)
         if not privileged(domid) and held >= MAX_CONNECTIONS:
@@ -876,14 +877,15 @@ def main() -> int:
     server = XenStoreServer()
     server.register(sel)
     for d in (int(x) for x in args.domains.split(",")):
-        os.makedirs(f"{args.dir}/dom{d}", exist_ok=True)
+        make_dir(f"{args.dir}/dom{d}")
         server.add_domain(d, f"{args.dir}/dom{d}/xenstored.sock")
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
     print("ready", flush=True)
     try:
         while True:
-            for key, _ in sel.select():
+            for key, _ in sel.select(PAUSE if server.pause.paused else None):
                 key.data()
+            server.resume_accepting()
     except KeyboardInterrupt:
         pass
     server.close()

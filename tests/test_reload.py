@@ -1,0 +1,105 @@
+"""What a reload (SIGHUP) says it changed, and that reloaded budgets reach links already up."""
+
+from __future__ import annotations
+
+import signal
+import socket
+
+from simworld import SimWorld, assert_ended, echo_roundtrip
+
+from xsockd.admission import OpenBudget
+from xsockd.confdiff import describe_changes
+from xsockd.config import parse_config
+
+BASE = """[daemon]
+peers = [1, 3]
+default_service = "echo"
+
+[link]
+open_rate = 100
+
+[services.echo]
+socket = "/run/e.sock"
+
+[remote.1]
+services = ["web"]
+"""
+
+
+def test_no_change_is_nothing():
+    assert describe_changes(parse_config(BASE), parse_config(BASE)) == []
+
+
+def test_three_services_added_are_three_phrases():
+    new = BASE + "".join(f'\n[services.s{i}]\nsocket = "/run/s{i}.sock"\nallow = [1]\n'
+                         for i in range(3))
+    assert describe_changes(parse_config(BASE), parse_config(new)) == [
+        "our service s0 added (allow 1)", "our service s1 added (allow 1)",
+        "our service s2 added (allow 1)"]
+
+
+def test_peers_services_sockets_and_settings():
+    new = (BASE.replace("peers = [1, 3]", "peers = [1, 4]")
+           .replace('socket = "/run/e.sock"', 'socket = "/run/e2.sock"\nallow = [4]')
+           .replace('services = ["web"]', 'services = ["db"]')
+           .replace("open_rate = 100", "open_rate = 5\nring_size = \"64KiB\""))
+    assert describe_changes(parse_config(BASE), parse_config(new)) == [
+        "peer 4 added", "peer 3 removed",
+        "our service echo changed: socket /run/e2.sock, allow 4",
+        "service db of domain 1 added", "service web of domain 1 removed",
+        "[link] open_rate 100 -> 5 (for every peer now)",
+        "[link] ring_size 262144 -> 65536 (for new links)"]
+    gone = BASE.replace('default_service = "echo"\n', "").split("[services.echo]")[0]
+    assert describe_changes(parse_config(BASE), parse_config(gone)) == [
+        "our service echo removed", "default_service none", "service web of domain 1 removed"]
+
+
+def test_a_retuned_budget_keeps_its_connects_and_takes_the_new_limits():
+    b = OpenBudget(100, 64, now=0.0)
+    b.connecting = 2
+    b.retune(1, 2, now=0.0)
+    assert b.take(0.0) is not None and "2 connects" in b.take(0.0).why
+    b.connecting = 0
+    assert b.take(0.0) is None             # the one token of a 1-a-second bucket
+    assert "more than 1 stream opens a second" in b.take(0.0).why
+    assert b.take(1.1) is None             # refilled at the new rate
+
+
+def test_sighup_logs_what_changed_and_new_open_rate_reaches_an_up_link(tmp_path):
+    world = SimWorld(tmp_path, peers={1: [2], 2: [1]})
+    try:
+        world.start(1, 2)
+        with world.connect(1, 2) as s:    # the link is up, with domain 2's budget for it
+            assert echo_roundtrip(s, b"before") == b"before"
+        conf = world.daemons[2].config
+        text = conf.read_text().replace('[link]\n', '[link]\nopen_rate = 1\n')
+        text += "".join(f'\n[services.s{i}]\nsocket = "{tmp_path}/s{i}.sock"\n'
+                        for i in range(3))
+        conf.write_text(text)
+        world.daemons[2].signal(signal.SIGHUP)
+        log2 = world.daemons[2].log
+        world.wait_for("the reload's line", lambda: "configuration reloaded" in log2())
+        line = next(ln for ln in log2().splitlines() if "configuration reloaded" in ln)
+        for phrase in ("our service s0 added (allow 1)", "our service s1 added",
+                       "our service s2 added", "[link] open_rate 20000 -> 1 (for every peer "
+                       "now)"):
+            assert phrase in line, line
+        # The link made before the reload now takes one open a second: of three opens at
+        # once, at least two are refused "too many", and domain 2 says so.
+        socks = [world.connect(1, 2) for _ in range(3)]
+        for sock in socks:
+            sock.sendall(b"x")
+            sock.shutdown(socket.SHUT_WR)
+        got = []
+        for sock in socks:
+            sock.settimeout(10)
+            try:
+                got.append(sock.recv(10))
+            except ConnectionResetError:
+                got.append(b"")
+            assert_ended(sock)
+        assert got.count(b"") >= 2, got
+        world.wait_for("the refusals", lambda: log2().count("more than 1 stream opens a "
+                                                            "second") >= 2)
+    finally:
+        world.close()

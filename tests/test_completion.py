@@ -41,7 +41,7 @@ def test_first_word_offers_commands_and_options():
 
 
 def test_after_a_command_only_its_options():
-    assert complete("list", "--") == ["--json", "--help"]
+    assert complete("list", "--") == ["--json", "--system", "--address", "--help"]
 
 
 
@@ -51,7 +51,8 @@ def test_show_and_close_offer_the_ids_of_open_channels(tmp_path):
     fake.chmod(0o755)
     assert complete("--system", "show", "", bindir=tmp_path) == ["3", "12"]
     assert complete("close", "1", bindir=tmp_path) == ["12"]
-    assert complete("close", "--", bindir=tmp_path) == ["--json", "--help"]
+    assert complete("close", "--", bindir=tmp_path) == ["--json", "--system", "--address",
+                                                        "--help"]
 
 
 def test_address_offers_a_unix_path():

@@ -35,6 +35,9 @@ from xsockd.errors import XenStoreError
 from xsockd.rendezvous import offer_path, request_dir
 from xsockd.xenstore_client import XenStoreClient
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import xscorpus
+
 MiB = 1 << 20
 SVC = "/run/svc"          # the local services of each guest
 RUN = "/run/xsock"        # xsockd's sockets
@@ -381,6 +384,7 @@ class Agent:
         self.base = f"/local/domain/{self.domid}/data/proof"
         self.xsockd: subprocess.Popen[bytes] | None = None
         self.vchans: list[subprocess.Popen[bytes]] = []
+        self.corpus: xscorpus.Runner | None = None
 
     def run(self) -> None:
         start_services()
@@ -425,6 +429,14 @@ class Agent:
 
     def op_open_time(self, path: str) -> dict[str, object]:
         return {"ok": True, "seconds": open_time(path)}
+
+    def op_xscorpus(self, case: str, start: int, end: int) -> dict[str, object]:
+        """Runs steps ``start:end`` of a corpus case as this domain (its own connection, kept
+        between calls: transactions and watches live across a case's batches)."""
+        if self.corpus is None:
+            self.corpus = xscorpus.Runner(self.domid, xenstore, settle=0.5)
+        steps = {c.name: c.steps for c in xscorpus.live_cases(self.domid)}[case]
+        return {"ok": True, "answers": self.corpus.run(steps[start:end])}
 
     def op_kill9(self) -> dict[str, object]:
         assert self.xsockd is not None
@@ -688,10 +700,52 @@ class Driver:
 
     # ---- the scenario ----
 
+    def xscorpus(self) -> None:
+        """The differential run's Xen side: the corpus against Xen's own xenstored, dom0's
+        steps from here, the domU's in its agent; the answers go to the console."""
+        start = time.monotonic()
+        runner = xscorpus.Runner(self.domu, xenstore, settle=0.1)
+        steps = {c.name: c.steps for c in xscorpus.live_cases(self.domu)}
+        calls = 0
+
+        def batch(actor: str, case: str, i: int, j: int) -> list[str]:
+            nonlocal calls
+            if actor == "0":
+                return runner.run(steps[case][i:j])
+            calls += 1
+            r = self.call("xscorpus", timeout=300, case=case, start=i, end=j)
+            if not r.get("ok"):
+                raise RuntimeError(f"the domU's agent failed {case}[{i}:{j}]: {r}")
+            return list(r["answers"])  # type: ignore[call-overload]
+        try:
+            cases = xscorpus.run_all(xscorpus.live_cases(self.domu), self.domu, batch)
+        finally:
+            runner.close()
+        for line in xscorpus.to_console({"domu": self.domu, "cases": cases}):
+            print(line, flush=True)
+        n = sum(len(v) for v in cases.values())
+        self.check("xscorpus", True, f"{len(cases)} cases, {n} steps against xenstored "
+                   f"({calls} batches in the domU) in {time.monotonic() - start:.1f} s")
+
+    def run_xsdiff(self) -> None:
+        """The differential run alone (``harness.py xsdiff``), then the wire bisect: each
+        malformed request of the sim-only ``wire`` case sent alone, until xenstored stops
+        answering."""
+        if not self.check("agent", self.wait_agent(), "the domU's agent answers in XenStore"):
+            return
+        self.xscorpus()
+        for name, answer, health in xscorpus.wire_bisect("/var/run/xenstored/socket"):
+            self.check("wire-" + re.sub(r"\W+", "-", name)[:60],
+                       health.startswith(f"{2} "), f"{name}: {answer}; then: {health}")
+
     def run(self) -> None:
         start_services()
         if not self.check("agent", self.wait_agent(), "the domU's agent answers in XenStore"):
             return
+        try:
+            self.xscorpus()
+        except Exception as e:  # the differential run must not cost the rest of the proof
+            self.check("xscorpus", False, repr(e))
         baseline = self.held()
         say(f"before any link: {baseline}")
         # 1. A domain that is not in the configuration is refused, and says so.
@@ -994,6 +1048,13 @@ def main(argv: list[str]) -> int:
     if role == "third":
         Third().run()
         return 0
+    if role == "xsdiff":
+        d = Driver()
+        try:
+            d.run_xsdiff()
+        except Exception as e:
+            d.check("driver", False, repr(e))
+        return 0 if d.passed else 1
     if role == "dom0":
         d = Driver()
         try:

@@ -241,7 +241,7 @@ def corpus(domu: int) -> list[Case]:
     c, d, m = case("tx_quota")
     for i in range(12):
         c("U", "txstart", f"q{i}")
-    for i in range(12):
+    for i in range(11):  # the 12th start fails: Linux drops the reply to an END of tx 0
         c("U", "txend", "F", tx=f"q{i}")
     c("U", "txstart", "after")("U", "txend", "F", tx="after")
     for i in range(12):
@@ -339,7 +339,9 @@ def corpus(domu: int) -> list[Case]:
      ("0", "fill", f"{d}/big/", BIG_CHILDREN, 20)
      ("0", "raw", int(Op.DIRECTORY), f"{d}/big\0".encode())
      ("0", "ls", f"{d}/big")("0", "dirpart", f"{d}/big", "0")
-     ("U", "dirpart", f"{d}/small", "0")("U", "dirpart", f"{home}/data", "0")
+     ("U", "dirpart", f"{d}/small", "0")("U", "write", f"{m}/k1", b"")
+     ("U", "write", f"{m}/k22", b"")("U", "dirpart", m, "0")("U", "dirpart", m, "3")
+     ("U", "rm", m)
      ("0", "rm", d))
 
     c, d, m = case("values")

@@ -567,7 +567,7 @@ def compare(recorded: dict[str, list[list[str]]], got: dict[str, list[list[str]]
 
 # ---- the wire bisect (real Xen only) ------------------------------------------------------------
 
-def _raw_exchange(path: str, op: int, payload: bytes, tx: int = 0, timeout: float = 5.0) -> str:
+def raw_exchange(path: str, op: int, payload: bytes, tx: int = 0, timeout: float = 5.0) -> str:
     """Sends one request on a new connection: what came back, within ``timeout``."""
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(timeout)
@@ -601,9 +601,9 @@ def wire_bisect(path: str) -> list[tuple[str, str, str]]:
               for op, payload in WIRE_PROBES("/xsc/wire", "/xsc/wire")]
     out = []
     for name, op, payload in probes:
-        answer = _raw_exchange(path, int(op), payload)
+        answer = raw_exchange(path, int(op), payload)
         time.sleep(0.5)
-        health = _raw_exchange(path, int(Op.READ), b"/local\0")
+        health = raw_exchange(path, int(Op.READ), b"/local\0")
         out.append((name, answer, health))
         if not health.startswith(f"{int(Op.READ)} "):
             break
@@ -619,7 +619,7 @@ def wire_bisect(path: str) -> list[tuple[str, str, str]]:
             s.close()
         time.sleep(0.5)
         out.append(("TRANSACTION_END 'T' without NUL", answer,
-                    _raw_exchange(path, int(Op.READ), b"/local\0")))
+                    raw_exchange(path, int(Op.READ), b"/local\0")))
     return out
 
 

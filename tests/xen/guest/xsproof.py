@@ -435,8 +435,17 @@ class Agent:
         between calls: transactions and watches live across a case's batches)."""
         if self.corpus is None:
             self.corpus = xscorpus.Runner(self.domid, xenstore, settle=0.5)
-        steps = {c.name: c.steps for c in xscorpus.live_cases(self.domid)}[case]
+        steps = {c.name: c.steps for c in xscorpus.corpus(self.domid)}[case]
         return {"ok": True, "answers": self.corpus.run(steps[start:end])}
+
+    def op_set_perms_special(self) -> dict[str, object]:
+        """SET_PERMS on @releaseDomain as this domain (harness.py xsdiff, last)."""
+        import xsockd.xenstore_client as client
+
+        client.REPLY_TIMEOUT = 10.0
+        got = errname(xs_errno(lambda: self.xs.set_perms(
+            "@releaseDomain", [XenStorePerm(self.domid, "n")])))
+        return {"ok": True, "answer": got}
 
     def op_kill9(self) -> dict[str, object]:
         assert self.xsockd is not None
@@ -700,12 +709,13 @@ class Driver:
 
     # ---- the scenario ----
 
-    def xscorpus(self) -> None:
+    def xscorpus(self, cases: list[xscorpus.Case] | None = None) -> dict[str, list[list[str]]]:
         """The differential run's Xen side: the corpus against Xen's own xenstored, dom0's
         steps from here, the domU's in its agent; the answers go to the console."""
         start = time.monotonic()
         runner = xscorpus.Runner(self.domu, xenstore, settle=0.1)
-        steps = {c.name: c.steps for c in xscorpus.live_cases(self.domu)}
+        todo = cases if cases is not None else xscorpus.live_cases(self.domu)
+        steps = {c.name: c.steps for c in todo}
         calls = 0
 
         def batch(actor: str, case: str, i: int, j: int) -> list[str]:
@@ -718,14 +728,17 @@ class Driver:
                 raise RuntimeError(f"the domU's agent failed {case}[{i}:{j}]: {r}")
             return list(r["answers"])  # type: ignore[call-overload]
         try:
-            cases = xscorpus.run_all(xscorpus.live_cases(self.domu), self.domu, batch)
+            answers = xscorpus.run_all(todo, self.domu, batch)
         finally:
             runner.close()
-        for line in xscorpus.to_console({"domu": self.domu, "cases": cases}):
+        n = sum(len(v) for v in answers.values())
+        if cases is not None:  # a part, for harness.py xsdiff: the caller shows it
+            return answers
+        for line in xscorpus.to_console({"domu": self.domu, "cases": answers}):
             print(line, flush=True)
-        n = sum(len(v) for v in cases.values())
-        self.check("xscorpus", True, f"{len(cases)} cases, {n} steps against xenstored "
+        self.check("xscorpus", True, f"{len(answers)} cases, {n} steps against xenstored "
                    f"({calls} batches in the domU) in {time.monotonic() - start:.1f} s")
+        return answers
 
     def run_xsdiff(self) -> None:
         """The differential run alone (``harness.py xsdiff``), then the wire bisect: each
@@ -733,10 +746,28 @@ class Driver:
         answering."""
         if not self.check("agent", self.wait_agent(), "the domU's agent answers in XenStore"):
             return
+        import xsockd.xenstore_client as client
+
+        client.REPLY_TIMEOUT = 10.0  # a xenstored that stopped answering costs less
+        # The corpus, then the sim-only cases too: the malformed requests on one connection.
         self.xscorpus()
-        for name, answer, health in xscorpus.wire_bisect("/var/run/xenstored/socket"):
+        for c in xscorpus.corpus(self.domu):
+            if c.live:
+                continue
+            try:
+                for i, (actor, desc, answer) in enumerate(self.xscorpus([c])[c.name]):
+                    step(f"{c.name}-{i}", True, f"{actor} {desc} -> {answer}")
+            except Exception as e:
+                self.check(c.name, False, repr(e))
+        sock = "/var/run/xenstored/socket"
+        for name, answer, health in xscorpus.wire_bisect(sock):
             self.check("wire-" + re.sub(r"\W+", "-", name)[:60],
                        health.startswith(f"{2} "), f"{name}: {answer}; then: {health}")
+        # Last: the domU's SET_PERMS on @releaseDomain, then whether xenstored still answers.
+        r = self.call("set-perms-special", timeout=60)
+        health = xscorpus.raw_exchange(sock, 2, b"/local\0")
+        self.check("domu-set-perms-releasedomain", health.startswith("2 "),
+                   f"the domU's SET_PERMS @releaseDomain: {r}; then dom0's READ: {health}")
 
     def run(self) -> None:
         start_services()

@@ -741,9 +741,10 @@ class Driver:
         return answers
 
     def run_xsdiff(self) -> None:
-        """The differential run alone (``harness.py xsdiff``), then the wire bisect: each
-        malformed request of the sim-only ``wire`` case sent alone, until xenstored stops
-        answering."""
+        """``harness.py xsdiff``: the corpus alone; then the sim-only cases, on one connection
+        per domain (their answers go to the console for ``xscorpus.py record-sim-only``);
+        then the bisect, each malformed request alone on a new connection, until xenstored
+        stops answering; last, the domU's SET_PERMS on @releaseDomain."""
         if not self.check("agent", self.wait_agent(), "the domU's agent answers in XenStore"):
             return
         import xsockd.xenstore_client as client
@@ -764,13 +765,14 @@ class Driver:
                                             xscorpus.SIM_ONLY_TAG):
                 print(line, flush=True)
         sock = "/var/run/xenstored/socket"
+        answered = f"{int(xscorpus.Op.READ)} "  # a READ's reply, not an error or silence
         for name, answer, health in xscorpus.wire_bisect(sock):
             self.check("wire-" + re.sub(r"\W+", "-", name)[:60],
-                       health.startswith(f"{2} "), f"{name}: {answer}; then: {health}")
+                       health.startswith(answered), f"{name}: {answer}; then: {health}")
         # Last: the domU's SET_PERMS on @releaseDomain, then whether xenstored still answers.
         r = self.call("set-perms-special", timeout=60)
-        health = xscorpus.raw_exchange(sock, 2, b"/local\0")
-        self.check("domu-set-perms-releasedomain", health.startswith("2 "),
+        health = xscorpus.raw_exchange(sock, int(xscorpus.Op.READ), b"/local\0")
+        self.check("domu-set-perms-releasedomain", health.startswith(answered),
                    f"the domU's SET_PERMS @releaseDomain: {r}; then dom0's READ: {health}")
 
     def run(self) -> None:

@@ -1,6 +1,7 @@
 """The differential run's sim side: the corpus of tests/xen/guest/xscorpus.py replayed against the
 sim's xenstored as the same domains, compared with what Xen 4.17's C xenstored answered
-(tests/xen/xenstored-4.17.json, recorded by the Xen proof, tests/xen/test_xen.py).
+(tests/xen/xenstored-4.17.json, recorded by the Xen proof, tests/xen/test_xen.py; and, for the
+cases the proof does not run, tests/xen/xenstored-4.17-wire.json from harness.py xsdiff).
 
 Every difference is either fixed in the sim or listed in ALLOWED with its reason; docs/SIM.md
 ("Differential conformance") gives the same reasons, and this test checks that it does.

@@ -11,6 +11,8 @@ Paths: each case works under ``/xsc/<case>`` (dom0's) and ``<domU home>/data/xsc
 domU's), both removed when the case ends.  In the Xen proof dom0 drives: its steps run in dom0,
 each run of consecutive domU steps in the domU's agent (``xsproof.py``'s ``op_xscorpus``);
 ``run_case`` takes the function that runs a batch, so both setups share everything else.
+Cases marked ``live=False`` (WHY_SIM_ONLY) are left out of the proof's run; ``harness.py
+xsdiff`` runs them against xenstored on their own and ``main`` records their answers.
 
 Nothing here needs more than the standard library and ``xsockd.xenstore_client``.
 """

@@ -147,7 +147,8 @@ def _start_dbus(manager: Manager, loop: Loop, backend_name: str,
     except ImportError as e:
         if args.dbus_address:
             raise XsockError(f"--dbus-address needs pydbus and PyGObject: {e}") from e
-        log.warning("D-Bus interface off: %s; install xsockd[service] (pydbus)", e)
+        log.warning("D-Bus interface off: %s; install python3-pydbus (Debian) "
+                    "or xsockd[service] (pip)", e)
         return None
     face = DBusFace(manager, loop, backend_name)
     try:

@@ -36,8 +36,11 @@ def checkout(tmp_path: Path) -> Path:
 
 
 def clean(co: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    # The caller's own XSOCK_XEN_CACHE (a shared cache outside the checkout) must not reach the
+    # copy unless a test sets one.
+    base = {k: v for k, v in os.environ.items() if k != "XSOCK_XEN_CACHE"}
     return subprocess.run(["sh", str(co / "run"), "clean"], capture_output=True, text=True,
-                          timeout=60, env={**os.environ, **env})
+                          timeout=60, env={**base, **env})
 
 
 def test_clean_removes_what_was_made_and_says_how_much(tmp_path):

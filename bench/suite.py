@@ -1,0 +1,354 @@
+"""xsockd's benchmark suite: direct AF_UNIX, one socat Unix relay and xsockd (sim), interleaved.
+
+Every figure is measured on the three paths in turn (direct, socat, xsockd, direct, socat, ...),
+``--repeat`` times, and the median is kept, so that a noisy shared machine hurts all three alike.
+The three paths end at the same server process (echo or sink per connection, bench/workers.py):
+
+* direct: the client connects to the server's own Unix socket;
+* socat:  the client connects to one ``socat UNIX-LISTEN:...,fork UNIX-CONNECT:<server>`` relay;
+* xsockd: the client connects to domain 1's ``<rundir>/2.sock``; xsockd 1 and xsockd 2 carry the
+          stream over a shared ring to domain 2's service, the server (simulated host).
+
+Figures: throughput of one stream by write size; round trip p50/p99 at 1 byte and 4 KiB;
+stream opens (connect + 1-byte echo + close) per second and their p50; N concurrent streams;
+relay CPU seconds per GiB moved (both xsockd daemons; socat with its forked children); with
+``--pgbench``, PostgreSQL pgbench select-only through each path.  Prints a Markdown table,
+writes ``suite.json`` and PNG plots into ``--out``.
+
+    ./run bench [--quick] [--pgbench] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bench.bench_stream import wait_for_socket
+from bench.workers import CLIENT, SERVER
+from xsockd.demo import DaemonProcess, write_config
+from xsockd.sim.host import SimHost
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+PATHS = ("direct", "socat", "xsockd")
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """CPU time (user + system) of ``pid``; with ``children``, also of its reaped children."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    used = int(fields[11]) + int(fields[12])  # utime, stime
+    if children:
+        used += int(fields[13]) + int(fields[14])  # cutime, cstime
+    return used / TICK
+
+
+class Path_:
+    """One way from a client to the server: where to connect, and the relay's CPU so far."""
+
+    name = ""
+
+    def __init__(self, connect: str) -> None:
+        self.connect = connect
+
+    def cpu(self) -> float | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class Direct(Path_):
+    name = "direct"
+
+
+class Socat(Path_):
+    """One socat process relaying Unix to Unix, forking a child per connection."""
+
+    name = "socat"
+
+    def __init__(self, work: Path, server: str) -> None:
+        super().__init__(str(work / "socat.sock"))
+        # -b 256 KiB: socat's buffer, so that its default 8 KiB does not cap large writes.
+        self.proc = subprocess.Popen(
+            ["socat", "-b", str(256 * KiB), f"UNIX-LISTEN:{self.connect},fork,backlog=4096",
+             f"UNIX-CONNECT:{server}"])
+        wait_for_socket(self.connect)
+
+    def cpu(self) -> float:
+        # Forked children count once reaped: wait (briefly) until socat has none left.
+        deadline = time.monotonic() + 5
+        kids = f"/proc/{self.proc.pid}/task/{self.proc.pid}/children"
+        while time.monotonic() < deadline:
+            with open(kids) as f:
+                if not f.read().strip():
+                    break
+            time.sleep(0.01)
+        return cpu_seconds(self.proc.pid, children=True)
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+class Xsockd(Path_):
+    """A simulated host with xsockd for domains 1 and 2; domain 2's default service is the
+    server."""
+
+    name = "xsockd"
+
+    def __init__(self, work: Path, server: str, ring_size: str, window: str) -> None:
+        super().__init__(str(work / "run1" / "2.sock"))
+        self.host = SimHost(work / "sim", domains=[0, 1, 2])
+        self.host.__enter__()
+        self.daemons: list[DaemonProcess] = []
+        try:
+            c1 = write_config(work / "d1.conf", rundir=work / "run1", sim_dir=work / "sim",
+                              peers=[2], ring_size=ring_size, window=window)
+            c2 = write_config(work / "d2.conf", rundir=work / "run2", sim_dir=work / "sim",
+                              peers=[1], services={"bench": Path(server)}, default="bench",
+                              ring_size=ring_size, window=window)
+            for domid, conf in ((1, c1), (2, c2)):
+                d = DaemonProcess(domid, conf, work / f"d{domid}.log")
+                self.daemons.append(d)
+                d.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def cpu(self) -> float:
+        return sum(cpu_seconds(d.proc.pid) for d in self.daemons if d.proc)
+
+    def close(self) -> None:
+        for d in self.daemons:
+            d.stop()
+        self.daemons = []
+        self.host.__exit__(None, None, None)
+
+
+def client(path: Path_, mode: str, *args: int, timeout: float = 600) -> object:
+    """Runs one measuring client against ``path``; returns what it printed (JSON)."""
+    r = subprocess.run([sys.executable, "-c", CLIENT, mode, path.connect, *map(str, args)],
+                       capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"{mode} through {path.name} failed: {r.stderr.strip()[-2000:]}")
+    return json.loads(r.stdout)
+
+
+def pct(xs: list[float], p: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(p / 100 * len(s)))]
+
+
+class Params:
+    """How much each figure moves; ``quick`` is for a test, not for figures."""
+
+    def __init__(self, quick: bool, repeat: int | None, streams: int | None) -> None:
+        self.repeat = repeat or (1 if quick else 3)
+        self.tput_bytes = 8 * MiB if quick else 256 * MiB
+        self.sizes = [4 * KiB, 64 * KiB, MiB]
+        self.rt_count = 200 if quick else 5000
+        self.rt_sizes = [1, 4 * KiB]
+        self.opens = 100 if quick else 3000
+        self.streams = streams or (16 if quick else 256)
+        self.stream_bytes = MiB if quick else 4 * MiB
+
+
+def interleaved(paths: list[Path_], repeat: int,
+                measure: Callable[[Path_], object]) -> dict[str, list[object]]:
+    """Measures every path in turn, ``repeat`` rounds: A B C A B C ..."""
+    out: dict[str, list[object]] = {p.name: [] for p in paths}
+    for _ in range(repeat):
+        for p in paths:
+            out[p.name].append(measure(p))
+    return out
+
+
+def run_suite(paths: list[Path_], prm: Params, say: Callable[[str], None]) -> dict[str, object]:
+    res: dict[str, object] = {}
+    med = statistics.median
+
+    tput: dict[str, dict[str, float]] = {}
+    cpu: dict[str, list[float]] = {p.name: [] for p in paths}
+    for size in prm.sizes:
+        def one(p: Path_, size: int = size) -> float:
+            before = p.cpu()
+            dt = float(client(p, "tput", prm.tput_bytes, size))  # type: ignore[arg-type]
+            after = p.cpu()
+            if before is not None and after is not None and size == 64 * KiB:
+                cpu[p.name].append((after - before) / (prm.tput_bytes / GiB))
+            return prm.tput_bytes / dt / 1e6
+        runs = interleaved(paths, prm.repeat, one)
+        tput[str(size)] = {k: med(v) for k, v in runs.items()}  # type: ignore[type-var]
+        say(f"one stream, writes of {size // KiB} KiB: " + fmt(tput[str(size)], "MB/s"))
+    res["throughput_mb_s"] = tput
+    res["cpu_s_per_gib"] = {k: (med(v) if v else None) for k, v in cpu.items()}
+    say("relay CPU per GiB: " + ", ".join(f"{k} {v:.2f} s" for k, v in
+                                           res["cpu_s_per_gib"].items() if v is not None))
+
+    rt: dict[str, dict[str, dict[str, float]]] = {}
+    samples: dict[str, dict[str, list[float]]] = {}
+    for size in prm.rt_sizes:
+        runs = interleaved(paths, prm.repeat,
+                           lambda p, size=size: [x / 1e3 for x in client(p, "rt", size,
+                                                                         prm.rt_count)])
+        rt[str(size)] = {k: {"p50": med(pct(r, 50) for r in v),  # type: ignore[arg-type]
+                             "p99": med(pct(r, 99) for r in v)}  # type: ignore[arg-type]
+                         for k, v in runs.items()}
+        samples[str(size)] = {k: [x for r in v for x in r] for k, v in runs.items()}  # type: ignore[union-attr]
+        say(f"round trip {size} B: " + ", ".join(
+            f"{k} p50 {v['p50']:.0f} p99 {v['p99']:.0f} us" for k, v in rt[str(size)].items()))
+    res["round_trip_us"] = rt
+
+    def opens(p: Path_) -> dict[str, float]:
+        r = client(p, "open", prm.opens)
+        lat = [x / 1e3 for x in r["lat"]]  # type: ignore[index]
+        return {"p50": pct(lat, 50), "p99": pct(lat, 99),
+                "per_s": prm.opens / r["wall"]}  # type: ignore[index]
+    runs = interleaved(paths, prm.repeat, opens)
+    res["open"] = {k: {f: med(r[f] for r in v) for f in ("p50", "p99", "per_s")}  # type: ignore[index]
+                   for k, v in runs.items()}
+    say("open: " + ", ".join(f"{k} p50 {v['p50']:.0f} us, {v['per_s']:.0f}/s"
+                             for k, v in res["open"].items()))  # type: ignore[union-attr]
+
+    total = prm.streams * prm.stream_bytes
+    runs = interleaved(paths, prm.repeat,
+                       lambda p: total / float(client(p, "streams", prm.streams,  # type: ignore[arg-type]
+                                                      prm.stream_bytes)) / 1e6)
+    res["streams_mb_s"] = {k: med(v) for k, v in runs.items()}  # type: ignore[type-var]
+    say(f"{prm.streams} streams: " + fmt(res["streams_mb_s"], "MB/s"))  # type: ignore[arg-type]
+    return res | {"_samples": samples}
+
+
+def fmt(d: dict[str, float], unit: str) -> str:
+    return ", ".join(f"{k} {v:.0f} {unit}" for k, v in d.items())
+
+
+def ratio(x: float | None, base: float | None) -> str:
+    return f"{x / base:.2f}x" if x and base else "-"
+
+
+def table(res: dict[str, object], prm: Params) -> str:
+    """The Markdown table of the results, with xsockd's ratios to direct and to socat."""
+    rows: list[tuple[str, dict[str, float | None], str]] = []
+    for size, v in res["throughput_mb_s"].items():  # type: ignore[attr-defined]
+        n = int(size)
+        label = f"{n // MiB} MiB" if n >= MiB else f"{n // KiB} KiB"
+        rows.append((f"one stream, {label} writes (MB/s)", v, "{:.0f}"))
+    rows.append((f"{prm.streams} concurrent streams (MB/s)", res["streams_mb_s"], "{:.0f}"))  # type: ignore[arg-type]
+    for size, v in res["round_trip_us"].items():  # type: ignore[attr-defined]
+        label = "1 byte" if size == "1" else f"{int(size) // KiB} KiB"
+        for q in ("p50", "p99"):
+            rows.append((f"round trip, {label}, {q} (us)", {k: x[q] for k, x in v.items()},
+                         "{:.0f}"))
+    op = res["open"]
+    rows.append(("open: connect + 1-byte echo + close, p50 (us)",
+                 {k: x["p50"] for k, x in op.items()}, "{:.0f}"))  # type: ignore[attr-defined]
+    rows.append(("opens per second (one client, in turn)",
+                 {k: x["per_s"] for k, x in op.items()}, "{:.0f}"))  # type: ignore[attr-defined]
+    rows.append(("relay CPU per GiB moved (s, 64 KiB writes)", res["cpu_s_per_gib"], "{:.2f}"))  # type: ignore[arg-type]
+    if "pgbench_tps" in res:
+        rows.append(("pgbench select-only, 8 clients (tps)", res["pgbench_tps"], "{:.0f}"))  # type: ignore[arg-type]
+    out = ["| case | direct | socat | xsockd | xsockd/direct | xsockd/socat |",
+           "|---|---|---|---|---|---|"]
+    for label, v, f in rows:
+        cells = [f.format(v[p]) if v.get(p) is not None else "-" for p in PATHS]
+        out.append(f"| {label} | {' | '.join(cells)} | {ratio(v.get('xsockd'), v.get('direct'))}"
+                   f" | {ratio(v.get('xsockd'), v.get('socat'))} |")
+    return "\n".join(out)
+
+
+def machine() -> dict[str, object]:
+    model = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = ""
+    return {"cpu": model, "cpus": os.cpu_count(), "kernel": platform.release(),
+            "python": platform.python_version(), "commit": commit,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench.suite", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="small transfers and one round: checks the suite works, not figures")
+    p.add_argument("--repeat", type=int, help="rounds per figure, the median kept (default 3)")
+    p.add_argument("--streams", type=int, help="concurrent streams (default 256)")
+    p.add_argument("--pgbench", action="store_true",
+                   help="also PostgreSQL pgbench select-only through each path (./run bench "
+                        "installs PostgreSQL)")
+    p.add_argument("--ring-size", default="1MiB", help="xsockd ring bytes per direction")
+    p.add_argument("--window", default="1MiB", help="xsockd per-stream window")
+    p.add_argument("--out", type=Path, default=Path("build/bench"),
+                   help="where suite.json and the PNG plots go (default build/bench)")
+    args = p.parse_args(argv)
+    if not shutil.which("socat"):
+        print("bench: socat is missing (./run setup installs it)", file=sys.stderr)
+        return 2
+    prm = Params(args.quick, args.repeat, args.streams)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def say(msg: str) -> None:
+        print(f"  {msg}", file=sys.stderr, flush=True)
+
+    work = Path(tempfile.mkdtemp(prefix="xsockd-suite-"))
+    os.chmod(work, 0o755)
+    server_path = str(work / "server.sock")
+    server = subprocess.Popen([sys.executable, "-c", SERVER, server_path],
+                              stdout=subprocess.PIPE, text=True)
+    paths: list[Path_] = []
+    try:
+        assert server.stdout is not None
+        server.stdout.readline()
+        paths = [Direct(server_path), Socat(work, server_path),
+                 Xsockd(work, server_path, args.ring_size, args.window)]
+        client(paths[2], "open", 1)  # sets up the link: a first stream is not what is measured
+        res = run_suite(paths, prm, say)
+        if args.pgbench:
+            from bench.pgbench import pgbench_tps
+            res["pgbench_tps"] = pgbench_tps(work, paths, prm.repeat, args.quick, say)
+    finally:
+        for path in reversed(paths):
+            path.close()
+        server.kill()
+        server.wait()
+        shutil.rmtree(work, ignore_errors=True)
+    samples = res.pop("_samples")
+    doc = {"machine": machine(),
+           "params": {"quick": args.quick, "repeat": prm.repeat, "throughput_bytes":
+                      prm.tput_bytes, "round_trips": prm.rt_count, "opens": prm.opens,
+                      "streams": prm.streams, "stream_bytes": prm.stream_bytes,
+                      "ring_size": args.ring_size, "window": args.window},
+           "results": res}
+    (args.out / "suite.json").write_text(json.dumps(doc, indent=1) + "\n")
+    from bench.plots import plot_all
+    plot_all(res, samples, doc["machine"], args.out)  # type: ignore[arg-type]
+    m = doc["machine"]
+    print(f"xsockd benchmark suite, {m['date']}, commit {m['commit']}: {m['cpu']}, "  # type: ignore[index]
+          f"{m['cpus']} CPUs, Linux {m['kernel']}; median of {prm.repeat}, interleaved")  # type: ignore[index]
+    print(table(res, prm))
+    print(f"results: {args.out / 'suite.json'}, plots: {args.out}/throughput.png, "
+          f"{args.out}/latency.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

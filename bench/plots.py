@@ -9,7 +9,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
-COLOURS = {"direct": "#4c72b0", "socat": "#dd8452", "xsockd": "#55a868"}
+COLOURS = {"direct": "#4c72b0", "socat": "#dd8452", "xsockd": "#55a868",
+           "xsockd-base": "#8c8c8c"}
 
 
 def _size_label(n: int) -> str:
@@ -25,9 +26,10 @@ def plot_all(res: dict[str, object], samples: dict[str, dict[str, list[float]]],
     groups.append("many streams\n64 KiB writes")
     values = [*tput.values(), streams]
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    width = 0.27
-    for i, path in enumerate(COLOURS):
-        xs = [g + (i - 1) * width for g in range(len(groups))]
+    names = [p for p in COLOURS if p in streams]
+    width = 0.8 / len(names)
+    for i, path in enumerate(names):
+        xs = [g + (i - (len(names) - 1) / 2) * width for g in range(len(groups))]
         ax.bar(xs, [v[path] for v in values], width, label=path, color=COLOURS[path])
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylabel("MB/s")

@@ -40,6 +40,7 @@ from xsockd.sim.host import SimHost
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 PATHS = ("direct", "socat", "xsockd")
+BASELINE = "xsockd-base"  # --baseline: another tree's xsockd, for a before/after in one run
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -77,11 +78,11 @@ class Socat(Path_):
 
     name = "socat"
 
-    def __init__(self, work: Path, server: str) -> None:
+    def __init__(self, work: Path, server: str, buffer: int) -> None:
         super().__init__(str(work / "socat.sock"))
-        # -b 256 KiB: socat's buffer, so that its default 8 KiB does not cap large writes.
+        # -b: socat's buffer, larger than its default 8 KiB, which would cap large writes.
         self.proc = subprocess.Popen(
-            ["socat", "-b", str(256 * KiB), f"UNIX-LISTEN:{self.connect},fork,backlog=4096",
+            ["socat", "-b", str(buffer), f"UNIX-LISTEN:{self.connect},fork,backlog=4096",
              f"UNIX-CONNECT:{server}"])
         wait_for_socket(self.connect)
 
@@ -107,7 +108,12 @@ class Xsockd(Path_):
 
     name = "xsockd"
 
-    def __init__(self, work: Path, server: str, ring_size: str, window: str) -> None:
+    def __init__(self, work: Path, server: str, ring_size: str, window: str,
+                 tree: Path | None = None) -> None:
+        if tree is not None:
+            self.name = BASELINE
+            work = work / "base"
+            work.mkdir()
         super().__init__(str(work / "run1" / "2.sock"))
         self.host = SimHost(work / "sim", domains=[0, 1, 2])
         self.host.__enter__()
@@ -118,10 +124,20 @@ class Xsockd(Path_):
             c2 = write_config(work / "d2.conf", rundir=work / "run2", sim_dir=work / "sim",
                               peers=[1], services={"bench": Path(server)}, default="bench",
                               ring_size=ring_size, window=window)
-            for domid, conf in ((1, c1), (2, c2)):
-                d = DaemonProcess(domid, conf, work / f"d{domid}.log")
-                self.daemons.append(d)
-                d.start()
+            # The daemons of a baseline import xsockd (and its C core) from its tree.
+            saved = os.environ.get("PYTHONPATH")
+            if tree is not None:
+                os.environ["PYTHONPATH"] = str(tree)
+            try:
+                for domid, conf in ((1, c1), (2, c2)):
+                    d = DaemonProcess(domid, conf, work / f"d{domid}.log")
+                    self.daemons.append(d)
+                    d.start()
+            finally:
+                if saved is None:
+                    os.environ.pop("PYTHONPATH", None)
+                else:
+                    os.environ["PYTHONPATH"] = saved
         except BaseException:
             self.close()
             raise
@@ -259,12 +275,16 @@ def table(res: dict[str, object], prm: Params) -> str:
     rows.append(("relay CPU per GiB moved (s, 64 KiB writes)", res["cpu_s_per_gib"], "{:.2f}"))  # type: ignore[arg-type]
     if "pgbench_tps" in res:
         rows.append(("pgbench select-only, 8 clients (tps)", res["pgbench_tps"], "{:.0f}"))  # type: ignore[arg-type]
-    out = ["| case | direct | socat | xsockd | xsockd/direct | xsockd/socat |",
-           "|---|---|---|---|---|---|"]
+    names = [p for p in (*PATHS, BASELINE) if p in res["open"]]  # type: ignore[operator]
+    ratios = [("xsockd", "direct"), ("xsockd", "socat")]
+    if BASELINE in names:
+        ratios.append(("xsockd", BASELINE))
+    out = [f"| case | {' | '.join(names)} | {' | '.join(f'{a}/{b}' for a, b in ratios)} |",
+           "|---|" + "---|" * (len(names) + len(ratios))]
     for label, v, f in rows:
-        cells = [f.format(v[p]) if v.get(p) is not None else "-" for p in PATHS]
-        out.append(f"| {label} | {' | '.join(cells)} | {ratio(v.get('xsockd'), v.get('direct'))}"
-                   f" | {ratio(v.get('xsockd'), v.get('socat'))} |")
+        cells = [f.format(v[p]) if v.get(p) is not None else "-" for p in names]
+        cells += [ratio(v.get(a), v.get(b)) for a, b in ratios]
+        out.append(f"| {label} | {' | '.join(cells)} |")
     return "\n".join(out)
 
 
@@ -297,6 +317,12 @@ def main(argv: list[str] | None = None) -> int:
                         "installs PostgreSQL)")
     p.add_argument("--ring-size", default="1MiB", help="xsockd ring bytes per direction")
     p.add_argument("--window", default="1MiB", help="xsockd per-stream window")
+    p.add_argument("--baseline", type=Path, metavar="TREE",
+                   help="also measure the xsockd of another source tree (its C core built in "
+                        "place), as 'xsockd-base', interleaved with the others: a before/after "
+                        "in one run")
+    p.add_argument("--socat-buffer", type=int, default=256 * KiB,
+                   help="socat's -b (default 256 KiB; socat's own default is 8 KiB)")
     p.add_argument("--out", type=Path, default=Path("build/bench"),
                    help="where suite.json and the PNG plots go (default build/bench)")
     args = p.parse_args(argv)
@@ -318,9 +344,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         assert server.stdout is not None
         server.stdout.readline()
-        paths = [Direct(server_path), Socat(work, server_path),
+        paths = [Direct(server_path), Socat(work, server_path, args.socat_buffer),
                  Xsockd(work, server_path, args.ring_size, args.window)]
-        client(paths[2], "open", 1)  # sets up the link: a first stream is not what is measured
+        if args.baseline:
+            paths.append(Xsockd(work, server_path, args.ring_size, args.window,
+                                args.baseline.resolve()))
+        for p in paths[2:]:
+            client(p, "open", 1)  # sets up the link: a first stream is not what is measured
         res = run_suite(paths, prm, say)
         if args.pgbench:
             from bench.pgbench import pgbench_tps
@@ -336,7 +366,9 @@ def main(argv: list[str] | None = None) -> int:
            "params": {"quick": args.quick, "repeat": prm.repeat, "throughput_bytes":
                       prm.tput_bytes, "round_trips": prm.rt_count, "opens": prm.opens,
                       "streams": prm.streams, "stream_bytes": prm.stream_bytes,
-                      "ring_size": args.ring_size, "window": args.window},
+                      "ring_size": args.ring_size, "window": args.window,
+                      "socat_buffer": args.socat_buffer,
+                      "baseline": str(args.baseline) if args.baseline else None},
            "results": res}
     (args.out / "suite.json").write_text(json.dumps(doc, indent=1) + "\n")
     from bench.plots import plot_all

@@ -54,6 +54,19 @@ def cpu_seconds(pid: int, children: bool = False) -> float:
     return used / TICK
 
 
+def thread_cpu_seconds(pid: int) -> float:
+    """CPU time of ``pid``'s live threads in ns resolution (schedstat), where ticks would be
+    too coarse for a quick run; a thread that has ended no longer counts."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total / 1e9
+
+
 class Path_:
     """One way from a client to the server: where to connect, and the relay's CPU so far."""
 
@@ -143,7 +156,8 @@ class Xsockd(Path_):
             raise
 
     def cpu(self) -> float:
-        return sum(cpu_seconds(d.proc.pid) for d in self.daemons if d.proc)
+        # The daemons' threads live as long as their links: schedstat counts them exactly.
+        return sum(thread_cpu_seconds(d.proc.pid) for d in self.daemons if d.proc)
 
     def close(self) -> None:
         for d in self.daemons:
@@ -212,27 +226,42 @@ def run_suite(paths: list[Path_], prm: Params, say: Callable[[str], None]) -> di
     say("relay CPU per GiB: " + ", ".join(f"{k} {v:.2f} s" for k, v in
                                            res["cpu_s_per_gib"].items() if v is not None))
 
-    rt: dict[str, dict[str, dict[str, float]]] = {}
+    rt: dict[str, dict[str, dict[str, float | None]]] = {}
     samples: dict[str, dict[str, list[float]]] = {}
     for size in prm.rt_sizes:
-        runs = interleaved(paths, prm.repeat,
-                           lambda p, size=size: [x / 1e3 for x in client(p, "rt", size,
-                                                                         prm.rt_count)])
-        rt[str(size)] = {k: {"p50": med(pct(r, 50) for r in v),  # type: ignore[arg-type]
-                             "p99": med(pct(r, 99) for r in v)}  # type: ignore[arg-type]
+        def round_trips(p: Path_, size: int = size) -> tuple[list[float], float | None]:
+            before = p.cpu()
+            lat = [x / 1e3 for x in client(p, "rt", size, prm.rt_count)]  # type: ignore[attr-defined]
+            after = p.cpu()
+            # Relay CPU per round trip (us): noise-proof where latency is not, on a shared
+            # machine; it counts the warm-up tenth too.
+            n = prm.rt_count + prm.rt_count // 10
+            used = (after - before) / n * 1e6 if before is not None and after is not None \
+                else None
+            return lat, used
+        runs = interleaved(paths, prm.repeat, round_trips)
+        rt[str(size)] = {k: {"p50": med(pct(r[0], 50) for r in v),  # type: ignore[index]
+                             "p99": med(pct(r[0], 99) for r in v),  # type: ignore[index]
+                             "cpu_us": med(r[1] for r in v) if v[0][1] is not None  # type: ignore[index]
+                             else None}
                          for k, v in runs.items()}
-        samples[str(size)] = {k: [x for r in v for x in r] for k, v in runs.items()}  # type: ignore[union-attr]
+        samples[str(size)] = {k: [x for r in v for x in r[0]] for k, v in runs.items()}  # type: ignore[index]
         say(f"round trip {size} B: " + ", ".join(
             f"{k} p50 {v['p50']:.0f} p99 {v['p99']:.0f} us" for k, v in rt[str(size)].items()))
     res["round_trip_us"] = rt
 
-    def opens(p: Path_) -> dict[str, float]:
+    def opens(p: Path_) -> dict[str, float | None]:
+        before = p.cpu()
         r = client(p, "open", prm.opens)
+        after = p.cpu()
         lat = [x / 1e3 for x in r["lat"]]  # type: ignore[index]
         return {"p50": pct(lat, 50), "p99": pct(lat, 99),
-                "per_s": prm.opens / r["wall"]}  # type: ignore[index]
+                "per_s": prm.opens / r["wall"],  # type: ignore[index]
+                "cpu_us": (after - before) / prm.opens * 1e6
+                if before is not None and after is not None else None}
     runs = interleaved(paths, prm.repeat, opens)
-    res["open"] = {k: {f: med(r[f] for r in v) for f in ("p50", "p99", "per_s")}  # type: ignore[index]
+    res["open"] = {k: {f: (med(r[f] for r in v) if v[0][f] is not None else None)  # type: ignore[index]
+                       for f in ("p50", "p99", "per_s", "cpu_us")}
                    for k, v in runs.items()}
     say("open: " + ", ".join(f"{k} p50 {v['p50']:.0f} us, {v['per_s']:.0f}/s"
                              for k, v in res["open"].items()))  # type: ignore[union-attr]
@@ -267,11 +296,16 @@ def table(res: dict[str, object], prm: Params) -> str:
         for q in ("p50", "p99"):
             rows.append((f"round trip, {label}, {q} (us)", {k: x[q] for k, x in v.items()},
                          "{:.0f}"))
+        rows.append((f"relay CPU per round trip, {label} (us)",
+                     {k: x["cpu_us"] for k, x in v.items()}, "{:.0f}"))
     op = res["open"]
     rows.append(("open: connect + 1-byte echo + close, p50 (us)",
                  {k: x["p50"] for k, x in op.items()}, "{:.0f}"))  # type: ignore[attr-defined]
+    rows.append(("open p99 (us)", {k: x["p99"] for k, x in op.items()}, "{:.0f}"))  # type: ignore[attr-defined]
     rows.append(("opens per second (one client, in turn)",
                  {k: x["per_s"] for k, x in op.items()}, "{:.0f}"))  # type: ignore[attr-defined]
+    rows.append(("relay CPU per open (us)",
+                 {k: x["cpu_us"] for k, x in op.items()}, "{:.0f}"))  # type: ignore[attr-defined]
     rows.append(("relay CPU per GiB moved (s, 64 KiB writes)", res["cpu_s_per_gib"], "{:.2f}"))  # type: ignore[arg-type]
     if "pgbench_tps" in res:
         rows.append(("pgbench select-only, 8 clients (tps)", res["pgbench_tps"], "{:.0f}"))  # type: ignore[arg-type]

@@ -91,8 +91,8 @@ class Socat(Path_):
 
     name = "socat"
 
-    def __init__(self, work: Path, server: str, buffer: int) -> None:
-        super().__init__(str(work / "socat.sock"))
+    def __init__(self, work: Path, server: str, buffer: int, listen: str = "socat.sock") -> None:
+        super().__init__(str(work / listen))
         # -b: socat's buffer, larger than its default 8 KiB, which would cap large writes.
         self.proc = subprocess.Popen(
             ["socat", "-b", str(buffer), f"UNIX-LISTEN:{self.connect},fork,backlog=4096",
@@ -122,20 +122,26 @@ class Xsockd(Path_):
     name = "xsockd"
 
     def __init__(self, work: Path, server: str, ring_size: str, window: str,
-                 tree: Path | None = None) -> None:
+                 tree: Path | None = None, pg_socket: str | None = None) -> None:
         if tree is not None:
             self.name = BASELINE
             work = work / "base"
             work.mkdir()
         super().__init__(str(work / "run1" / "2.sock"))
+        # With --pgbench, domain 2 also offers PostgreSQL as the service "pg".
+        self.pg_connect = str(work / "run1" / "2" / "pg.sock")
+        services = {"bench": Path(server)}
+        if pg_socket:
+            services["pg"] = Path(pg_socket)
         self.host = SimHost(work / "sim", domains=[0, 1, 2])
         self.host.__enter__()
         self.daemons: list[DaemonProcess] = []
         try:
             c1 = write_config(work / "d1.conf", rundir=work / "run1", sim_dir=work / "sim",
-                              peers=[2], ring_size=ring_size, window=window)
+                              peers=[2], ring_size=ring_size, window=window,
+                              extra='[remote.2]\nservices = ["pg"]\n' if pg_socket else "")
             c2 = write_config(work / "d2.conf", rundir=work / "run2", sim_dir=work / "sim",
-                              peers=[1], services={"bench": Path(server)}, default="bench",
+                              peers=[1], services=services, default="bench",
                               ring_size=ring_size, window=window)
             # The daemons of a baseline import xsockd (and its C core) from its tree.
             saved = os.environ.get("PYTHONPATH")
@@ -375,23 +381,40 @@ def main(argv: list[str] | None = None) -> int:
     server = subprocess.Popen([sys.executable, "-c", SERVER, server_path],
                               stdout=subprocess.PIPE, text=True)
     paths: list[Path_] = []
+    pg = pg_relay = None
     try:
         assert server.stdout is not None
         server.stdout.readline()
+        if args.pgbench:
+            from bench import pgbench
+            say("starting PostgreSQL for pgbench")
+            pg = pgbench.Postgres(work)
+            pg_relay = Socat(work, pg.socket, args.socat_buffer, "socat-pg.sock")
+        pg_socket = pg.socket if pg else None
         paths = [Direct(server_path), Socat(work, server_path, args.socat_buffer),
-                 Xsockd(work, server_path, args.ring_size, args.window)]
+                 Xsockd(work, server_path, args.ring_size, args.window, pg_socket=pg_socket)]
         if args.baseline:
             paths.append(Xsockd(work, server_path, args.ring_size, args.window,
-                                args.baseline.resolve()))
+                                args.baseline.resolve(), pg_socket=pg_socket))
         for p in paths[2:]:
             client(p, "open", 1)  # sets up the link: a first stream is not what is measured
         res = run_suite(paths, prm, say)
-        if args.pgbench:
-            from bench.pgbench import pgbench_tps
-            res["pgbench_tps"] = pgbench_tps(work, paths, prm.repeat, args.quick, say)
+        if pg is not None:
+            assert pg_relay is not None
+            dirs = {"direct": str(pg.sock_dir),
+                    "socat": pgbench.client_dir(work, "socat", pg_relay.connect)}
+            for p in paths:
+                if isinstance(p, Xsockd):
+                    dirs[p.name] = pgbench.client_dir(work, p.name, p.pg_connect)
+            res["pgbench_tps"] = pgbench.measure(dirs, prm.repeat, 2 if args.quick else 10,
+                                                 say)
     finally:
         for path in reversed(paths):
             path.close()
+        if pg_relay is not None:
+            pg_relay.close()
+        if pg is not None:
+            pg.close()
         server.kill()
         server.wait()
         shutil.rmtree(work, ignore_errors=True)

@@ -110,8 +110,6 @@ struct stream {
     uint32_t state;         /* written with set_state: read by Python's threads too */
     unsigned readable : 1, rd_eof : 1, fin_sent : 1, peer_fin : 1, wr_shut : 1, wr_dead : 1;
     unsigned on_ready : 1, on_ctl : 1, hol : 1;
-    unsigned out_armed : 1;   /* EPOLLOUT is watched: the application did not take all bytes */
-    unsigned rd_hup : 1;      /* epoll saw the application's end: read on until EOF */
     unsigned ctl_open : 1, ctl_accept : 1, ctl_credit : 1, ctl_fin : 1, ctl_reset : 1;
     unsigned credit_lazy : 1; /* the queued CREDIT is an idle one: it wakes no sleeping peer */
     uint32_t reset_reason;
@@ -443,24 +441,9 @@ static void check_done(struct xsk_link *l, struct stream *s)
         set_state(s, ST_HALF);
 }
 
-/* Watches EPOLLOUT of the stream's socket only while its application has not taken every
- * byte (a frame held in the ring, or pending bytes): a socket watched for it all the time
- * wakes the pump each time its application reads what we wrote, one useless wake-up per
- * message delivered.  epoll_ctl MOD looks at the socket at once, so a socket that became
- * writable between our EAGAIN and this call is reported all the same. */
-static void watch_out(struct xsk_link *l, struct stream *s, int on)
-{
-    if (s->fd < 0 || (int)s->out_armed == on)
-        return;
-    struct epoll_event ev = { .events = EPOLLIN | EPOLLRDHUP | EPOLLET | (on ? EPOLLOUT : 0),
-                              .data.u64 = ((uint64_t)3 << 32) | s->id };
-    if (epoll_ctl(l->epfd, EPOLL_CTL_MOD, s->fd, &ev) == 0)
-        s->out_armed = on ? 1 : 0;
-}
-
 static int stream_watch(struct xsk_link *l, struct stream *s)
 {
-    struct epoll_event ev = { .events = EPOLLIN | EPOLLRDHUP | EPOLLET,
+    struct epoll_event ev = { .events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
                               .data.u64 = ((uint64_t)3 << 32) | s->id };
     int rc = set_nonblock(s->fd);
     if (rc < 0)
@@ -553,10 +536,8 @@ static void flush_pending(struct xsk_link *l, struct stream *s)
     while (s->pend_len && s->fd >= 0) {
         struct iovec iov = { s->pend + s->pend_off, s->pend_len };
         ssize_t n = send_iov(s->fd, &iov, 1);
-        if (n == -EAGAIN) {
-            watch_out(l, s, 1);
+        if (n == -EAGAIN)
             return;
-        }
         if (n < 0) {
             app_write_failed(l, s);
             return;
@@ -684,7 +665,6 @@ static int rx_data(struct xsk_link *l, uint32_t prod)
          * other streams always have room to send. */
         if (prod - l->rx.pvt <= l->rx.size / 2 && only_stream_behind(l, prod, s->id)) {
             s->hol = 1;
-            watch_out(l, s, 1);
             return 0;
         }
     }
@@ -693,8 +673,6 @@ static int rx_data(struct xsk_link *l, uint32_t prod)
     int rc = append_pending(l, s, iov[0].iov_base, (uint32_t)iov[0].iov_len,
                             n == 2 ? iov[1].iov_base : NULL, n == 2 ? (uint32_t)iov[1].iov_len : 0);
     s->hol = 0;
-    if (rc == 0)
-        watch_out(l, s, 1);
     return rc < 0 ? rc : 1;
 }
 
@@ -988,10 +966,7 @@ static int tx_data(struct xsk_link *l)
             relaxed_add(&s->bytes_out, (uint64_t)got);
             relaxed_add(&l->stats.bytes_out, (uint64_t)got);
             relaxed_add(&l->stats.frames_out, 1);
-            /* A short read drained the socket: the next byte raises a new edge (EPOLLET),
-             * so do not spend a recvmsg that would only say EAGAIN.  Unless the end was
-             * seen: its edge is spent, the EOF (or error) is still to be read. */
-            s->readable = (uint32_t)got == max || s->rd_hup;
+            s->readable = 1;
             progress = 1;
         } else if (got == 0) {
             s->rd_eof = 1;
@@ -1133,16 +1108,11 @@ static void handle_epoll(struct xsk_link *l, struct epoll_event *evs, int n)
                 continue; /* closed since epoll reported it */
             if (evs[i].events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
                 s->readable = 1;
-                if (evs[i].events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))
-                    s->rd_hup = 1;
                 ready_update(l, s);
             }
             if (evs[i].events & (EPOLLOUT | EPOLLHUP | EPOLLERR)) {
-                int held = s->hol || s->pend_len;
                 s->hol = 0; /* the head frame is retried by rx_consume */
                 flush_pending(l, s);
-                if (!held)
-                    watch_out(l, s, 0); /* nothing was waiting: stop watching */
             }
         }
     }

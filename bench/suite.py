@@ -11,11 +11,12 @@ The three paths end at the same server process (echo or sink per connection, ben
 
 Figures: throughput of one stream by write size; round trip p50/p99 at 1 byte and 4 KiB;
 stream opens (connect + 1-byte echo + close) per second and their p50; N concurrent streams;
-relay CPU seconds per GiB moved (both xsockd daemons; socat with its forked children); with
-``--pgbench``, PostgreSQL pgbench select-only through each path.  Prints a Markdown table,
-writes ``suite.json`` and PNG plots into ``--out``.
+relay CPU per GiB moved, per round trip and per open (both xsockd daemons; socat with its
+forked children); with ``--pgbench``, PostgreSQL pgbench select-only through each path.  With
+``--baseline TREE``, another tree's xsockd is a fourth path (before/after in one run).  Prints
+a Markdown table, writes ``suite.json`` and PNG plots into ``--out``.  docs/PERFORMANCE.md.
 
-    ./run bench [--quick] [--pgbench] [--out DIR]
+    ./run bench [--quick] [--pgbench] [--baseline TREE] [--out DIR]
 """
 
 from __future__ import annotations
@@ -189,13 +190,14 @@ def pct(xs: list[float], p: float) -> float:
 class Params:
     """How much each figure moves; ``quick`` is for a test, not for figures."""
 
-    def __init__(self, quick: bool, repeat: int | None, streams: int | None) -> None:
+    def __init__(self, quick: bool, repeat: int | None, streams: int | None,
+                 opens: int | None = None) -> None:
         self.repeat = repeat or (1 if quick else 3)
         self.tput_bytes = 8 * MiB if quick else 256 * MiB
         self.sizes = [4 * KiB, 64 * KiB, MiB]
         self.rt_count = 200 if quick else 5000
         self.rt_sizes = [1, 4 * KiB]
-        self.opens = 100 if quick else 3000
+        self.opens = opens or (100 if quick else 3000)
         self.streams = streams or (16 if quick else 256)
         self.stream_bytes = MiB if quick else 4 * MiB
 
@@ -352,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="small transfers and one round: checks the suite works, not figures")
     p.add_argument("--repeat", type=int, help="rounds per figure, the median kept (default 3)")
     p.add_argument("--streams", type=int, help="concurrent streams (default 256)")
+    p.add_argument("--opens", type=int,
+                   help="opens per round (default 3000; 100000 for a sustained rate)")
     p.add_argument("--pgbench", action="store_true",
                    help="also PostgreSQL pgbench select-only through each path (./run bench "
                         "installs PostgreSQL)")
@@ -369,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     if not shutil.which("socat"):
         print("bench: socat is missing (./run setup installs it)", file=sys.stderr)
         return 2
-    prm = Params(args.quick, args.repeat, args.streams)
+    prm = Params(args.quick, args.repeat, args.streams, args.opens)
     args.out.mkdir(parents=True, exist_ok=True)
 
     def say(msg: str) -> None:

@@ -479,6 +479,13 @@ def test_hostile_misaligned_cons_kills_only_the_link(pair):
     app.sendall(b"hello")
     svc.settimeout(5)
     assert svc.recv(10) == b"hello"
+    # B stores its cons after it handed the bytes over: wait for that store, which would
+    # otherwise overwrite the forged value below (a race a slow, sanitized build loses).
+    deadline = time.monotonic() + 5
+    while struct.unpack_from("<I", pair.control, RING0_CONS)[0] != \
+            struct.unpack_from("<I", pair.control, RING0_PROD)[0]:
+        assert time.monotonic() < deadline, "B never consumed ring 0"
+        time.sleep(0.001)
     cons = struct.unpack_from("<I", pair.control, RING0_CONS)[0]
     _set_index(pair, RING0_CONS, cons - 8)
     os.eventfd_write(pair._efds[0], 1)  # wake A, the producer of ring 0

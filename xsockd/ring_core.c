@@ -111,6 +111,7 @@ struct stream {
     unsigned readable : 1, rd_eof : 1, fin_sent : 1, peer_fin : 1, wr_shut : 1, wr_dead : 1;
     unsigned on_ready : 1, on_ctl : 1, hol : 1;
     unsigned ctl_open : 1, ctl_accept : 1, ctl_credit : 1, ctl_fin : 1, ctl_reset : 1;
+    unsigned credit_lazy : 1; /* the queued CREDIT is an idle one: it wakes no sleeping peer */
     uint32_t reset_reason;
     uint32_t tx_credit;     /* bytes we may still send */
     uint32_t peer_window;   /* the window the peer granted us (caps tx_credit) */
@@ -477,23 +478,34 @@ static void delivered(struct xsk_link *l, struct stream *s, uint32_t n)
     s->rx_uncredited += n;
     /* Credit back in quarters of the window: few CREDIT frames, and the sender never waits
      * for more than a quarter of its window to come back. */
-    if (s->rx_uncredited >= l->window / 4)
+    if (s->rx_uncredited >= l->window / 4) {
         queue_credit(l, s);
-    else
+        s->credit_lazy = 0; /* the sender may be waiting for it: notify */
+    } else
         l->idle_credit = 1;
 }
 
 /* The pump is about to sleep: return the credit of every stream whose bytes all reached its
  * application, so that a sender (and a graceful stop) knows nothing is held here any more.
- * Runs only when the link goes idle after a delivery, never per chunk.  Returns how many. */
+ * Runs only when the link goes idle after a delivery, never per chunk.  Returns how many.
+ *
+ * These CREDIT frames are lazy: written to the ring without waking a sleeping peer.  No
+ * sender waits for them (below a quarter of the window uncredited, it still holds three
+ * quarters; a sender that used its whole window gets an urgent CREDIT from delivered()), and
+ * waking the peer for each would cost a request/response exchange two extra thread wake-ups:
+ * one per direction, on a machine whose cores the data path needs.  The peer reads them with
+ * its next frame, or when its daemon asks how much it holds (xsk_link_held kicks the pump). */
 static int credit_idle_streams(struct xsk_link *l)
 {
     int n = 0;
     l->idle_credit = 0;
     for (uint32_t i = 0; i <= l->table_mask; i++) {
         struct stream *s = l->table[i];
-        if (s && s->pend_len == 0 && (s->state == ST_OPEN || s->state == ST_HALF))
-            n += queue_credit(l, s);
+        if (s && s->pend_len == 0 && (s->state == ST_OPEN || s->state == ST_HALF) &&
+            queue_credit(l, s)) {
+            s->credit_lazy = 1;
+            n++;
+        }
     }
     return n;
 }
@@ -876,7 +888,14 @@ static int tx_control(struct xsk_link *l)
             s->ctl_accept = 0;
         }
         if (s->ctl_credit) {
+            int notify = l->want_notify_tx;
             tx_put(l, s->id, XSK_F_CREDIT, s->rx_uncredited, NULL, 0);
+            /* Lazy (see credit_idle_streams), unless the ring is half full: a peer asleep
+             * must never leave our ring full of frames it was not told about. */
+            int64_t fr_now = tx_free(l);
+            if (s->credit_lazy && fr_now >= (int64_t)(l->tx.size / 2))
+                l->want_notify_tx = notify;
+            s->credit_lazy = 0;
             s->rx_inflight -= s->rx_uncredited;
             s->rx_uncredited = 0;
             s->ctl_credit = 0;
@@ -1468,6 +1487,11 @@ int xsk_link_held(struct xsk_link *l, struct xsk_link_held *out)
     uint32_t rx_used = load_acquire(&l->rx.shr->prod) - relaxed_load(&l->rx.shr->cons);
     out->tx_ring = tx_used > l->tx.size ? l->tx.size : tx_used;
     out->rx_ring = rx_used > l->rx.size ? l->rx.size : rx_used;
+    /* Wake our pump: it reads the peer's lazy CREDIT frames (credit_idle_streams), so that
+     * the next look of a draining daemon finds what the peer holds no more. */
+    uint64_t one = 1;
+    ssize_t w = write(l->cmd_fd, &one, sizeof(one));
+    (void)w;
     pthread_mutex_lock(&l->table_lock);
     for (uint32_t i = 0; i <= l->table_mask; i++) {
         struct stream *s = l->table[i];

@@ -1,0 +1,39 @@
+"""The benchmark suite runs end to end in quick mode: every figure in its JSON, both plots drawn.
+
+No timing is asserted: the figures of a quick run on a shared machine mean nothing; this checks
+that the suite measures what it says it does (bench/suite.py).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PATHS = {"direct", "socat", "xsockd"}
+
+
+def test_quick_suite_writes_every_figure_and_the_plots(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "bench.suite", "--quick", "--out", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "suite.json").read_text())["results"]
+    assert set(res["throughput_mb_s"]) == {"4096", "65536", "1048576"}
+    for by_path in res["throughput_mb_s"].values():
+        assert set(by_path) == PATHS and all(v > 0 for v in by_path.values())
+    assert set(res["streams_mb_s"]) == PATHS and all(v > 0 for v in res["streams_mb_s"].values())
+    assert set(res["round_trip_us"]) == {"1", "4096"}
+    for by_path in res["round_trip_us"].values():
+        assert set(by_path) == PATHS
+        assert all(0 < v["p50"] <= v["p99"] for v in by_path.values())
+    assert set(res["open"]) == PATHS
+    assert all(v["p50"] > 0 and v["per_s"] > 0 for v in res["open"].values())
+    cpu = res["cpu_s_per_gib"]
+    assert cpu["direct"] is None and cpu["socat"] >= 0 and cpu["xsockd"] >= 0
+    for png in ("throughput.png", "latency.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    # The table names every figure, with xsockd's ratios.
+    assert "| round trip, 1 byte, p50 (us) |" in r.stdout
+    assert "| opens per second" in r.stdout and "xsockd/socat" in r.stdout

@@ -14,6 +14,7 @@
  */
 #define _GNU_SOURCE
 #include "ring_core.h"
+#include "xsk_atomic.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -27,18 +28,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-/* ---- barriers: C11 atomics on shared memory ------------------------------------------- */
-
-/* Acquire: what the peer wrote before publishing this index is visible after reading it. */
-#define load_acquire(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
-/* Release: everything we wrote (frame data, or our reads of consumed frames) is ordered
- * before the peer can observe this index. */
-#define store_release(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
-/* Full fence between "publish index" and "read the peer's wants-notify flag" (and between
- * "set our flag" and "re-read the index") so that neither side can miss the other's update. */
-#define full_fence() __atomic_thread_fence(__ATOMIC_SEQ_CST)
-#define relaxed_add(p, v) __atomic_fetch_add((p), (v), __ATOMIC_RELAXED)
-#define relaxed_load(p) __atomic_load_n((p), __ATOMIC_RELAXED)
+/* Barriers (load_acquire, store_release, full_fence, relaxed_*): xsk_atomic.h. */
 
 /* ---- shared layout ---------------------------------------------------------------------- */
 

@@ -206,6 +206,41 @@ def test_server_writes_before_any_client_and_a_late_client_reads_them():
         pair.close()
 
 
+def test_a_second_client_is_refused_while_one_is_connected(pair):
+    with pytest.raises(OSError) as e:
+        pair.attach_client()
+    assert e.value.errno == errno.EBUSY
+
+
+def test_a_client_on_a_reused_page_skips_what_was_for_the_previous_client(pair):
+    """A libxenvchan server keeps its page for the next client (vchan-socket-proxy -m
+    server does): a new client continues the indices and does not read the old reply."""
+    first = pair.client
+    assert first is not None
+    assert first.write(b"request 1") == 9
+    assert pair.server.read(100) == b"request 1"
+    assert pair.server.write(b"stale reply") == 11
+    assert first.close()
+    pair.attach_client()  # what a libxenvchan server then waits for: cli_live 1 again
+    second = pair.client
+    assert second is not None
+    assert pair.u8(CLI_LIVE) == Live.CONNECTED
+    assert second.read(100) == b""
+    assert pair.server.write(b"reply 2") == 7
+    assert second.read(100) == b"reply 2"
+    assert second.write(b"request 2") == 9
+    assert pair.server.read(100) == b"request 2"
+
+
+def test_a_client_refuses_a_garbage_client_live_byte():
+    pair = VchanPair(attach_client=False)
+    try:
+        pair.set_u8(CLI_LIVE, 9)
+        _eproto(pair.attach_client)
+    finally:
+        pair.close()
+
+
 # ---- notifications -------------------------------------------------------------------------
 
 def test_notify_bits_handshake(pair):

@@ -193,9 +193,11 @@ static int usable(struct xsk_vchan *v)
 }
 
 /* Returns 0 and a new endpoint in *out on the caller's mapping of a vchan; -EINVAL for bad
- * parameters, -EPROTO if the shared indices are already out of range.  A client attaching
- * marks itself connected and asks for the server's write notifications: the caller then
- * notifies the server.  The memory is the caller's and must outlive the endpoint. */
+ * parameters, -EPROTO if the shared indices or the client's live byte are out of range,
+ * -EBUSY for a client if another client is connected.  A client attaching marks itself
+ * connected and asks for the server's write notifications: the caller then notifies the
+ * server.  On a page a previous client left, it skips what the server wrote for that one.
+ * The memory is the caller's and must outlive the endpoint. */
 int xsk_vchan_attach(const struct xsk_vchan_params *p, struct xsk_vchan **out)
 {
     struct xsk_vchan_layout lay;
@@ -228,11 +230,24 @@ int xsk_vchan_attach(const struct xsk_vchan_params *p, struct xsk_vchan **out)
      * page for the next client, so a client may find them anywhere. */
     v->tx.pvt = load_acquire(v->tx.prod_shr);
     v->rx.pvt = load_acquire(v->rx.cons_shr);
-    if (tx_space(v) < 0 || rx_ready(v) < 0) {
+    int64_t ready = rx_ready(v);
+    if (tx_space(v) < 0 || ready < 0) {
         free(v);
         return -EPROTO;
     }
     if (!server) {
+        /* Our live byte as the server (2) or a previous client (0, 1) left it, read once. */
+        uint8_t was = load_acquire(v->own_live_shr);
+        if (was == XSK_VCHAN_CONNECTED || was > XSK_VCHAN_WAITING) {
+            free(v);
+            return was == XSK_VCHAN_CONNECTED ? -EBUSY : -EPROTO; /* one client at a time */
+        }
+        if (was == XSK_VCHAN_GONE && ready) {
+            /* A reused page: what waits in our rx ring was written for the previous client
+             * (a libxenvchan server does not take it back), so it is not ours to deliver. */
+            v->rx.pvt += (uint32_t)ready;
+            store_release(v->rx.cons_shr, v->rx.pvt); /* pairs with the server's acquire */
+        }
         /* Ask for the server's write notifications before saying we are here; release: the
          * server sees our request (and index reads) once it sees us connected. */
         __atomic_fetch_or(v->peer_notify_shr, (uint8_t)XSK_VCHAN_NOTIFY_WRITE, __ATOMIC_SEQ_CST);

@@ -15,6 +15,7 @@
 #include "xsk_atomic.h"
 
 #include <errno.h>
+#include <sys/uio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -45,6 +46,7 @@ struct xsk_vchan {
     int peer_gone;                  /* latched: once gone, a peer never comes back */
     int closed;
     int broken;                     /* 0 or the -errno that ended this endpoint */
+    uint32_t tx_reserved, rx_peeked; /* what the last reserve / peek allowed */
     uint64_t bytes_in, bytes_out;   /* relaxed atomics: xsk_vchan_status may run elsewhere */
 };
 
@@ -257,11 +259,12 @@ int xsk_vchan_attach(const struct xsk_vchan_params *p, struct xsk_vchan **out)
     return 0;
 }
 
-/* Returns the bytes of buf (at most len, up to the free space) written into the tx ring: 0 if
- * it is full, -EPIPE if the peer is gone, -EPROTO if broken, -ESHUTDOWN after close.  Sets
- * *notify to 1 if the peer must be notified (it asked to hear of writes). */
-int xsk_vchan_write(struct xsk_vchan *v, const void *buf, uint32_t len, int *notify)
+/* Returns the free bytes of the tx ring (iov[0], iov[1]: where they are in ring memory, in
+ * order), 0 if it is full, -EPIPE if the peer is gone, -EPROTO if broken, -ESHUTDOWN after
+ * close.  xsk_vchan_tx_commit then publishes what was written there. */
+int xsk_vchan_tx_reserve(struct xsk_vchan *v, struct iovec iov[2])
 {
+    v->tx_reserved = 0;
     int rc = usable(v);
     if (rc < 0)
         return rc;
@@ -271,37 +274,45 @@ int xsk_vchan_write(struct xsk_vchan *v, const void *buf, uint32_t len, int *not
     if (live == XSK_VCHAN_GONE)
         return -EPIPE; /* nobody will ever read it */
     int64_t space = tx_space(v);
-    if (space < 0)
+    if (space <= 0)
         return (int)space;
-    uint32_t n = len < space ? len : (uint32_t)space;
-    if (n > INT32_MAX)
-        n = INT32_MAX;
+    uint32_t off = v->tx.pvt & v->tx.mask, first = v->tx.size - off;
+    if (first > space)
+        first = (uint32_t)space;
+    iov[0] = (struct iovec){ v->tx.data_shr + off, first };
+    iov[1] = (struct iovec){ v->tx.data_shr, (uint32_t)space - first };
+    v->tx_reserved = (uint32_t)space;
+    return (int)space; /* at most 1 MiB */
+}
+
+/* Returns 0 once n bytes written at the last reservation are published; -EINVAL if n is more
+ * than was reserved.  Sets *notify to 1 if the peer must be notified. */
+int xsk_vchan_tx_commit(struct xsk_vchan *v, uint32_t n, int *notify)
+{
+    if (n > v->tx_reserved)
+        return -EINVAL;
+    v->tx_reserved = 0;
     if (!n)
         return 0;
-    uint32_t off = v->tx.pvt & v->tx.mask, first = v->tx.size - off;
-    if (first > n)
-        first = n;
-    memcpy(v->tx.data_shr + off, buf, first);
-    memcpy(v->tx.data_shr, (const uint8_t *)buf + first, n - first);
     v->tx.pvt += n;
     /* Release: the data before prod; pairs with the peer's read barrier after it reads prod. */
     store_release(v->tx.prod_shr, v->tx.pvt);
     relaxed_add(&v->bytes_out, n);
     if (honour(v, XSK_VCHAN_NOTIFY_WRITE))
         *notify = 1;
-    return (int)n;
+    return 0;
 }
 
-/* Returns the bytes (at most len) read from the rx ring into buf: 0 if it is empty, -EPIPE
- * once the peer is gone and everything it wrote has been read (end of stream), -EPROTO if
- * broken, -ESHUTDOWN after close.  Sets *notify to 1 if the peer must be notified. */
-int xsk_vchan_read(struct xsk_vchan *v, void *buf, uint32_t len, int *notify)
+/* Returns the bytes ready in the rx ring (iov[0], iov[1]: where they are, in order), 0 if
+ * none, -EPIPE once the peer is gone and everything it wrote has been consumed (end of
+ * stream), -EPROTO if broken, -ESHUTDOWN after close.  The bytes stay the peer's to read
+ * until xsk_vchan_rx_consume. */
+int xsk_vchan_rx_peek(struct xsk_vchan *v, struct iovec iov[2])
 {
+    v->rx_peeked = 0;
     int rc = usable(v);
     if (rc < 0)
         return rc;
-    if (!len)
-        return 0;
     int live = peer_live(v); /* before prod: see peer_live */
     if (live < 0)
         return live;
@@ -310,21 +321,78 @@ int xsk_vchan_read(struct xsk_vchan *v, void *buf, uint32_t len, int *notify)
         return (int)ready;
     if (!ready)
         return live == XSK_VCHAN_GONE ? -EPIPE : 0;
-    uint32_t n = len < ready ? len : (uint32_t)ready;
-    if (n > INT32_MAX)
-        n = INT32_MAX;
     uint32_t off = v->rx.pvt & v->rx.mask, first = v->rx.size - off;
-    if (first > n)
-        first = n;
-    memcpy(buf, v->rx.data_shr + off, first);
-    memcpy((uint8_t *)buf + first, v->rx.data_shr, n - first);
+    if (first > ready)
+        first = (uint32_t)ready;
+    iov[0] = (struct iovec){ v->rx.data_shr + off, first };
+    iov[1] = (struct iovec){ v->rx.data_shr, (uint32_t)ready - first };
+    v->rx_peeked = (uint32_t)ready;
+    return (int)ready;
+}
+
+/* Returns 0 once n bytes of the last peek are handed back to the peer; -EINVAL if n is more
+ * than was peeked.  Sets *notify to 1 if the peer must be notified. */
+int xsk_vchan_rx_consume(struct xsk_vchan *v, uint32_t n, int *notify)
+{
+    if (n > v->rx_peeked)
+        return -EINVAL;
+    v->rx_peeked = 0;
+    if (!n)
+        return 0;
     v->rx.pvt += n;
     /* Release: our reads of the data before cons; the peer may overwrite them after. */
     store_release(v->rx.cons_shr, v->rx.pvt);
     relaxed_add(&v->bytes_in, n);
     if (honour(v, XSK_VCHAN_NOTIFY_READ))
         *notify = 1;
-    return (int)n;
+    return 0;
+}
+
+/* Copies n bytes between a buffer and the two pieces of ring memory iov describes. */
+static void copy_iov(uint8_t *buf, const struct iovec iov[2], uint32_t n, int to_ring)
+{
+    uint32_t first = n < iov[0].iov_len ? n : (uint32_t)iov[0].iov_len;
+    if (to_ring) {
+        memcpy(iov[0].iov_base, buf, first);
+        memcpy(iov[1].iov_base, buf + first, n - first);
+    } else {
+        memcpy(buf, iov[0].iov_base, first);
+        memcpy(buf + first, iov[1].iov_base, n - first);
+    }
+}
+
+/* Returns the bytes of buf (at most len, up to the free space) written into the tx ring: 0 if
+ * it is full, -EPIPE if the peer is gone, -EPROTO if broken, -ESHUTDOWN after close.  Sets
+ * *notify to 1 if the peer must be notified (it asked to hear of writes). */
+int xsk_vchan_write(struct xsk_vchan *v, const void *buf, uint32_t len, int *notify)
+{
+    struct iovec iov[2];
+    int space = xsk_vchan_tx_reserve(v, iov);
+    if (space <= 0)
+        return space;
+    uint32_t n = len < (uint32_t)space ? len : (uint32_t)space;
+    copy_iov((uint8_t *)buf, iov, n, 1);
+    int rc = xsk_vchan_tx_commit(v, n, notify);
+    return rc < 0 ? rc : (int)n;
+}
+
+/* Returns the bytes (at most len) read from the rx ring into buf: 0 if it is empty, -EPIPE
+ * once the peer is gone and everything it wrote has been read (end of stream), -EPROTO if
+ * broken, -ESHUTDOWN after close.  Sets *notify to 1 if the peer must be notified. */
+int xsk_vchan_read(struct xsk_vchan *v, void *buf, uint32_t len, int *notify)
+{
+    if (!len) {
+        int rc = usable(v);
+        return rc < 0 ? rc : 0;
+    }
+    struct iovec iov[2];
+    int ready = xsk_vchan_rx_peek(v, iov);
+    if (ready <= 0)
+        return ready;
+    uint32_t n = len < (uint32_t)ready ? len : (uint32_t)ready;
+    copy_iov(buf, iov, n, 0);
+    int rc = xsk_vchan_rx_consume(v, n, notify);
+    return rc < 0 ? rc : (int)n;
 }
 
 /* Returns 1 if there is something to do now (data to read if for_data, space to write if

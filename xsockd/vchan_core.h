@@ -106,4 +106,12 @@ int xsk_vchan_close(struct xsk_vchan *v);
 void xsk_vchan_free(struct xsk_vchan *v);
 /* CDEF END */
 
+/* For a pump in C (vchan_pump.c): the rings' free space and data in place, for readv/writev
+ * straight into and out of ring memory.  See vchan_core.c. */
+#include <sys/uio.h>
+int xsk_vchan_tx_reserve(struct xsk_vchan *v, struct iovec iov[2]);
+int xsk_vchan_tx_commit(struct xsk_vchan *v, uint32_t n, int *notify);
+int xsk_vchan_rx_peek(struct xsk_vchan *v, struct iovec iov[2]);
+int xsk_vchan_rx_consume(struct xsk_vchan *v, uint32_t n, int *notify);
+
 #endif

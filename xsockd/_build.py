@@ -1,8 +1,8 @@
 """cffi builder for the C core: produces the private module ``xsockd._ring_core``.
 
-The module holds xsockd's own ring core (ring_core.c) and the libxenvchan endpoint
-(vchan_core.c); ``xsockd/ring.py`` and ``xsockd/vchan.py`` are its only importers.  Paths are
-relative, as cffi requires.
+The module holds xsockd's own ring core (ring_core.c) and the libxenvchan endpoint and its
+pump (vchan_core.c, vchan_pump.c); ``xsockd/ring.py`` and ``xsockd/vchan.py`` are its only
+importers.  Paths are relative, as cffi requires.
 ``make_builder`` also serves tests/test_ring_sanitizers.py, which builds the same source under
 another module name with sanitizers, into a directory of its own.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 from cffi import FFI
 
 _HERE = Path(__file__).parent
-_PARTS = ("ring_core", "vchan_core")  # each a .c with its .h
+_PARTS = ("ring_core", "vchan_core", "vchan_pump")  # each a .c with its .h
 
 
 def _cdef(header: str) -> str:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import enum
 import errno
 import os
+import socket
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,10 +31,13 @@ __all__ = [
     "MAX_ORDER",
     "MIN_ORDER",
     "PAGE_ORDER",
+    "End",
     "Layout",
     "Live",
+    "PumpResult",
     "Role",
     "VchanEndpoint",
+    "VchanPump",
     "client_probe",
     "layout",
     "server_init",
@@ -57,6 +62,25 @@ class Live(enum.IntEnum):
     GONE = lib.XSK_VCHAN_GONE
     CONNECTED = lib.XSK_VCHAN_CONNECTED
     WAITING = lib.XSK_VCHAN_WAITING
+
+
+class End(enum.IntEnum):
+    """Why a pump ended (docs/VCHAN.md: vchan has no half-close)."""
+
+    PEER = lib.XSK_VCHAN_END_PEER  # the peer left; all it wrote reached the socket
+    LOCAL = lib.XSK_VCHAN_END_LOCAL  # the socket's EOF; the peer consumed all we wrote
+    LINGER = lib.XSK_VCHAN_END_LINGER  # the socket's EOF; the peer did not consume in time
+    PROTO = lib.XSK_VCHAN_END_PROTO  # the peer broke the protocol
+    SOCKET = lib.XSK_VCHAN_END_SOCKET  # the socket failed (err: its errno)
+    STOPPED = lib.XSK_VCHAN_END_STOPPED  # stop() or close()
+
+
+@dataclass(frozen=True)
+class PumpResult:
+    end: End
+    err: int  # errno for PROTO and SOCKET, else 0
+    bytes_in: int  # from the peer, written to the socket
+    bytes_out: int  # from the socket, written into the ring
 
 
 @dataclass(frozen=True)
@@ -149,6 +173,7 @@ class VchanEndpoint:
         self.role = role
         self.layout = lay
         self._notify = role == Role.CLIENT
+        self._pump: VchanPump | None = None
         self._closed = False
         self._rbuf = ffi.new("uint8_t[]", 1 << max(lay.left_order, lay.right_order))
 
@@ -186,9 +211,12 @@ class VchanEndpoint:
                 f"orders {self.layout.left_order}/{self.layout.right_order}>")
 
     def _handle(self) -> Any:
-        """Returns the C endpoint; OSError(ESHUTDOWN) once closed (it is freed then)."""
+        """Returns the C endpoint; OSError(ESHUTDOWN) once closed (it is freed then), EBUSY
+        while a pump drives it."""
         if self._closed:
             raise OSError(errno.ESHUTDOWN, f"{self!r}: {os.strerror(errno.ESHUTDOWN)}")
+        if self._pump is not None and self._pump.result() is None:
+            raise OSError(errno.EBUSY, f"{self!r}: a pump drives it")
         return self._v
 
     def take_notify(self) -> bool:
@@ -237,8 +265,96 @@ class VchanEndpoint:
         first time).  The shared memory may be unmapped afterwards."""
         if self._closed:
             return False
+        if self._pump is not None:
+            self._pump.close()  # it must not outlive the endpoint it drives
         self._closed = True
         due = bool(lib.xsk_vchan_close(self._v))
         ffi.release(self._v)
         self._release()
         return due
+
+
+class VchanPump:
+    """Splices ``sock`` (a local stream socket; the pump owns it from now on) into
+    ``endpoint`` with a C thread, the GIL released, until either side ends (``End``).
+
+    ``evtchn`` is a ``backend.EventChannel`` bound to the vchan's peer.  ``linger``: seconds
+    the peer may take, after the socket's EOF, to consume what we wrote before we leave.
+    While the pump runs, the endpoint refuses calls (EBUSY); once it ended, the endpoint is
+    closed (our live byte cleared, the peer notified) and the socket closed.
+
+    Lifecycle: running -> ended (``fileno`` readable, ``result`` set) -> closed (``close``).
+    """
+
+    def __init__(self, endpoint: VchanEndpoint, sock: socket.socket, evtchn: Any,
+                 linger: float = 5.0) -> None:
+        self._p: Any = ffi.NULL
+        if not 0 <= linger <= 3600:
+            sock.close()
+            raise OSError(errno.EINVAL, f"linger {linger}: 0 .. 3600 seconds")
+        try:
+            if endpoint._pump is not None:
+                raise OSError(errno.EBUSY, f"{endpoint!r}: it had a pump already")
+            handle = endpoint._handle()
+        except OSError:
+            sock.close()
+            raise
+        params = ffi.new("struct xsk_vchan_pump_params *")
+        params.vchan = handle
+        if evtchn.kind == "eventfd":
+            params.evtchn_kind = lib.XSK_EVTCHN_EVENTFD
+            params.evtchn_notify_fd = evtchn.notify_fd
+        else:
+            params.evtchn_kind = lib.XSK_EVTCHN_XEN
+            params.evtchn_notify_fd = -1
+        params.evtchn_fd = evtchn.fd
+        params.evtchn_port = evtchn.port
+        params.linger_ms = round(linger * 1000)
+        params.fd = sock.detach()
+        out = ffi.new("struct xsk_vchan_pump **")
+        _check(lib.xsk_vchan_pump_start(params, out), "starting the vchan pump")
+        self._p = out[0]
+        self._endpoint = endpoint
+        self._result: PumpResult | None = None
+        endpoint._pump = self
+
+    def __repr__(self) -> str:
+        state = "closed" if self._p == ffi.NULL else "ended" if self.result() else "running"
+        return f"<VchanPump {self._endpoint.role.name.lower()} {state}>"
+
+    def fileno(self) -> int:
+        """Returns the eventfd that becomes readable once the pump has ended."""
+        if self._p == ffi.NULL:
+            raise OSError(errno.EBADF, "the vchan pump is closed")
+        return int(lib.xsk_vchan_pump_event_fd(self._p))
+
+    def result(self) -> PumpResult | None:
+        """Returns how the pump ended, or None while it runs."""
+        if self._result is None and self._p != ffi.NULL:
+            out = ffi.new("struct xsk_vchan_pump_result *")
+            if lib.xsk_vchan_pump_result(self._p, out) == 0:
+                self._result = PumpResult(End(out.reason), out.err, out.bytes_in,
+                                          out.bytes_out)
+        return self._result
+
+    def stop(self) -> PumpResult:
+        """Returns how the pump ended, ending it (STOPPED) if it still runs; blocks until its
+        thread is gone."""
+        if self._p == ffi.NULL:
+            raise OSError(errno.EBADF, "the vchan pump is closed")
+        lib.xsk_vchan_pump_stop(self._p)
+        result = self.result()
+        assert result is not None  # the thread is joined: the result is written
+        return result
+
+    def close(self) -> None:
+        """Stops the pump and frees it.  Idempotent."""
+        if self._p != ffi.NULL:
+            self.stop()
+            lib.xsk_vchan_pump_free(self._p)
+            self._p = ffi.NULL
+
+    def __del__(self) -> None:
+        if getattr(self, "_p", ffi.NULL) != ffi.NULL:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
+            self.close()

@@ -348,6 +348,16 @@ int xsk_vchan_rx_consume(struct xsk_vchan *v, uint32_t n, int *notify)
     return 0;
 }
 
+/* Returns the bytes we wrote that the peer has not consumed yet, or -EPROTO / -ESHUTDOWN. */
+int xsk_vchan_tx_unconsumed(struct xsk_vchan *v)
+{
+    int rc = usable(v);
+    if (rc < 0)
+        return rc;
+    int64_t space = tx_space(v);
+    return space < 0 ? (int)space : (int)(v->tx.size - (uint32_t)space);
+}
+
 /* Copies n bytes between a buffer and the two pieces of ring memory iov describes. */
 static void copy_iov(uint8_t *buf, const struct iovec iov[2], uint32_t n, int to_ring)
 {

@@ -113,5 +113,6 @@ int xsk_vchan_tx_reserve(struct xsk_vchan *v, struct iovec iov[2]);
 int xsk_vchan_tx_commit(struct xsk_vchan *v, uint32_t n, int *notify);
 int xsk_vchan_rx_peek(struct xsk_vchan *v, struct iovec iov[2]);
 int xsk_vchan_rx_consume(struct xsk_vchan *v, uint32_t n, int *notify);
+int xsk_vchan_tx_unconsumed(struct xsk_vchan *v);
 
 #endif

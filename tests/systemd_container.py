@@ -1,11 +1,17 @@
 """Debian's systemd as PID 1 in a throw-away container made from this machine's own root.
 
-``systemd-nspawn -D / --volatile=yes`` boots the host's /usr on a fresh tmpfs root, so whatever
-a test writes inside (units in /etc, users, files in /run) is gone when the container stops.
-The host has no systemd of its own, hence ``--register=no --keep-unit``.  Commands run inside
-through ``nsenter`` into every namespace of the container's systemd.
+The container's root is an overlay: this machine's root file system read-only below (that one
+file system: a /usr or /var mounted apart from it would be missing), a tmpfs above, mounted in
+a mount namespace of its own (``unshare --mount``) so that nothing of it shows on the host, and
+gone with the container. So the container starts as a copy of this machine, packages and all,
+and whatever a test does inside (``apt install``, units in /etc, users, files in /run) is
+thrown away when it stops. (``systemd-nspawn --volatile=yes`` would keep /usr read-only and
+/etc, /var empty: no apt.) It has a network of its own (``--private-network``): the services
+this machine enables start inside too, and must not touch its interfaces. The host has no
+systemd of its own, hence ``--register=no --keep-unit``. Commands run inside through
+``nsenter`` into every namespace of the container's systemd.
 
-    with SystemdContainer("xsockd-test", binds_ro=[project], log=path) as c:
+    with SystemdContainer("xsockd-test", log=tmpdir / "console.log") as c:
         c.install("/etc/systemd/system/foo.service", text)
         c.run("systemctl", "daemon-reload")
 
@@ -73,6 +79,8 @@ class SystemdContainer:
         self.name = name
         self.binds_ro = [str(b) for b in binds_ro]
         self.log_path = Path(log)
+        # Where the overlay is mounted, in the container's mount namespace only.
+        self.mountpoint = self.log_path.parent / f"{name}.root"
         self.boot_timeout = boot_timeout
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid: int | None = None        # the container's systemd, as seen from the host
@@ -94,9 +102,22 @@ class SystemdContainer:
     def start(self) -> None:
         if shutil.which(NSPAWN) is None:
             raise ContainerError(f"{NSPAWN} is missing: apt-get install systemd-container")
-        argv = [NSPAWN, "-D", "/", "--volatile=yes", "--register=no", "--keep-unit",
-                "-M", self.name, "--boot", "--console=pipe"]
-        argv += [f"--bind-ro={b}" for b in self.binds_ro]
+        for tool in ("unshare", "nsenter"):
+            if shutil.which(tool) is None:
+                raise ContainerError(f"{tool} is missing: apt-get install util-linux")
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        nspawn = [NSPAWN, "-D", "{root}", "--register=no", "--keep-unit", "--private-network",
+                  "-M", self.name, "--boot", "--console=pipe"]
+        nspawn += [f"--bind-ro={b}" for b in self.binds_ro]
+        # The shell mounts the overlay in unshare's private mount namespace, then becomes nspawn
+        # (exec: self.proc is nspawn, which a SIGTERM halts).
+        d = str(self.mountpoint)
+        script = ('set -e; d=$1; shift; mount -t tmpfs -o mode=0755 xsockd-test "$d"; '
+                  'mkdir "$d/upper" "$d/work" "$d/root"; '
+                  'mount -t overlay -o "lowerdir=/,upperdir=$d/upper,workdir=$d/work" '
+                  'xsockd-test "$d/root"; exec "$@"')
+        argv = ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", script,
+                "sh", d, *[a.replace("{root}", f"{d}/root") for a in nspawn]]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
@@ -182,9 +203,25 @@ class SystemdContainer:
         r = subprocess.run(["nsenter", "-t", str(self.pid), "-a", *argv], input=input,
                            capture_output=True, text=text, timeout=timeout, env=INSIDE_ENV)
         if check and r.returncode != 0:
+            # A failed systemctl says little ("A dependency job ... failed"): the journals of
+            # the failed units say why, and must be read before the container goes.
+            why = self.failed_units_report() if argv[0] == "systemctl" else ""
             raise ContainerError(f"in {self.name}: {shlex.join(argv)} exited with "
-                                 f"{r.returncode}\nstdout: {r.stdout}\nstderr: {r.stderr}")
+                                 f"{r.returncode}\nstdout: {r.stdout}\nstderr: {r.stderr}{why}")
         return r
+
+    def failed_units_report(self, lines: int = 40) -> str:
+        """Returns, for each failed unit inside, its status and the end of its journal."""
+        try:
+            r = self.run("systemctl", "list-units", "--failed", "--plain", "--no-legend",
+                         check=False, timeout=20)
+            units = [line.split()[0] for line in r.stdout.splitlines() if line.strip()]
+            out = f"\n--- failed units: {' '.join(units) or '(none)'}"
+            for u in units:
+                out += f"\n--- journalctl -u {u} -n {lines}:\n{self.journal(u, lines=lines)}"
+            return out
+        except (ContainerError, subprocess.TimeoutExpired) as e:
+            return f"\n(no list of failed units: {e})"
 
     def sh(self, script: str, *, check: bool = True, timeout: float = 60.0,
            input: str | None = None) -> subprocess.CompletedProcess:

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from xsockd.config import check_own_domain, load_config, parse_config, parse_size
+from xsockd.config import (
+    check_config_main,
+    check_own_domain,
+    load_config,
+    parse_config,
+    parse_size,
+)
 from xsockd.errors import ConfigError
 from xsockd.words import count, size_text
 
@@ -148,6 +154,21 @@ def test_own_domain_among_peers_is_refused_by_check_config_with_domid(tmp_path):
     r = subprocess.run([sys.executable, "-m", "xsockd.daemon", "--check-config", str(conf),
                         "--domid", "3"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout == f"{conf}: OK for domain 3 (2 peers, 0 services)\n"
+    # Without --domid (and no Xen to ask) it says what it could not check.
+    r = subprocess.run([sys.executable, "-m", "xsockd.daemon", "--check-config", str(conf)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "not checked against a domain id: add --domid N" in r.stdout
+
+
+def test_check_config_asks_which_domain_it_is_for_when_not_told(tmp_path, capsys):
+    # On Xen the daemon's check_config_main is given a way to read our domid from XenStore.
+    conf = tmp_path / "x.conf"
+    conf.write_text("[daemon]\npeers = [0, 4]\n")
+    assert check_config_main(str(conf), None, lambda cfg: 0) == 1
+    assert f"{conf}:2: daemon.peers: lists domain 0, which is this domain itself" in \
+        capsys.readouterr().err
+    assert check_config_main(str(conf), 5, lambda cfg: 0) == 0  # --domid wins
+    assert capsys.readouterr().out == f"{conf}: OK for domain 5 (2 peers, 0 services)\n"
 
 
 def test_counts_are_singular_or_plural():

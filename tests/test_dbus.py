@@ -326,6 +326,9 @@ def test_signals_and_channel_count_changes(world, proxy):
     proxy.ChannelOpened.connect(lambda *a: opened.append(a))
     proxy.ChannelClosed.connect(lambda *a: closed.append(a))
     proxy.PropertiesChanged.connect(lambda iface, ch, inv: changed.append((iface, ch)))
+    # A round trip through the bus after subscribing: the bus has then seen our match rules, so
+    # no signal of the stream below can pass it before they are in place.
+    assert proxy.ChannelCount == 0
     s = open_echo(world)
     pump(lambda: opened and (DBUS_INTERFACE, {"ChannelCount": 1}) in changed)
     ((ident, peer, service),) = opened
@@ -342,6 +345,7 @@ def test_signals_and_channel_count_changes(world, proxy):
 def test_close_ends_the_stream_for_the_application(world, proxy, bus):
     closed = []
     proxy.ChannelClosed.connect(lambda *a: closed.append(a))
+    assert proxy.ChannelCount == 0  # the bus has our match rule (see above)
     with open_echo(world) as s:
         (ch,) = proxy.ListChannels()
         r = xsockctl(bus.address, "close", str(ch["id"]))

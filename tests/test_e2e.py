@@ -413,7 +413,8 @@ def test_the_unit_of_a_running_daemon_is_named_only_when_systemd_runs_it(tmp_pat
         assert (who, how) == (f"pid 40, systemd unit {unit}", f"`systemctl stop {unit}`")
     else:
         assert who == "pid 40, started by hand, not by systemd" and how.startswith("`kill 40`")
-    assert systemd_unit(41, proc) is None  # no such process
+    assert systemd_unit(41, proc) is None  # no such process (or one hidden from us)
+    assert how_to_stop(41, proc) == ("pid 41", "`systemctl stop` of its unit, or `kill 41`")
 
 
 def test_a_daemon_listing_its_own_domain_as_a_peer_does_not_start(world):

@@ -20,7 +20,7 @@ ALLOWED: dict[str, set[str] | None] = {
     "xenstore_client": {"backend", "errors", "xenstore_wire"},
     "link": {"backend", "ring"},
     "rendezvous": {"backend", "constants", "errors", "ring", "xenstore_client"},
-    "admission": {"config", "ring"},
+    "admission": {"config", "ring", "words"},
     "listeners": {"errors"},
     "peerlog": set(),
     "advice": {"ring"},

@@ -4,6 +4,7 @@ why and what to do, and their statistics count refusals and failures apart."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -132,3 +133,35 @@ def test_the_default_service_refused_names_default_service():
 def test_a_link_refused_by_the_peer_says_what_to_do(answer, words):
     line = link_refused(2, 1, answer)
     assert line.startswith(f"domain 2 refused our link ({answer}): ") and words in line
+
+
+def test_a_link_refused_by_a_stopping_peer_is_counted_on_both_sides(tmp_path):
+    """Domain 2 is draining (an unread echo holds bytes on their way) when domain 3 offers
+    its first link: refused "stopping", counted as a refused link and a refused stream."""
+    bus = PrivateBus()
+    world = SimWorld(tmp_path, peers={1: [2], 2: [1, 3], 3: [2]}, dbus={3: bus.address})
+    conf2 = world.daemons[2].config
+    conf2.write_text(conf2.read_text().replace("[daemon]\n", "[daemon]\nstop_timeout = 20\n"))
+    try:
+        world.start(1, 2, 3)
+        stuck = world.connect(1, 2)
+        stuck.settimeout(0.2)
+        try:
+            while True:  # never read: the echo's answer piles up on its way back
+                stuck.send(b"x" * 65536)
+        except TimeoutError:
+            pass
+        world.daemons[2].signal(signal.SIGTERM)
+        world.wait_for("domain 2 to drain", lambda: "may drain" in world.daemons[2].log())
+        connect(world, 3, "2.sock")
+        world.wait_for("the refusal on both sides", lambda: (
+            "refused link from domain 3: we are stopping" in world.daemons[2].log()
+            and "domain 2 refused our link (stopping): its xsockd is stopping" in
+            world.daemons[3].log()))
+        s3 = stats(bus.address)
+        assert (s3["links_refused"], s3["streams_refused"], s3["links_failed"],
+                s3["streams_failed"]) == (1, 1, 0, 0), s3
+        stuck.close()
+    finally:
+        world.close()
+        bus.close()

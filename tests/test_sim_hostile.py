@@ -35,7 +35,6 @@ from xsockd.sim.hypervisor import (
     MAX_CONNECTIONS,
     MAX_FDS,
     MAX_MAPPED,
-    MAX_MESSAGE,
     Hypervisor,
     recv_message,
 )
@@ -208,6 +207,15 @@ def test_a_host_whose_descriptor_limit_covers_too_little_refuses_to_start(tmp_pa
     assert r.returncode == 2 and "RLIMIT_NOFILE" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_domains_past_the_budgeted_number_are_refused(tmp_path):
+    with SimHost(tmp_path / "sim", domains=[0, 1], max_domains=2) as h:
+        with pytest.raises(RuntimeError, match="covers 2 domains"):
+            h.create_domain(2)
+        h.destroy_domain(1)
+        h.create_domain(2)
+        assert h.accounting()[2]["connections"] == 0
+
+
 def test_mapped_pages_are_bounded_per_domain(host):
     with RawHv(host.dir, 1) as granter, RawHv(host.dir, 2) as mapper:
         reply, fds = granter.ok({"op": "grant", "peer": 2, "count": 1024})
@@ -262,6 +270,7 @@ def test_control_clients_are_bounded_and_malformed_control_requests_answered(hos
             s.settimeout(10)
             socks.append(s)
         for bad in (b"[", b'{"op": "create_domain", "domid": "x"}',
+                    b'{"op": "create_domain", "domid": 1}',
                     b'{"op": "destroy_domain", "domid": 99999999}', b'{"op": 5}', b"\xff"):
             socks[0].send(bad)
             reply = json.loads(socks[0].recv(65536) or b"{}")
@@ -272,7 +281,8 @@ def test_control_clients_are_bounded_and_malformed_control_requests_answered(hos
                 socks[0].connect(path)
                 socks[0].settimeout(10)
             else:
-                assert reply["ok"] is False and reply["errno"] in (errno.EINVAL, errno.ENOSYS)
+                assert reply["ok"] is False
+                assert reply["errno"] in (errno.EINVAL, errno.ENOSYS, errno.EEXIST)
         extra = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         extra.connect(path)
         extra.settimeout(10)
@@ -342,7 +352,6 @@ def test_every_malformed_request_gets_an_error_and_the_connection_stays(host):
         # An empty message reads as a hang-up: only this connection is closed.
         raw.sock.send(b"")
         assert raw.sock.recv(100) == b""
-    assert MAX_MESSAGE == 65536
     assert settled_fd_count(host) <= before
     acct = host.accounting()[2]
     assert acct["granted"] == acct["mapped"] == acct["ports"] == 0
@@ -411,6 +420,16 @@ def test_socket_and_directory_modes_do_not_come_from_the_umask(tmp_path):
     assert len(modes) == 1 + 1 + 2 + 4
     for name, (is_sock, mode) in modes.items():
         assert mode == (0o600 if is_sock else 0o755), f"{name}: {mode:o}"
+
+
+def test_an_existing_directory_keeps_its_mode(tmp_path):
+    """--dir /tmp must not make /tmp 0755: only what the host creates gets its modes."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    with SimHost(shared, domains=[0, 1]):
+        assert stat.S_IMODE(os.stat(shared).st_mode) == 0o1777
+        assert stat.S_IMODE(os.stat(shared / "dom1").st_mode) == 0o755
 
 
 def test_xenstored_out_of_descriptors_pauses_accepting_instead_of_spinning(tmp_path):

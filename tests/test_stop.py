@@ -213,7 +213,7 @@ def test_an_idle_open_stream_does_not_hold_up_a_stop(tmp_path):
         assert d1.proc.wait(15) == 0
         took = time.monotonic() - start
         log1 = d1.log()
-        assert "drained: closing 1 idle streams" in log1, log1[-2000:]
+        assert "drained: closing 1 idle stream\n" in log1, log1[-2000:]
         assert took < 5, f"stop took {took:.1f} s with one idle stream (stop_timeout 10)"
         assert_ended(s)
         assert_link_released(world, gone=1, survivor=2)
@@ -258,7 +258,7 @@ def test_a_stream_that_never_finishes_is_cut_at_stop_timeout(tmp_path):
         writer.join(5)
         assert 1.4 <= took < 6, f"stop took {took:.2f} s with stop_timeout 1.5"
         log1 = d1.log()
-        assert "stop_timeout of 1.5 s reached: closing 1 streams" in log1, log1[-2000:]
+        assert "stop_timeout of 1.5 s reached: closing 1 stream with " in log1, log1[-2000:]
         assert "to service '(default)': we are stopping" in log1
         # The cut stream ended for its application: EOF or a reset, not a hang.
         s.setblocking(True)

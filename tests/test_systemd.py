@@ -1,11 +1,13 @@
-"""xsockd under a real systemd as PID 1, with a real system bus and journald.
+"""xsockd installed from its Debian package, under a real systemd as PID 1.
 
-One container per module (tests/systemd_container.py), booted from this machine's root with
-the project bound read-only at the same path.  Inside it: the shipped units and sim drop-in in
-/etc/systemd/system, a drop-in pointing ExecStart at this project's venv, the simulated Xen host,
-a second xsockd as simulated domain 2 (a test-only unit) offering an echo service (socat) and a
-socket-activated service that reads the caller header.  The tests run in file order and share
-the container; each one first brings about the state it needs.
+One container per module (tests/systemd_container.py), a throw-away copy of this machine.  The
+package is built once on the host with the README's ``./run deb`` and installed inside with
+apt, following the README's "On a real host" lines: after ``systemctl enable --now xsockd``
+the unit is skipped (no /dev/xen), and with the sim drop-in the package ships it runs as domain
+1 of the simulated Xen host.  A second xsockd as simulated domain 2 (a test-only unit, the
+package's /usr/bin/xsockd) offers an echo service (socat) and a socket-activated service that
+reads the caller header.  The tests run in file order and share the container; each one first
+brings about the state it needs; the last ones upgrade the package and purge it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import os
 import re
 import select
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -21,16 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from systemd_container import SystemdContainer
+from systemd_container import ContainerError, SystemdContainer
 
 ROOT = Path(__file__).resolve().parent.parent
-VENV_BIN = ROOT / ".venv" / "bin"
-# The project may live below /tmp (CI clones anywhere), which PrivateTmp=yes hides from the
-# services: bind it back into their namespace, read-only, where it is.
-PROJECT_BIND = f"BindReadOnlyPaths={ROOT}\n"
-UNITS = ROOT / "units"
-POLICY = ROOT / "conf" / "org.xsockd.Xsockd1.conf"
+README = ROOT / "README.md"
 ETC = "/etc/systemd/system"
+# Where the checkout is inside the container, for the README's relative ./build/deb path.
+CHECKOUT = "/root/xsockd"
 MiB = 1 << 20
 
 BUS = ("org.xsockd.Xsockd1", "/org/xsockd/Xsockd1", "org.xsockd.Xsockd1")
@@ -54,6 +54,7 @@ caller_header = true
 """
 
 # Domain 2's side: an echo service, and a socket-activated one that answers with the header.
+# Its files live in /etc/xsockd-test: the package's /etc/xsockd is the package's.
 TEST_UNITS = {
     "xsock-echo.service": """\
 [Unit]
@@ -74,7 +75,7 @@ Type=notify
 NotifyAccess=main
 RuntimeDirectory=xsock-dom2
 # Domain 2 shares the container's system bus with domain 1: only domain 1 serves D-Bus.
-{bind}ExecStart={bin}/xsockd --backend sim --domid 2 --config /etc/xsockd/dom2.conf --no-dbus
+ExecStart=/usr/bin/xsockd --backend sim --domid 2 --config /etc/xsockd-test/dom2.conf --no-dbus
 """,
     "xsock-hello.socket": """\
 [Unit]
@@ -89,7 +90,7 @@ Accept=yes
 Description=one connection to the "hello" service (test)
 
 [Service]
-ExecStart=/bin/sh /etc/xsockd/hello.sh
+ExecStart=/bin/sh /etc/xsockd-test/hello.sh
 StandardInput=socket
 StandardOutput=socket
 StandardError=journal
@@ -118,6 +119,14 @@ xs.close()
 print(json.dumps({"accounting": sim_accounting(sim), "nodes": nodes}))
 """
 
+# What a package may leave behind, to compare before install and after purge: every path under
+# /etc, /usr and systemd's state, and the state directories in /var/lib.  (Not the whole root:
+# it is this live machine's, seen through the overlay, and other work changes it meanwhile.)
+# Left out: the backups shadow's tools make of /etc/subuid and the like (the test's useradd).
+SNAPSHOT = ("{ find /etc /usr /var/lib/systemd -xdev ! -regex '/etc/[^/]*-'; "
+            "find /var/lib -mindepth 1 -maxdepth 1; } | sort")
+BEFORE_INSTALL: list[str] = []   # SNAPSHOT's lines, taken before the package is installed
+
 
 def dom1_conf(peers: tuple[int, ...] = (2,), remote: str = "") -> str:
     return (f'[daemon]\nrundir = "/run/xsock"\npeers = [{", ".join(map(str, peers))}]\n'
@@ -127,21 +136,42 @@ def dom1_conf(peers: tuple[int, ...] = (2,), remote: str = "") -> str:
 NAMED = '\n[remote.2]\nservices = ["hello"]\n'
 
 
+def readme_blocks() -> list[list[str]]:
+    """Returns the command lines (comments stripped) of each sh block of "On a real host"."""
+    text = README.read_text()
+    section = text.split("## On a real host", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
+    return [[line.split("  #")[0].strip() for line in b.splitlines() if line.strip()]
+            for b in blocks]
+
+
+INSTALL, _RELOAD, SIM = readme_blocks()
+
+
 # ---- fixtures and helpers -------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def c(tmp_path_factory):
-    for tool in ("xsockd", "xsockd-simhost"):
-        if not (VENV_BIN / tool).exists():
-            pytest.fail(f"{VENV_BIN / tool} is missing: set the project up first (./run setup)")
+def deb() -> Path:
+    """The package, built on the host by the README's first line."""
+    assert INSTALL[0] == "./run deb", f"README's first line is {INSTALL[0]!r}"
+    r = subprocess.run([str(ROOT / "run"), "deb"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, f"./run deb failed:\n{r.stdout}{r.stderr}"
+    path = Path(r.stdout.split()[-1])
+    assert path.is_file() and path.name.startswith("xsockd_") and path.suffix == ".deb", r.stdout
+    return path
+
+
+@pytest.fixture(scope="module")
+def c(tmp_path_factory, deb):
     if os.geteuid() != 0:
         pytest.fail("booting a systemd container needs root (sudo ./run test)")
     log = tmp_path_factory.mktemp("container") / "console.log"
-    box = SystemdContainer(f"xsockd-test-{os.getpid()}", binds_ro=[ROOT], log=log)
+    box = SystemdContainer(f"xsockd-test-{os.getpid()}", log=log)
     try:
         box.start()
-        _install(box)
+        _install(box, deb)
         yield box
     finally:
         box.stop()
@@ -150,29 +180,38 @@ def c(tmp_path_factory):
     assert not Path(f"/run/systemd/nspawn/propagate/{box.name}").exists()
 
 
-def _install(c: SystemdContainer) -> None:
-    """Units, drop-ins, configs, users and (if it exists yet) the D-Bus policy."""
-    for unit in ("xsockd.service", "xsockd-simhost.service"):
-        c.install(f"{ETC}/{unit}", (UNITS / unit).read_text())
-    c.install(f"{ETC}/xsockd.service.d/sim.conf",
-              (UNITS / "xsockd.service.d" / "sim.conf").read_text())
-    # /usr/local/bin is the host's (read-only, without xsockd): run this project's venv instead.
-    c.install(f"{ETC}/xsockd.service.d/zz-test.conf",
-              f"[Service]\n{PROJECT_BIND}ExecStart=\nExecStart={VENV_BIN}/xsockd --backend sim "
-              f"--domid 1 --config /etc/xsockd/xsockd.conf\n")
-    c.install(f"{ETC}/xsockd-simhost.service.d/zz-test.conf",
-              f"[Service]\n{PROJECT_BIND}ExecStart=\nExecStart={VENV_BIN}/xsockd-simhost "
-              f"--dir /run/xsock-sim --domains 0,1,2\n")
-    for name, text in TEST_UNITS.items():
-        c.install(f"{ETC}/{name}", text.format(bin=VENV_BIN, bind=PROJECT_BIND))
+def put_deb(c: SystemdContainer, deb: Path) -> str:
+    """Copies deb into the container's checkout; returns its path inside."""
+    inside = f"{CHECKOUT}/build/deb/{deb.name}"
+    c.run("/bin/sh", "-c", 'mkdir -p "$(dirname "$1")" && cat > "$1"', "sh", inside,
+          input=deb.read_bytes(), text=False)
+    return inside
+
+
+def apt(c: SystemdContainer, line: str) -> subprocess.CompletedProcess:
+    """Runs an apt command line in the container's checkout, as an administrator would."""
+    # The timers of this machine's apt (apt-daily) may hold the lock for a moment.
+    r = c.sh(f"cd {CHECKOUT} && {line} -o DPkg::Lock::Timeout=60", check=False, timeout=300)
+    assert r.returncode == 0, f"{line}: {r.stdout[-3000:]}{r.stderr}" + journal(c)
+    return r
+
+
+def _install(c: SystemdContainer, deb: Path) -> None:
+    """The README's lines up to the editor, then domain 2's test units, users and files."""
+    # This machine may forbid starting services (a policy-rc.d for image builds): not a booted
+    # systemd's business.
+    c.run("rm", "-f", "/usr/sbin/policy-rc.d")
+    BEFORE_INSTALL[:] = c.sh(SNAPSHOT, timeout=120).stdout.splitlines()
+    put_deb(c, deb)
+    apt(c, INSTALL[1])
+    assert INSTALL[2].startswith("editor /etc/xsockd/xsockd.conf"), INSTALL
     c.install("/etc/xsockd/xsockd.conf", dom1_conf())
-    c.install("/etc/xsockd/dom2.conf", DOM2_CONF)
-    c.install("/etc/xsockd/hello.sh", HELLO_SH)
-    # The D-Bus policy names the group: it must exist before the bus reads the policy.
-    c.sh("groupadd xsock && useradd -M -U -G xsock alice && useradd -M -U bob")
-    if POLICY.exists():
-        c.install("/etc/dbus-1/system.d/org.xsockd.Xsockd1.conf", POLICY.read_text())
-        c.run("systemctl", "reload", "dbus")
+    for name, text in TEST_UNITS.items():
+        c.install(f"{ETC}/{name}", text)
+    c.install("/etc/xsockd-test/dom2.conf", DOM2_CONF)
+    c.install("/etc/xsockd-test/hello.sh", HELLO_SH)
+    # The package made group xsock; alice is in it, bob is not.
+    c.sh("useradd -M -U -G xsock alice && useradd -M -U bob")
     c.run("systemctl", "daemon-reload")
     c.run("systemctl", "start", "xsockd-dom2.service")
 
@@ -299,7 +338,8 @@ def held(c):
 
 
 def probe(c: SystemdContainer) -> dict[str, Any]:
-    return json.loads(c.run(f"{VENV_BIN}/python", "-c", PROBE).stdout)
+    # Debian's python3 with the package's xsockd.sim, as installed.
+    return json.loads(c.run("/usr/bin/python3", "-c", PROBE).stdout)
 
 
 def busctl(c: SystemdContainer, method: str, *args: str, user: str | None = None,
@@ -346,14 +386,7 @@ def id_of(channel: dict[str, Any]) -> int:
     raise AssertionError(f"no id in the channel record {channel}")
 
 
-def require(path: Path, what: str) -> None:
-    if not path.exists():
-        pytest.fail(f"{path.relative_to(ROOT)} does not exist yet: {what} is not built")
-
-
 def require_dbus(c: SystemdContainer) -> None:
-    require(ROOT / "xsockd" / "dbus_face.py", "the D-Bus face")
-    require(POLICY, "the D-Bus policy")
     r = c.run("busctl", "--system", "status", BUS[0], check=False)
     assert r.returncode == 0, f"{BUS[0]} is not on the system bus: {r.stderr}" \
         + journal(c, "xsockd", "dbus")
@@ -362,8 +395,38 @@ def require_dbus(c: SystemdContainer) -> None:
 # ---- the tests, in the order they run ---------------------------------------------------------
 
 
+def test_package_installed_what_it_should(c, deb):
+    r = c.run("dpkg-query", "-W", "-f", "${Status} ${Version}", "xsockd")
+    assert r.stdout == f"install ok installed {deb.name.split('_')[1]}", r.stdout
+    r = c.sh("getent group xsock; ls /usr/share/dbus-1/system.d/org.xsockd.Xsockd1.conf "
+             "/usr/lib/sysusers.d/xsockd.conf /usr/share/bash-completion/completions/xsockctl; "
+             "dpkg-query -W -f '${Conffiles}' xsockd; echo; systemctl is-enabled xsockd; "
+             "man -w xsockd.8 xsockctl.1 xsockd.conf.5 xsockd-simhost.8", check=False)
+    for want in ("xsock:x:", "org.xsockd.Xsockd1.conf", "/etc/xsockd/xsockd.conf ",
+                 "\ndisabled\n", "man8/xsockd.8.gz", "man1/xsockctl.1.gz",
+                 "man5/xsockd.conf.5.gz", "man8/xsockd-simhost.8.gz"):
+        assert want in r.stdout, f"{want!r} not in:\n{r.stdout}{r.stderr}"
+    # The package's own Python: Debian's interpreter, nothing from this checkout or a venv.
+    r = c.run("/usr/bin/python3", "-c", "import xsockd; print(xsockd.__file__)")
+    assert r.stdout.strip() == "/usr/lib/python3/dist-packages/xsockd/__init__.py", r.stdout
+
+
+def test_enabled_without_xen_the_unit_is_skipped_not_failed(c):
+    # The README's next line, on this machine without /dev/xen and before the sim drop-in.
+    line = INSTALL[3]
+    assert line == "systemctl enable --now xsockd", INSTALL
+    r = c.sh(line, check=False, timeout=60)
+    assert r.returncode == 0, f"{line}: {r.stdout}{r.stderr}" + journal(c, "xsockd")
+    assert c.run("systemctl", "is-enabled", "xsockd").stdout.strip() == "enabled"
+    assert prop(c, "xsockd", "ConditionResult") == "no"
+    assert prop(c, "xsockd", "ActiveState") == "inactive" and \
+        prop(c, "xsockd", "Result") == "success", journal(c, "xsockd")
+    assert c.run("systemctl", "is-failed", "xsockd", check=False).returncode != 0
+
+
 def test_units_verify_inside_the_container(c):
-    # The shipped units as installed, with the sim drop-in and the test's ExecStart drop-in.
+    # The shipped units as installed, with the sim drop-in as the README puts it there.
+    c.sh(" && ".join(SIM[:-1]))
     r = c.run("systemd-analyze", "verify", "--man=no", "xsockd.service",
               "xsockd-simhost.service", *TEST_UNITS, check=False)
     assert r.returncode == 0 and r.stdout == "" and r.stderr == "", \
@@ -372,11 +435,15 @@ def test_units_verify_inside_the_container(c):
 
 def test_start_returns_once_the_socket_exists(c):
     assert prop(c, "xsockd", "Type") == "notify"
-    # In one shell: nothing may create the socket between start returning and the check.
-    r = c.sh("systemctl start xsockd; echo start=$?; test -S /run/xsock/2.sock && echo socket; "
+    # The README's sim block; then in one shell: nothing may create the socket between the
+    # (re)start returning and the check.
+    assert SIM[-1] == "systemctl daemon-reload && systemctl restart xsockd", SIM
+    r = c.sh(f"{' && '.join(SIM)}; echo start=$?; test -S /run/xsock/2.sock && echo socket; "
              "systemctl is-active xsockd", check=False, timeout=60)
     assert r.stdout.split() == ["start=0", "socket", "active"], \
-        f"after systemctl start: {r.stdout}{r.stderr}" + journal(c)
+        f"after {SIM}: {r.stdout}{r.stderr}" + journal(c)
+    assert prop(c, "xsockd", "ExecStart").startswith("{ path=/usr/bin/xsockd ;"), \
+        prop(c, "xsockd", "ExecStart")
     assert prop(c, "xsockd-simhost", "ActiveState") == "active"
     status = prop(c, "xsockd", "StatusText")
     assert counts(status) is not None, f"StatusText={status!r}" + journal(c, "xsockd")
@@ -468,18 +535,17 @@ def test_reload_with_a_broken_file_is_refused(c, held):
 
 def test_xsockctl_and_busctl_list_an_open_channel(c, held):
     require_dbus(c)
-    require(VENV_BIN / "xsockctl", "the xsockctl console script")
     s = held()
     assert s.echo(b"listed\n") == b"listed\n", journal(c)
     chans = channels_over_busctl(c)
     assert any(peer_of(ch) == 2 for ch in chans), f"ListChannels: {chans}"
-    r = c.run(f"{VENV_BIN}/xsockctl", "--system", "list", "--json", check=False)
+    r = c.run("/usr/bin/xsockctl", "--system", "list", "--json", check=False)
     assert r.returncode == 0, f"xsockctl list --json: {r.stdout}{r.stderr}" + journal(c, "xsockd")
     listed = json.loads(r.stdout)
     rows = listed if isinstance(listed, list) else listed.get("channels", [])
     assert any(peer_of(row) == 2 for row in rows), f"xsockctl list --json: {r.stdout}"
     ids = {id_of(ch) for ch in chans}
-    table = c.run(f"{VENV_BIN}/xsockctl", "list").stdout
+    table = c.run("/usr/bin/xsockctl", "list").stdout
     assert any(re.search(rf"^\s*{i}\s", table, re.M) for i in ids), f"xsockctl list:\n{table}"
 
 
@@ -503,19 +569,18 @@ def test_bus_policy_members_list_others_do_not_only_root_closes(c, held):
     assert denied(r), f"a user outside group xsock closed a channel: {r.stdout}{r.stderr}"
     assert s.echo(b"alive\n") == b"alive\n", "the stream died although nobody could close it"
 
-    if (VENV_BIN / "xsockctl").exists():
-        def xsockctl(user: str, *args: str) -> subprocess.CompletedProcess:
-            return c.run("setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups",
-                         f"{VENV_BIN}/xsockctl", *args, check=False)
+    def xsockctl(user: str, *args: str) -> subprocess.CompletedProcess:
+        return c.run("setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups",
+                     "/usr/bin/xsockctl", *args, check=False)
 
-        r = xsockctl("alice", "list")
-        assert r.returncode == 0 and re.search(rf"^\s*{cid}\s", r.stdout, re.M), \
-            f"xsockctl list as a group member: rc {r.returncode}\n{r.stdout}{r.stderr}"
-        for user, args in (("alice", ("close", cid)), ("bob", ("list",))):
-            r = xsockctl(user, *args)
-            assert r.returncode != 0 and "denied" in r.stderr.lower() \
-                and "Traceback" not in r.stderr, \
-                f"xsockctl {' '.join(args)} as {user}: rc {r.returncode}\n{r.stdout}{r.stderr}"
+    r = xsockctl("alice", "list")
+    assert r.returncode == 0 and re.search(rf"^\s*{cid}\s", r.stdout, re.M), \
+        f"xsockctl list as a group member: rc {r.returncode}\n{r.stdout}{r.stderr}"
+    for user, args in (("alice", ("close", cid)), ("bob", ("list",))):
+        r = xsockctl(user, *args)
+        assert r.returncode != 0 and "denied" in r.stderr.lower() \
+            and "Traceback" not in r.stderr, \
+            f"xsockctl {' '.join(args)} as {user}: rc {r.returncode}\n{r.stdout}{r.stderr}"
 
     r = busctl(c, "CloseChannel", "u", cid)
     assert r.returncode == 0, f"root could not close channel {cid}: {r.stderr}" \
@@ -527,7 +592,7 @@ def test_bus_policy_members_list_others_do_not_only_root_closes(c, held):
 def test_named_service_appears_on_reload(c):
     ensure_active(c)
     c.install("/etc/xsockd/xsockd.conf", dom1_conf(peers=(2, 3), remote=NAMED))
-    r = c.run(f"{VENV_BIN}/xsockd", "--check-config", "/etc/xsockd/xsockd.conf", check=False)
+    r = c.run("/usr/bin/xsockd", "--check-config", "/etc/xsockd/xsockd.conf", check=False)
     assert r.returncode == 0, \
         f"[remote.2] services = [\"hello\"] is not accepted yet: {r.stdout}{r.stderr}"
     c.run("systemctl", "reload", "xsockd")
@@ -600,7 +665,93 @@ def test_stop_releases_every_grant_port_and_node(c, held):
         f"flight): the drain waited for stop_timeout" + journal(c, "xsockd")
 
 
+def test_a_failing_start_shows_the_journal_of_the_failed_unit(c):
+    # What a failure inside says must be read before the container goes: the error carries it.
+    c.install(f"{ETC}/xsock-fails.service",
+              "[Service]\nType=oneshot\nExecStart=/bin/sh -c 'echo the-reason-it-failed; exit 3'\n")
+    c.run("systemctl", "daemon-reload")
+    try:
+        with pytest.raises(ContainerError) as e:
+            c.run("systemctl", "start", "xsock-fails")
+        assert "failed units: xsock-fails.service" in str(e.value) and \
+            "the-reason-it-failed" in str(e.value), str(e.value)
+    finally:
+        c.remove(f"{ETC}/xsock-fails.service")
+        c.run("systemctl", "reset-failed", "xsock-fails", check=False)
+        c.run("systemctl", "daemon-reload")
+
+
 def test_cleanup_checks_work(c):
     # The fixture's teardown relies on leftovers(): while running, it must see the container.
     left = c.leftovers()
     assert c.proc is not None and c.proc.pid in left and c.pid in left, left
+
+
+def newer_build(deb: Path, tmp: Path) -> Path:
+    """Builds the package again from a copy of this tree with a higher xsockd.__version__.
+
+    The copy has no .git: ./run deb takes the tree as a release's source would come.
+    """
+    src = tmp / "src"
+    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".cache", "build", "__pycache__", "*.egg-info", "*.so", ".*_cache",
+        ".hypothesis"))
+    version = deb.name.split("_")[1]
+    init = src / "xsockd" / "__init__.py"
+    text = init.read_text()
+    assert f'\n__version__ = "{version}"\n' in text, text
+    init.write_text(text.replace(f'__version__ = "{version}"', f'__version__ = "{version}+1"'))
+    r = subprocess.run([str(src / "run"), "deb"], cwd=src, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, f"./run deb of the newer version failed:\n{r.stdout}{r.stderr}"
+    out = Path(r.stdout.split()[-1])
+    assert out.name == deb.name.replace(f"_{version}_", f"_{version}+1_"), out
+    return out
+
+
+def test_upgrade_keeps_the_edited_configuration_and_restarts_the_daemon(c, deb, tmp_path):
+    edited = dom1_conf(peers=(2, 3), remote=NAMED) + "# edited by the administrator\n"
+    c.install("/etc/xsockd/xsockd.conf", edited)
+    c.run("systemctl", "restart", "xsockd")
+    pid = prop(c, "xsockd", "MainPID")
+    newer = newer_build(deb, tmp_path)
+    put_deb(c, newer)
+    apt(c, f"apt-get install -y ./build/deb/{newer.name}")
+    version = c.run("dpkg-query", "-W", "-f", "${Version}", "xsockd").stdout
+    assert version == newer.name.split("_")[1], version
+    assert c.run("cat", "/etc/xsockd/xsockd.conf").stdout == edited, \
+        "the upgrade changed the edited /etc/xsockd/xsockd.conf"
+    assert c.run("ls", "-A", "/etc/xsockd").stdout.split() == ["xsockd.conf"], \
+        "the upgrade left a .dpkg-* file beside the configuration"
+    wait_for(c, "xsockd restarted by the upgrade",
+             lambda: prop(c, "xsockd", "MainPID") not in ("0", pid)
+             and prop(c, "xsockd", "ActiveState") == "active", units=("xsockd",))
+    wait_for(c, "/run/xsock/2/hello.sock (the edited configuration in use)",
+             lambda: exists(c, "/run/xsock/2/hello.sock"), units=("xsockd",))
+    # The daemon now running is the new build's.
+    r = c.run("busctl", "--system", "get-property", *BUS, "Version", check=False)
+    assert r.stdout.strip() == f's "{version}"', \
+        f"Version after the upgrade: {r.stdout}{r.stderr}" + journal(c, "xsockd")
+    sent, got, n = echo_through(c, "/run/xsock/2.sock", MiB)
+    assert sent == got and n == MiB, "no echo after the upgrade" + journal(c)
+
+
+def test_purge_leaves_no_file_unit_group_or_socket(c):
+    # What the tests added is theirs to take away: domain 2's units and files, the drop-ins.
+    c.run("systemctl", "stop", "xsockd-dom2", "xsock-echo", "xsock-hello.socket")
+    c.sh(f"rm -rf {ETC}/xsockd.service.d /etc/xsockd-test /run/xsock-hello.sock "
+         + " ".join(f"{ETC}/{u}" for u in TEST_UNITS))
+    c.run("systemctl", "daemon-reload")
+    apt(c, "apt-get purge -y xsockd")
+    after = c.sh(SNAPSHOT, timeout=120).stdout.splitlines()
+    added = sorted(set(after) - set(BEFORE_INSTALL))
+    removed = sorted(set(BEFORE_INSTALL) - set(after))
+    assert not added and not removed, f"after purge, new: {added}, gone: {removed}"
+    assert c.run("getent", "group", "xsock", check=False).returncode == 2, "group xsock is left"
+    # (list-unit-files exits 1 when nothing matches.)
+    units = c.run("systemctl", "list-units", "--all", "--plain", "--no-legend", "xsockd*",
+                  check=False).stdout
+    files = c.run("systemctl", "list-unit-files", "--no-legend", "xsockd*", check=False).stdout
+    assert not units.strip() and not files.strip(), f"units left: {units}{files}"
+    r = c.sh("find /run -name '*xsock*'; ss -xlH | grep xsock", check=False)
+    assert not r.stdout.strip(), f"left in /run or listening: {r.stdout}"

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from xsockd.config import Config, ServiceConfig
 from xsockd.ring import Reason, link_pages
+from xsockd.words import count
 
 __all__ = ["OpenBudget", "RateBucket", "Refusal", "admit_link", "admit_stream", "grant_budget"]
 
@@ -69,8 +70,8 @@ class OpenBudget:
     def take(self, now: float) -> Refusal | None:
         """Returns None if one more open may start now (and counts it), else the refusal."""
         if self.connecting >= self.max_connecting:
-            return Refusal(Reason.TOO_MANY, f"{self.connecting} connects to local services "
-                                            "already in progress")
+            return Refusal(Reason.TOO_MANY, f"{count(self.connecting, 'connect')} to local "
+                                            "services already in progress")
         if not self._bucket.take(now):
             return Refusal(Reason.TOO_MANY, f"more than {self.rate} stream opens a second")
         return None

@@ -154,7 +154,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         from xsockd.dbus_face import Client
     except ImportError as e:
-        print(f"xsockctl: needs pydbus and PyGObject (pip install 'xsockd[service]'): {e}",
+        print("xsockctl: needs pydbus and PyGObject (Debian: apt install python3-pydbus "
+              f"python3-gi; pip: pip install 'xsockd[service]'): {e}",
               file=sys.stderr)
         return EXIT_ERROR
     with Client(args.address) as client:

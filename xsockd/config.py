@@ -11,7 +11,7 @@ import errno
 import re
 import sys
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -426,10 +426,16 @@ def check_own_domain(config: Config, domid: int) -> None:
                           line=config.peers_line)
 
 
-def check_config_main(path: str, domid: int | None = None) -> int:
-    """``xsockd --check-config FILE [--domid N]``: prints a verdict; returns the exit status."""
+def check_config_main(path: str, domid: int | None = None,
+                      this_domain: Callable[[Config], int | None] | None = None) -> int:
+    """``xsockd --check-config FILE [--domid N]``: prints a verdict; returns the exit status.
+
+    Without ``domid``, ``this_domain`` may name the domain the file would serve (on Xen, ours).
+    """
     try:
         cfg = load_config(path)
+        if domid is None and this_domain is not None:
+            domid = this_domain(cfg)
         if domid is not None:
             check_own_domain(cfg, domid)
     except ConfigError as e:
@@ -438,4 +444,7 @@ def check_config_main(path: str, domid: int | None = None) -> int:
     where = f" for domain {domid}" if domid is not None else ""
     print(f"{path}: OK{where} ({count(len(cfg.daemon.peers), 'peer')}, "
           f"{count(len(cfg.services), 'service')})")
+    if domid is None and cfg.daemon.peers:
+        print("  (not checked against a domain id: add --domid N to check it as domain N's "
+              "daemon would)")
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import resource
 import signal
 import sys
@@ -41,8 +42,9 @@ Commands:
   xsockd [options]             run the daemon (what systemd starts)
   xsockd demo [--help]         run two simulated domains and stream data between them
   xsockd --check-config FILE [--domid N]
-                               validate a configuration file and exit; with --domid N,
-                               also as domain N's daemon would (N not among its peers)
+                               validate a configuration file and exit; also as domain
+                               N's daemon would (N not among its peers); on Xen, N is
+                               this domain unless --domid says otherwise
 
 The daemon serves the D-Bus interface org.xsockd.Xsockd1 on the system bus (or the bus of
 --dbus-address); xsockctl talks to it. Without a reachable system bus it logs one warning and
@@ -65,6 +67,21 @@ def make_backend(name: str, domid: int | None, sim_dir: str) -> Backend:
     return XenBackend(domid)
 
 
+def _xen_domid() -> int | None:
+    """Returns our domain id from XenStore, as the xen backend reads it; None if it cannot."""
+    if not os.path.exists("/dev/xen"):
+        return None
+    try:
+        from xsockd.backend_xen import XENBUS, XENSTORED_SOCKET  # type: ignore[import-not-found]
+        from xsockd.xenstore_client import XenStoreClient
+
+        path = XENSTORED_SOCKET if os.path.exists(XENSTORED_SOCKET) else XENBUS
+        with XenStoreClient(path) as xs:
+            return int(xs.read("domid"))
+    except (ImportError, OSError, ValueError):  # XsockError's backend errors are OSErrors
+        return None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xsockd", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,8 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rundir", metavar="DIR",
                    help="where to create <domid>.sock for each peer (default: [daemon] rundir)")
     p.add_argument("--check-config", metavar="FILE",
-                   help="validate FILE, print the result and exit (0 if valid); with --domid N, "
-                        "also refuse it as the daemon of domain N would (N among its peers)")
+                   help="validate FILE, print the result and exit (0 if valid); also refuse it "
+                        "as the daemon of domain N would (N among its peers), N from --domid or, "
+                        "for the xen backend, from XenStore")
     bus = p.add_mutually_exclusive_group()
     bus.add_argument("--dbus-address", metavar="ADDR",
                      help="serve D-Bus on the bus at ADDR (e.g. unix:path=/run/x.sock) instead "
@@ -129,7 +147,8 @@ def _start_dbus(manager: Manager, loop: Loop, backend_name: str,
     except ImportError as e:
         if args.dbus_address:
             raise XsockError(f"--dbus-address needs pydbus and PyGObject: {e}") from e
-        log.warning("D-Bus interface off: %s; install xsockd[service] (pydbus)", e)
+        log.warning("D-Bus interface off: %s; install python3-pydbus (Debian) "
+                    "or xsockd[service] (pip)", e)
         return None
     face = DBusFace(manager, loop, backend_name)
     try:
@@ -220,7 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return demo_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.check_config:
-        return check_config_main(args.check_config, args.domid)
+        return check_config_main(
+            args.check_config, args.domid,
+            lambda cfg: _xen_domid() if (args.backend or cfg.daemon.backend) == "xen" else None)
     from xsockd.service import setup_logging
 
     setup_logging(args.verbose)

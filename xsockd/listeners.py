@@ -58,9 +58,14 @@ def listen_unix(path: str, mode: int, kind: int = socket.SOCK_STREAM,
 
 
 def make_dir(path: str, mode: int = DIR_MODE) -> None:
-    """Creates ``path`` (and missing parents) if needed and gives it ``mode``, whatever the
-    umask."""
-    os.makedirs(path, mode=mode, exist_ok=True)
+    """Creates ``path`` (and missing parents) with ``mode``, whatever the umask; an existing
+    directory is left as it is (it may be /tmp)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        return
     os.chmod(path, mode)
 
 

@@ -378,6 +378,8 @@ def how_to_stop(pid: int, proc: str = "/proc") -> tuple[str, str]:
     unit = systemd_unit(pid, proc)
     if unit is not None:
         return f"pid {pid}, systemd unit {unit}", f"`systemctl stop {unit}`"
+    if not os.access(f"{proc}/{pid}/status", os.R_OK):  # hidden from us (hidepid=): say less
+        return f"pid {pid}", f"`systemctl stop` of its unit, or `kill {pid}`"
     return (f"pid {pid}, started by hand, not by systemd",
             f"`kill {pid}` (it lets its streams drain, then exits)")
 

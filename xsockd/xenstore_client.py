@@ -24,6 +24,7 @@ __all__ = ["XenStoreClient", "transact"]
 
 T = TypeVar("T")
 REPLY_TIMEOUT = 30.0
+_HANGUPS = (errno.EPIPE, errno.ECONNRESET, errno.EBADF, errno.ENOTCONN)
 
 
 class XenStoreClient(XenStore):
@@ -93,6 +94,11 @@ class XenStoreClient(XenStore):
                 n = os.write(self._fd, view)
                 view = view[n:]
         except OSError as e:
+            if self._sock is None and e.errno not in _HANGUPS:
+                # Linux's xenbus device answers some requests itself: a WATCH it cannot
+                # register, a malformed message, fail the write() with the errno.
+                raise XenStoreError(e.errno or errno.EIO, f"XenStore at {self.path} refused "
+                                    f"the request: {e.strerror}", self.path) from None
             raise self._hung_up(e) from None
 
     def _pump(self, timeout: float | None) -> bool:
@@ -123,7 +129,14 @@ class XenStoreClient(XenStore):
                 self._replies.append(m)
         return True
 
-    def _request(self, op: Op, payload: bytes, tx: int = 0, path: str | None = None) -> bytes:
+    def request(self, op: int, payload: bytes, tx: int = 0, path: str | None = None) -> bytes:
+        """Sends one request and returns its reply's payload; raises XenStoreError with the
+        errno of an ERROR reply (or of a request the xenbus device refused).  Any ``op``, for
+        tests that speak the protocol raw."""
+        try:
+            name = Op(op).name
+        except ValueError:
+            name = f"op {op}"
         req_id = self._next_id
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF or 1
         try:
@@ -135,32 +148,32 @@ class XenStoreClient(XenStore):
                 if m.req_id == req_id:
                     del self._replies[i]
                     if m.op == Op.ERROR:
-                        name = m.payload.rstrip(b"\0").decode(errors="replace")
-                        code = ERRORS.get(name, errno.EIO)
-                        raise XenStoreError(code, f"XenStore {op.name} {path or ''}: {name}",
+                        err = m.payload.rstrip(b"\0").decode(errors="replace")
+                        code = ERRORS.get(err, errno.EIO)
+                        raise XenStoreError(code, f"XenStore {name} {path or ''}: {err}",
                                             path)
                     return m.payload
             if not self._pump(REPLY_TIMEOUT):
-                raise XenStoreError(errno.ETIMEDOUT, f"XenStore did not answer {op.name}", path)
+                raise XenStoreError(errno.ETIMEDOUT, f"XenStore did not answer {name}", path)
 
     # ---- XenStore -----------------------------------------------------------------------
 
     def read(self, path: str, tx: int = 0) -> bytes:
-        return self._request(Op.READ, path.encode() + b"\0", tx, path)
+        return self.request(Op.READ, path.encode() + b"\0", tx, path)
 
     def write(self, path: str, value: bytes | str, tx: int = 0) -> None:
         data = value.encode() if isinstance(value, str) else value
-        self._request(Op.WRITE, path.encode() + b"\0" + data, tx, path)
+        self.request(Op.WRITE, path.encode() + b"\0" + data, tx, path)
 
     def mkdir(self, path: str, tx: int = 0) -> None:
-        self._request(Op.MKDIR, path.encode() + b"\0", tx, path)
+        self.request(Op.MKDIR, path.encode() + b"\0", tx, path)
 
     def rm(self, path: str, tx: int = 0) -> None:
-        self._request(Op.RM, path.encode() + b"\0", tx, path)
+        self.request(Op.RM, path.encode() + b"\0", tx, path)
 
     def directory(self, path: str, tx: int = 0) -> list[str]:
         try:
-            reply = self._request(Op.DIRECTORY, path.encode() + b"\0", tx, path)
+            reply = self.request(Op.DIRECTORY, path.encode() + b"\0", tx, path)
         except XenStoreError as e:
             if e.errno != errno.E2BIG:
                 raise
@@ -173,7 +186,7 @@ class XenStoreClient(XenStore):
         for _ in range(16):
             names, gen = bytearray(), None
             while True:
-                reply = self._request(Op.DIRECTORY_PART, path.encode() + b"\0%d\0" % len(names),
+                reply = self.request(Op.DIRECTORY_PART, path.encode() + b"\0%d\0" % len(names),
                                       tx, path)
                 part_gen, _, part = reply.partition(b"\0")
                 if gen is not None and part_gen != gen:
@@ -185,7 +198,7 @@ class XenStoreClient(XenStore):
         raise XenStoreError(errno.EAGAIN, f"XenStore directory {path} kept changing", path)
 
     def get_perms(self, path: str, tx: int = 0) -> list[XenStorePerm]:
-        reply = self._request(Op.GET_PERMS, path.encode() + b"\0", tx, path)
+        reply = self.request(Op.GET_PERMS, path.encode() + b"\0", tx, path)
         try:
             return [XenStorePerm.parse(p.decode()) for p in split_strings(reply)]
         except (ValueError, UnicodeDecodeError) as e:
@@ -193,15 +206,15 @@ class XenStoreClient(XenStore):
 
     def set_perms(self, path: str, perms: Sequence[XenStorePerm], tx: int = 0) -> None:
         payload = path.encode() + b"\0" + b"".join(str(p).encode() + b"\0" for p in perms)
-        self._request(Op.SET_PERMS, payload, tx, path)
+        self.request(Op.SET_PERMS, payload, tx, path)
 
     def transaction_start(self) -> int:
-        reply = self._request(Op.TRANSACTION_START, b"\0")
+        reply = self.request(Op.TRANSACTION_START, b"\0")
         return int(reply.rstrip(b"\0"))
 
     def transaction_end(self, tx: int, commit: bool = True) -> bool:
         try:
-            self._request(Op.TRANSACTION_END, b"T\0" if commit else b"F\0", tx)
+            self.request(Op.TRANSACTION_END, b"T\0" if commit else b"F\0", tx)
         except XenStoreError as e:
             if e.errno == errno.EAGAIN:
                 return False
@@ -209,16 +222,16 @@ class XenStoreClient(XenStore):
         return True
 
     def get_domain_path(self, domid: int) -> str:
-        return self._request(Op.GET_DOMAIN_PATH, b"%d\0" % domid).rstrip(b"\0").decode()
+        return self.request(Op.GET_DOMAIN_PATH, b"%d\0" % domid).rstrip(b"\0").decode()
 
     def domain_exists(self, domid: int) -> bool:
-        return self._request(Op.IS_DOMAIN_INTRODUCED, b"%d\0" % domid).rstrip(b"\0") == b"T"
+        return self.request(Op.IS_DOMAIN_INTRODUCED, b"%d\0" % domid).rstrip(b"\0") == b"T"
 
     def watch(self, path: str, token: str) -> None:
-        self._request(Op.WATCH, path.encode() + b"\0" + token.encode() + b"\0", 0, path)
+        self.request(Op.WATCH, path.encode() + b"\0" + token.encode() + b"\0", 0, path)
 
     def unwatch(self, path: str, token: str) -> None:
-        self._request(Op.UNWATCH, path.encode() + b"\0" + token.encode() + b"\0", 0, path)
+        self.request(Op.UNWATCH, path.encode() + b"\0" + token.encode() + b"\0", 0, path)
 
     def fileno(self) -> int:
         return self._poll.fileno()

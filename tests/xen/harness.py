@@ -219,6 +219,12 @@ def _base_tree(root: Path, d: Path) -> None:
     import pycparser  # cffi's ABI mode parses declarations with it
 
     _copy_tree(Path(pycparser.__file__).parent, site / "pycparser")
+    try:  # Debian's pycparser (2.21) imports ply, which it does not bundle; PyPI's 3.x does not
+        import ply  # type: ignore[import-untyped]
+    except ImportError:
+        pass
+    else:
+        _copy_tree(Path(ply.__file__).parent, site / "ply")
     libs = cffi_dir.parent / "cffi.libs"
     if libs.exists():
         _copy_tree(libs, site / "cffi.libs")

@@ -9,7 +9,9 @@ everything the guests print: ``python tests/xen/harness.py proof``.
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +19,10 @@ import harness
 import pytest
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE / "guest"))
+import xscorpus  # noqa: E402
+
+RECORDING = HERE / "xenstored-4.17.json"  # tests/test_xscorpus.py compares the sim with it
 TIMEOUT = float(os.environ.get("XSOCK_XEN_TIMEOUT", "1500"))
 
 
@@ -132,3 +138,27 @@ def test_vchan_socket_proxy_baseline_measured_in_the_same_run(proof):
 def test_no_step_failed(proof):
     failed = {n: d for n, (ok, d) in proof.steps.items() if not ok}
     assert not failed, failed
+
+
+def test_xenstored_answers_the_corpus_for_the_differential_run(proof):
+    """The corpus (tests/xen/guest/xscorpus.py) against Xen's own xenstored, as dom0 and the
+    domU: the answers go to .cache/xen/xenstored-live.json and, when tests/xen/
+    xenstored-4.17.json is missing or XSOCK_XSDIFF_RECORD=1, become the recording that
+    tests/test_xscorpus.py compares the sim with."""
+    expect(proof, "xscorpus")
+    result = xscorpus.from_console(proof.console)
+    assert result is not None, "the corpus's answers did not all reach the console"
+    cases = result["cases"]
+    assert sorted(cases) == sorted(c.name for c in xscorpus.live_cases(int(result["domu"])))
+    live = harness.CACHE / "xenstored-live.json"
+    live.write_text(json.dumps(result, indent=1) + "\n")
+    steps = sum(len(v) for v in cases.values())
+    print(f"\nxscorpus: {len(cases)} cases, {steps} steps answered by xenstored; in {live}")
+    if not RECORDING.exists() or os.environ.get("XSOCK_XSDIFF_RECORD") == "1":
+        RECORDING.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"xscorpus: recorded in {RECORDING}")
+        return
+    # xenstored answered the same in every boot so far: a change means the recording is stale.
+    compared, diffs = xscorpus.compare(json.loads(RECORDING.read_text())["cases"], cases)
+    assert not diffs, (f"{len(diffs)} of {compared} answers differ from {RECORDING.name} "
+                       f"(XSOCK_XSDIFF_RECORD=1 records again): {diffs[:5]}")

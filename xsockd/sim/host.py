@@ -6,10 +6,12 @@
 creates, per domain N, ``DIR/domN/xenstored.sock`` (XenStore as domain N; point Xen's own tools
 at it with XENSTORED_PATH) and ``DIR/domN/hypervisor.sock`` (grants and event channels as domain
 N), plus ``DIR/control.sock`` for accounting and for creating or destroying domains.  It prints
-``ready`` once every socket listens, and removes them on SIGTERM or SIGINT.  Sockets are
-mode 0600 and directories 0755 whatever the umask.  Every domain is bounded (docs/SIM.md):
-its event-channel ports by what the descriptor limit covers (the soft RLIMIT_NOFILE is raised
-to the hard one at start), at most Xen's default of 1023.
+``ready`` once every socket listens, and removes them on SIGTERM or SIGINT, after writing its
+leak report to stderr: the grants, mappings, event-channel ports and XenStore nodes below the
+domains' ``data`` directories still held when it stops (none, once every xsockd stopped).
+Sockets are mode 0600 and directories 0755 whatever the umask.  Every domain is bounded
+(docs/SIM.md): its event-channel ports by what the descriptor limit covers (the soft
+RLIMIT_NOFILE is raised to the hard one at start), at most Xen's default of 1023.
 
 ``SimHost`` runs it as a child process for tests and the demo.
 """
@@ -48,7 +50,7 @@ from xsockd.sim.xenstored import MAX_CONNECTIONS as XS_CONNECTIONS
 from xsockd.sim.xenstored import XenStoreServer
 from xsockd.xenstore_client import XenStoreClient
 
-__all__ = ["SimHost", "main", "sim_accounting"]
+__all__ = ["SimHost", "leak_report", "main", "sim_accounting"]
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +86,9 @@ class Host:
         self.running = True
 
     def create_domain(self, domid: int) -> None:
-        if domid not in self.domains and len(self.domains) >= self.max_domains:
+        if domid in self.domains:  # its listeners would be replaced, the old ones leaked
+            raise OSError(errno.EEXIST, f"domain {domid} exists")
+        if len(self.domains) >= self.max_domains:
             raise OSError(errno.ENOSPC, f"the host's descriptor budget covers "
                                         f"{self.max_domains} domains (--max-domains)")
         home = os.path.join(self.dir, f"dom{domid}")
@@ -182,6 +186,27 @@ class Host:
         os.unlink(os.path.join(self.dir, "control.sock"))
 
 
+def leak_report(host: Host) -> str:
+    """Returns one line: what the domains still hold (a daemon that stopped holds nothing)."""
+    held = []
+    for domid, acct in sorted(host.hypervisor.accounting().items()):
+        what = [f"{acct[k]} {name}" for k, name in (("granted", "granted pages"),
+                ("mapped", "mapped pages"), ("ports", "event-channel ports")) if acct.get(k)]
+        if what:
+            held.append(f"domain {domid}: {', '.join(what)}")
+    # The toolstack makes /local/domain/N/data; what is below it a domain wrote.
+    nodes = sorted(p for p in host.xenstore.store.nodes
+                   if p.startswith("/local/domain/") and p.split("/")[4:5] == ["data"]
+                   and len(p.split("/")) > 5)
+    if nodes:
+        shown = ", ".join(nodes[:5]) + (f" and {len(nodes) - 5} more" if len(nodes) > 5 else "")
+        held.append(f"{len(nodes)} XenStore nodes ({shown})")
+    if not held:
+        return ("sim host: nothing left behind: no granted or mapped pages, event-channel "
+                "ports or XenStore nodes below /local/domain/*/data")
+    return "sim host: LEFT BEHIND: " + "; ".join(held)
+
+
 def control(directory: str | os.PathLike[str], request: dict[str, Any]) -> dict[str, Any]:
     """Returns the host's answer to one control request."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
@@ -214,7 +239,6 @@ class SimHost:
         self.proc: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> SimHost:
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "xsockd.sim.host", "--dir", str(self.dir), "--domains",
              ",".join(map(str, self.domains)), "--grant-limit", str(self.grant_limit),
@@ -317,6 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ServiceNotifier().ready(f"domains {args.domains} in {args.dir}")  # under systemd
     try:
         host.run()
+        print(leak_report(host), file=sys.stderr, flush=True)
     finally:
         host.close()
         for d in domains:

@@ -203,8 +203,12 @@ class XenStoreServer:
         self.domains.add(domid)
         home = f"/local/domain/{domid}"
         if home not in self.store.nodes:
-            self._toolstack_write(home, b"", (XenStorePerm(domid, "n"),))
-            self._toolstack_write(f"{home}/domid", str(domid).encode())
+            # As libxl makes them: the home and its domid node belong to dom0 and the domain
+            # may read them; its data directory is its own (tests/test_xscorpus.py compares).
+            readable = (XenStorePerm(0, "n"), XenStorePerm(domid, "r"))
+            self._toolstack_write(home, b"", readable if domid else None)
+            self._toolstack_write(f"{home}/domid", str(domid).encode(),
+                                  readable if domid else None)
             self._toolstack_write(f"{home}/data", b"", (XenStorePerm(domid, "n"),))
         if introduced and domid != 0:
             self._deliver("@introduceDomain", None, True, None)

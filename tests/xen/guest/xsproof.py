@@ -35,6 +35,9 @@ from xsockd.errors import XenStoreError
 from xsockd.rendezvous import offer_path, request_dir
 from xsockd.xenstore_client import XenStoreClient
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import xscorpus
+
 MiB = 1 << 20
 SVC = "/run/svc"          # the local services of each guest
 RUN = "/run/xsock"        # xsockd's sockets
@@ -381,6 +384,7 @@ class Agent:
         self.base = f"/local/domain/{self.domid}/data/proof"
         self.xsockd: subprocess.Popen[bytes] | None = None
         self.vchans: list[subprocess.Popen[bytes]] = []
+        self.corpus: xscorpus.Runner | None = None
 
     def run(self) -> None:
         start_services()
@@ -425,6 +429,23 @@ class Agent:
 
     def op_open_time(self, path: str) -> dict[str, object]:
         return {"ok": True, "seconds": open_time(path)}
+
+    def op_xscorpus(self, case: str, start: int, end: int) -> dict[str, object]:
+        """Runs steps ``start:end`` of a corpus case as this domain (its own connection, kept
+        between calls: transactions and watches live across a case's batches)."""
+        if self.corpus is None:
+            self.corpus = xscorpus.Runner(self.domid, xenstore, settle=0.5)
+        steps = {c.name: c.steps for c in xscorpus.corpus(self.domid)}[case]
+        return {"ok": True, "answers": self.corpus.run(steps[start:end])}
+
+    def op_set_perms_special(self) -> dict[str, object]:
+        """SET_PERMS on @releaseDomain as this domain (harness.py xsdiff, last)."""
+        import xsockd.xenstore_client as client
+
+        client.REPLY_TIMEOUT = 10.0
+        got = errname(xs_errno(lambda: self.xs.set_perms(
+            "@releaseDomain", [XenStorePerm(self.domid, "n")])))
+        return {"ok": True, "answer": got}
 
     def op_kill9(self) -> dict[str, object]:
         assert self.xsockd is not None
@@ -688,10 +709,80 @@ class Driver:
 
     # ---- the scenario ----
 
+    def xscorpus(self, cases: list[xscorpus.Case] | None = None) -> dict[str, list[list[str]]]:
+        """The differential run's Xen side: the corpus against Xen's own xenstored, dom0's
+        steps from here, the domU's in its agent; the answers go to the console."""
+        start = time.monotonic()
+        runner = xscorpus.Runner(self.domu, xenstore, settle=0.1)
+        todo = cases if cases is not None else xscorpus.live_cases(self.domu)
+        steps = {c.name: c.steps for c in todo}
+        calls = 0
+
+        def batch(actor: str, case: str, i: int, j: int) -> list[str]:
+            nonlocal calls
+            if actor == "0":
+                return runner.run(steps[case][i:j])
+            calls += 1
+            r = self.call("xscorpus", timeout=300, case=case, start=i, end=j)
+            if not r.get("ok"):
+                raise RuntimeError(f"the domU's agent failed {case}[{i}:{j}]: {r}")
+            return list(r["answers"])  # type: ignore[call-overload]
+        try:
+            answers = xscorpus.run_all(todo, self.domu, batch)
+        finally:
+            runner.close()
+        n = sum(len(v) for v in answers.values())
+        if cases is not None:  # a part, for harness.py xsdiff: the caller shows it
+            return answers
+        for line in xscorpus.to_console({"domu": self.domu, "cases": answers}):
+            print(line, flush=True)
+        self.check("xscorpus", True, f"{len(answers)} cases, {n} steps against xenstored "
+                   f"({calls} batches in the domU) in {time.monotonic() - start:.1f} s")
+        return answers
+
+    def run_xsdiff(self) -> None:
+        """``harness.py xsdiff``: the corpus alone; then the sim-only cases, on one connection
+        per domain (their answers go to the console for ``xscorpus.py record-sim-only``);
+        then the bisect, each malformed request alone on a new connection, until xenstored
+        stops answering; last, the domU's SET_PERMS on @releaseDomain."""
+        if not self.check("agent", self.wait_agent(), "the domU's agent answers in XenStore"):
+            return
+        import xsockd.xenstore_client as client
+
+        client.REPLY_TIMEOUT = 10.0  # a xenstored that stopped answering costs less
+        # The corpus, then the sim-only cases too: the malformed requests on one connection.
+        self.xscorpus()
+        sim_only = [c for c in xscorpus.corpus(self.domu) if not c.live]
+        try:
+            answers = self.xscorpus(sim_only)
+        except Exception as e:
+            self.check("sim-only-cases", False, repr(e))
+        else:
+            for name, steps in answers.items():
+                for i, (actor, desc, answer) in enumerate(steps):
+                    step(f"{name}-{i}", True, f"{actor} {desc} -> {answer}")
+            for line in xscorpus.to_console({"domu": self.domu, "cases": answers},
+                                            xscorpus.SIM_ONLY_TAG):
+                print(line, flush=True)
+        sock = "/var/run/xenstored/socket"
+        answered = f"{int(xscorpus.Op.READ)} "  # a READ's reply, not an error or silence
+        for name, answer, health in xscorpus.wire_bisect(sock):
+            self.check("wire-" + re.sub(r"\W+", "-", name)[:60],
+                       health.startswith(answered), f"{name}: {answer}; then: {health}")
+        # Last: the domU's SET_PERMS on @releaseDomain, then whether xenstored still answers.
+        r = self.call("set-perms-special", timeout=60)
+        health = xscorpus.raw_exchange(sock, int(xscorpus.Op.READ), b"/local\0")
+        self.check("domu-set-perms-releasedomain", health.startswith(answered),
+                   f"the domU's SET_PERMS @releaseDomain: {r}; then dom0's READ: {health}")
+
     def run(self) -> None:
         start_services()
         if not self.check("agent", self.wait_agent(), "the domU's agent answers in XenStore"):
             return
+        try:
+            self.xscorpus()
+        except Exception as e:  # the differential run must not cost the rest of the proof
+            self.check("xscorpus", False, repr(e))
         baseline = self.held()
         say(f"before any link: {baseline}")
         # 1. A domain that is not in the configuration is refused, and says so.
@@ -994,6 +1085,13 @@ def main(argv: list[str]) -> int:
     if role == "third":
         Third().run()
         return 0
+    if role == "xsdiff":
+        d = Driver()
+        try:
+            d.run_xsdiff()
+        except Exception as e:
+            d.check("driver", False, repr(e))
+        return 0 if d.passed else 1
     if role == "dom0":
         d = Driver()
         try:

@@ -1,11 +1,12 @@
-"""The ring tests again, against the C core built with AddressSanitizer and UBSan.
+"""The ring and vchan tests again, against the C core built with AddressSanitizer and UBSan.
 
 The core parses memory a hostile peer writes; a read past a buffer there may not crash, so
-the hostile and fuzz tests of tests/test_ring.py run here once more with every out-of-bounds
-access, use after free and undefined behaviour made fatal.  The sanitized core is built into a
-temporary directory under its own module name (xsockd/_ring_core*.so is never touched), with
-its ring indices starting just below 2^32 so that every test also crosses the index wrap.  A
-subprocess (the sanitizer runtime must be preloaded into the interpreter) maps it in place of
+the hostile and fuzz tests of tests/test_ring.py, test_vchan.py and test_vchan_pump.py run
+here once more with every out-of-bounds access, use after free and undefined behaviour made
+fatal.  The sanitized core is built into a temporary directory under its own module name
+(xsockd/_ring_core*.so is never touched), with its ring indices (and a vchan server's)
+starting just below 2^32 so that every test also crosses the index wrap.  A subprocess (the
+sanitizer runtime must be preloaded into the interpreter) maps it in place of
 xsockd._ring_core and runs pytest.  A canary with a deliberate heap overflow first proves that
 a report is seen.
 
@@ -98,8 +99,9 @@ def _run(sanitized: dict, body: str, timeout: float) -> subprocess.CompletedProc
         sys.path.insert(0, {sanitized['dir']!r})
         mod = importlib.import_module({MODULE!r})
         sys.modules["xsockd._ring_core"] = mod
-        import xsockd.ring
+        import xsockd.ring, xsockd.vchan
         assert xsockd.ring.lib is mod.lib, "the sanitized core is not the one in use"
+        assert xsockd.vchan.lib is mod.lib, "the sanitized core is not the one in use"
         assert xsockd.ring.lib.XSK_TEST_INDEX_BASE == {INDEX_BASE}
         assert "libasan" in open("/proc/self/maps").read(), "ASan runtime not loaded"
     """) + textwrap.dedent(body)
@@ -128,22 +130,38 @@ def test_a_sanitizer_report_is_seen(sanitized):
     assert report and "heap-buffer-overflow" in report
 
 
-def test_ring_tests_under_asan_and_ubsan(sanitized):
-    """Every ring test, the hostile ones and a longer fuzz among them, with sanitizers."""
+def _run_tests(sanitized: dict, path: str) -> None:
+    """Runs the tests in ``path`` against the sanitized core; fails on a report or a failure."""
     start = time.monotonic()
-    proc = _run(sanitized, """
+    proc = _run(sanitized, f"""
         import pytest
         # -s: a report goes to fd 2, which pytest's capture would swallow when the
         # sanitizer halts the process.
-        sys.exit(pytest.main(["-q", "-x", "-s", "-p", "no:cacheprovider",
-                              "tests/test_ring.py"]))
-    """, timeout=600)  # ~25 s alone; a loaded machine can take many times that
+        sys.exit(pytest.main(["-q", "-x", "-s", "-p", "no:cacheprovider", {path!r}]))
+    """, timeout=600)  # ring tests: ~25 s alone; a loaded machine can take many times that
     elapsed = time.monotonic() - start
-    print(f"sanitized ring tests: {elapsed:.1f}s")
+    print(f"sanitized {path}: {elapsed:.1f}s")
     report = _report(proc)
     if report:
         pytest.fail(f"sanitizer report (exit {proc.returncode}):\n{report}", pytrace=False)
     if proc.returncode != 0:
-        pytest.fail(f"ring tests failed under sanitizers (exit {proc.returncode}):\n"
+        pytest.fail(f"{path} failed under sanitizers (exit {proc.returncode}):\n"
                     f"{proc.stdout[-20000:]}\n{proc.stderr[-5000:]}", pytrace=False)
     assert " passed" in proc.stdout
+
+
+def test_ring_tests_under_asan_and_ubsan(sanitized):
+    """Every ring test, the hostile ones and a longer fuzz among them, with sanitizers."""
+    _run_tests(sanitized, "tests/test_ring.py")
+
+
+def test_vchan_tests_under_asan_and_ubsan(sanitized):
+    """Every vchan endpoint test (garbage indices, orders, live bytes, a longer fuzz), with
+    sanitizers and the server's indices starting just below the wrap."""
+    _run_tests(sanitized, "tests/test_vchan.py")
+
+
+def test_vchan_pump_tests_under_asan_and_ubsan(sanitized):
+    """The vchan pump's tests (a peer dying, breaking the protocol, never consuming), with
+    sanitizers."""
+    _run_tests(sanitized, "tests/test_vchan_pump.py")

@@ -1,8 +1,8 @@
 """Python face of the C ring core (``_ring_core``): one link's pump, commands and events.
 
-This is the only module that imports ``_ring_core``.  Calls are few and coarse: attach a link,
-hand it sockets, collect events, read statistics.  Every ``-errno`` from C becomes an OSError
-here, in one place (``_check``).
+This and ``vchan.py`` (the libxenvchan endpoint) are the only modules that import
+``_ring_core``.  Calls are few and coarse: attach a link, hand it sockets, collect events, read
+statistics.  Every ``-errno`` from C becomes an OSError here, in one place (``_check``).
 
 Lifecycle of a ``RingLink``: created -> running (``start``) -> stopped (``stop``/``close``).
 

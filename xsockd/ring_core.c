@@ -14,6 +14,8 @@
  */
 #define _GNU_SOURCE
 #include "ring_core.h"
+#include "xsk_atomic.h"
+#include "xsk_evtchn.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -27,18 +29,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-/* ---- barriers: C11 atomics on shared memory ------------------------------------------- */
-
-/* Acquire: what the peer wrote before publishing this index is visible after reading it. */
-#define load_acquire(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
-/* Release: everything we wrote (frame data, or our reads of consumed frames) is ordered
- * before the peer can observe this index. */
-#define store_release(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
-/* Full fence between "publish index" and "read the peer's wants-notify flag" (and between
- * "set our flag" and "re-read the index") so that neither side can miss the other's update. */
-#define full_fence() __atomic_thread_fence(__ATOMIC_SEQ_CST)
-#define relaxed_add(p, v) __atomic_fetch_add((p), (v), __ATOMIC_RELAXED)
-#define relaxed_load(p) __atomic_load_n((p), __ATOMIC_RELAXED)
+/* Barriers (load_acquire, store_release, full_fence, relaxed_*): xsk_atomic.h. */
 
 /* ---- shared layout ---------------------------------------------------------------------- */
 
@@ -79,12 +70,6 @@ _Static_assert(sizeof(struct xsk_frame) == XSK_FRAME_HDR, "frame header is 16 by
 #ifndef XSK_TEST_INDEX_BASE
 #define XSK_TEST_INDEX_BASE 0u
 #endif
-
-/* Linux uapi xen/evtchn.h: IOCTL_EVTCHN_NOTIFY = _IOC(_IOC_NONE, 'E', 4, sizeof(struct)) */
-struct xsk_ioctl_evtchn_notify {
-    unsigned int port;
-};
-#define XSK_IOCTL_EVTCHN_NOTIFY 0x00044504u
 
 /* ---- private state ------------------------------------------------------------------- */
 
@@ -206,31 +191,12 @@ static int is_peer_id(struct xsk_link *l, uint32_t id)
 static void evtchn_notify(struct xsk_link *l)
 {
     relaxed_add(&l->stats.notify_sent, 1);
-    if (l->evtchn_kind == XSK_EVTCHN_EVENTFD) {
-        uint64_t one = 1;
-        ssize_t r = write(l->evtchn_notify_fd, &one, sizeof(one));
-        (void)r; /* EAGAIN: the counter is saturated, the peer is already signalled */
-    } else {
-        struct xsk_ioctl_evtchn_notify n = { l->evtchn_port };
-        (void)ioctl(l->evtchn_fd, XSK_IOCTL_EVTCHN_NOTIFY, &n);
-    }
+    xsk_evtchn_notify(l->evtchn_kind, l->evtchn_fd, l->evtchn_notify_fd, l->evtchn_port);
 }
 
 static void evtchn_clear(struct xsk_link *l)
 {
-    if (l->evtchn_kind == XSK_EVTCHN_EVENTFD) {
-        uint64_t v;
-        ssize_t r = read(l->evtchn_fd, &v, sizeof(v));
-        (void)r;
-    } else {
-        /* /dev/xen/evtchn: read the fired ports, write them back to unmask them. */
-        uint32_t ports[16];
-        ssize_t n = read(l->evtchn_fd, ports, sizeof(ports));
-        if (n > 0) {
-            ssize_t w = write(l->evtchn_fd, ports, (size_t)n & ~(size_t)3);
-            (void)w;
-        }
-    }
+    xsk_evtchn_clear(l->evtchn_kind, l->evtchn_fd);
 }
 
 /* ---- events to Python ------------------------------------------------------------------ */

@@ -6,7 +6,14 @@ import logging
 
 import pytest
 
-from xsockd.admission import OpenBudget, Refusal, admit_link, admit_stream, grant_budget
+from xsockd.admission import (
+    OpenBudget,
+    Refusal,
+    admit_link,
+    admit_stream,
+    grant_budget,
+    grant_plan,
+)
 from xsockd.config import parse_config
 from xsockd.errors import ProtocolError
 from xsockd.peerlog import PeerLog, escape
@@ -54,6 +61,32 @@ def test_stream_and_link_admission():
     assert "stopping" in admit_link(CONF, 5, 1, True).why
     assert grant_budget(CONF, 0) is None
     assert "grant budget exhausted: 900 of 1024" in grant_budget(CONF, 900)
+
+
+def peers_conf(n: int, link: str = "") -> object:
+    return parse_config(f"[daemon]\npeers = {list(range(1, n + 1))}\n[link]\n{link}")
+
+
+@pytest.mark.parametrize("peers, ring_kib, pages", [
+    (1, 256, 129), (7, 256, 129), (8, 128, 65), (16, 64, 33), (12, 128, 65), (100, 16, 9), (200, 8, 5),
+    (341, 4, 3)])
+def test_grant_plan_sizes_rings_so_that_a_link_to_every_peer_fits(peers, ring_kib, pages):
+    plan = grant_plan(peers_conf(peers))
+    assert (plan.ring_size, plan.link_pages) == (ring_kib * 1024, pages)
+    assert plan.link_pages * peers <= 1024  # every configured peer's link fits at once
+    assert plan.shrunk == (ring_kib != 256)
+    assert f"for {peers} peer" in plan.describe()
+    for k in range(peers):  # whichever order they come in, each one fits
+        assert grant_budget(peers_conf(peers), k * pages) is None
+
+
+def test_grant_plan_never_exceeds_the_configured_ring_and_says_what_to_change():
+    plan = grant_plan(peers_conf(2, 'ring_size = "16KiB"'))
+    assert plan.ring_size == 16384 and not plan.shrunk
+    # 400 peers leave 2 pages each: not even a 4 KiB ring; the 342nd link says why.
+    why = grant_budget(peers_conf(400), 341 * 3)
+    assert why is not None and "400 peers leave 2 pages each" in why
+    assert "list fewer [daemon] peers" in why
 
 
 def test_escape_keeps_peer_text_on_one_line_and_bounded():

@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from xsockd.config import Config, ServiceConfig
-from xsockd.ring import Reason, link_pages
+from xsockd.ring import MIN_RING_SIZE, Reason, link_pages
 from xsockd.words import count
 
-__all__ = ["OpenBudget", "RateBucket", "Refusal", "admit_link", "admit_stream", "grant_budget"]
+__all__ = ["GrantPlan", "OpenBudget", "RateBucket", "Refusal", "admit_link", "admit_stream",
+           "grant_budget", "grant_plan"]
 
 
 @dataclass(frozen=True)
@@ -107,10 +108,56 @@ def admit_stream(config: Config, peer: int, name: str, stopping: bool
     return service
 
 
+@dataclass(frozen=True)
+class GrantPlan:
+    """How the grant budget is divided: every configured peer gets an equal share of pages,
+    and a link we initiate gets the largest ring (up to [link] ring_size) its share holds.
+
+    Equal shares guarantee that a link we initiate to every configured peer fits at once,
+    whichever peers ask first; a link a peer initiates costs us no grant (the peer grants).
+    """
+
+    grant_pages: int
+    peers: int
+    share: int          # pages per configured peer
+    ring_size: int      # bytes per direction of each link we initiate
+    link_pages: int     # pages each link we initiate grants
+    shrunk: bool = False  # ring_size is below [link] ring_size
+
+    @property
+    def links(self) -> int:
+        """Links of ``ring_size`` that fit in the budget at once."""
+        return self.grant_pages // self.link_pages
+
+    def describe(self) -> str:
+        reduced = " (reduced from [link] ring_size to fit)" if self.shrunk else ""
+        return (f"grant budget {self.grant_pages} pages for {count(self.peers, 'peer')}: "
+                f"{self.share} pages each, links we initiate get {self.ring_size // 1024} KiB "
+                f"rings{reduced}, {self.link_pages} pages a link, {self.links} links fit")
+
+
+def grant_plan(config: Config) -> GrantPlan:
+    """Returns how ``config``'s grant budget is divided among its peers."""
+    peers = max(1, len(config.daemon.peers))
+    share = config.link.grant_pages // peers
+    ring = config.link.ring_size
+    while ring > MIN_RING_SIZE and link_pages(ring) > share:
+        ring //= 2
+    return GrantPlan(config.link.grant_pages, peers, share, ring, link_pages(ring),
+                     shrunk=ring != config.link.ring_size)
+
+
 def grant_budget(config: Config, granted: int) -> str | None:
     """Returns None if one more link we initiate fits the grant budget, else what to change."""
-    need = link_pages(config.link.ring_size)
-    if granted + need > config.link.grant_pages:
-        return (f"grant budget exhausted: {granted} of {config.link.grant_pages} pages in use, "
-                f"a link needs {need}; raise [link] grant_pages or lower ring_size")
+    plan = grant_plan(config)
+    if granted + plan.link_pages > plan.grant_pages:
+        if plan.link_pages > plan.share:
+            fix = (f"{plan.peers} peers leave {plan.share} pages each, less than the smallest "
+                   f"link ({plan.link_pages}): raise [link] grant_pages (and the kernel's "
+                   "gntalloc limit) or list fewer [daemon] peers")
+        else:
+            fix = ("links made before a reload that added peers keep their larger rings until "
+                   "they are re-established; raise [link] grant_pages or lower ring_size")
+        return (f"grant budget exhausted: {granted} of {plan.grant_pages} pages in use, "
+                f"a link needs {plan.link_pages}; {fix}")
     return None

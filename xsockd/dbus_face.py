@@ -54,7 +54,8 @@ CHANNEL_TYPES = {
 }
 STATISTICS_TYPES = {
     "domid": "u", "channels": "u", "links": "u", "links_up": "u", "peers": "u",
-    "granted_pages": "u", "grant_limit": "u", "started": "d", "uptime": "d",
+    "granted_pages": "u", "grant_limit": "u", "grant_share": "u", "link_ring_size": "u",
+    "link_pages": "u", "started": "d", "uptime": "d",
     "bytes_in": "t", "bytes_out": "t", "frames_in": "t", "frames_out": "t", "notify_sent": "t",
     "wakeups": "t", "streams_opened": "t", "streams_refused": "t", "streams_failed": "t",
     "links_opened": "t", "links_refused": "t", "links_failed": "t", "peer_faults": "t",

@@ -32,6 +32,7 @@ from xsockd.admission import (
     admit_link,
     admit_stream,
     grant_budget,
+    grant_plan,
 )
 from xsockd.advice import link_refused, no_such_domain, stream_refused
 from xsockd.backend import Backend
@@ -198,6 +199,7 @@ class Manager:
         self._started = True
         log.info("xsockd domain %d ready: %s, rundir %s", self.domid,
                  count(len(self.config.daemon.peers), "peer"), self.config.daemon.rundir)
+        log.info("%s", grant_plan(self.config).describe())
 
     def stop(self) -> None:
         """Closes listeners and links (telling peers goodbye) and removes our nodes."""
@@ -297,6 +299,7 @@ class Manager:
             for peer, service in sorted(old - new):
                 self._unlisten(peer, service)
         changes += describe_changes(self.config, config)
+        old_config = self.config
         now = self.loop.time()
         for budget in self._budgets.values():
             budget.retune(config.link.open_rate, config.link.max_connecting, now)
@@ -304,9 +307,11 @@ class Manager:
             self._offers.pop(peer, None)
             self._budgets.pop(peer, None)
             self.peerlog.forget(peer)
-        self.config = config
+        plan, self.config = grant_plan(config), config
         if self._started:
             self._sync_requests()
+            if plan != grant_plan(old_config):
+                log.info("%s", plan.describe())
         return changes
 
     def _sync_requests(self) -> None:
@@ -437,13 +442,14 @@ class Manager:
             self.counters["links_failed"] += 1
             raise RefusedError(why)
         cfg = self.config.link
-        link = grant_link(self.backend, peer, ring_size=cfg.ring_size, window=cfg.stream_window,
+        ring_size = grant_plan(self.config).ring_size
+        link = grant_link(self.backend, peer, ring_size=ring_size, window=cfg.stream_window,
                           max_streams=cfg.max_streams)
         self._add_link(link)
         try:
             link.ring.start()
             offering = Offering(self.xs, self.domid, peer, generation=link.generation,
-                                ring_size=cfg.ring_size, control_ref=link.grant_refs[0],
+                                ring_size=ring_size, control_ref=link.grant_refs[0],
                                 port=link.port, refs=link.grant_refs[1:])
             self._watch_peer(link, offering)
             self._waiting[id(link)] = self.loop.call_later(LINK_SETUP_TIMEOUT, lambda: self._guard(
@@ -883,11 +889,14 @@ class Manager:
                 for k in totals:
                     totals[k] += st[k]
         core_streams = totals.pop("streams")
+        plan = grant_plan(self.config)
         return {"domid": self.domid, "channels": len(self.channels),
                 "links": len(self.links),
                 "links_up": sum(1 for lk in self.links.values() if lk.up),
                 "peers": len(self.config.daemon.peers), "granted_pages": self.granted_pages(),
-                "grant_limit": self.config.link.grant_pages, "started": self.started_at,
+                "grant_limit": self.config.link.grant_pages,
+                "grant_share": plan.share, "link_ring_size": plan.ring_size,
+                "link_pages": plan.link_pages, "started": self.started_at,
                 "uptime": time.time() - self.started_at, "core_streams": core_streams,
                 "admitting": len(self._admitting), **totals, **self.counters}
 

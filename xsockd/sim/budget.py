@@ -33,9 +33,11 @@ def raise_nofile() -> int:
     return hard
 
 
-def event_channel_budget(nofile: int, domains: int, per_domain_fixed: int) -> int:
+def event_channel_budget(nofile: int, domains: int, per_domain_fixed: int,
+                         reserved: int = 0) -> int:
     """Returns the ports per domain that ``nofile`` descriptors cover for ``domains`` domains,
-    each of which also holds up to ``per_domain_fixed`` descriptors of other kinds; at most
-    Xen's default, and below 1 when the limit is too low to run that many domains."""
-    share = (nofile - HOST_RESERVE) // max(domains, 1) - per_domain_fixed
+    each of which also holds up to ``per_domain_fixed`` descriptors of other kinds, once
+    ``reserved`` (dom0's) are set aside; at most Xen's default, and below 1 when the limit is
+    too low to run that many domains."""
+    share = (nofile - HOST_RESERVE - reserved) // max(domains, 1) - per_domain_fixed
     return min(XEN_MAX_EVENT_CHANNELS, share // FDS_PER_PORT)

@@ -36,7 +36,12 @@ from xsockd.listeners import listen_unix, make_dir
 from xsockd.service import ServiceNotifier
 from xsockd.sim import SOCKET_MODE
 from xsockd.sim.acceptpause import PAUSE, AcceptPause
-from xsockd.sim.budget import XEN_MAX_EVENT_CHANNELS, event_channel_budget, raise_nofile
+from xsockd.sim.budget import (
+    FDS_PER_PORT,
+    XEN_MAX_EVENT_CHANNELS,
+    event_channel_budget,
+    raise_nofile,
+)
 from xsockd.sim.hypervisor import (
     DOMID_FIRST_RESERVED,
     Hypervisor,
@@ -67,12 +72,16 @@ def fixed_fds_per_domain(grant_limit: int) -> int:
 class Host:
     def __init__(self, directory: str, domains: Sequence[int], grant_limit: int,
                  max_ports: int = XEN_MAX_EVENT_CHANNELS,
-                 max_domains: int = DEFAULT_MAX_DOMAINS) -> None:
+                 max_domains: int = DEFAULT_MAX_DOMAINS, *,
+                 max_grant_requests: int | None = None, dom0_max_ports: int | None = None
+                 ) -> None:
         self.dir = directory
         self.max_domains = max(max_domains, len(set(domains)))
         self.sel = selectors.DefaultSelector()
         self.xenstore = XenStoreServer()
-        self.hypervisor = Hypervisor(grant_limit, max_ports)
+        self.hypervisor = Hypervisor(grant_limit, max_ports,
+                                     max_grant_requests=max_grant_requests,
+                                     dom0_max_ports=dom0_max_ports)
         self.xenstore.register(self.sel)
         self.hypervisor.register(self.sel)
         self.pause = AcceptPause()
@@ -161,6 +170,7 @@ class Host:
             return {"ok": True, "internal_errors": (self.hypervisor.internal_errors
                                                     + self.xenstore.internal_errors),
                     "max_event_channels": self.hypervisor.max_ports,
+                    "max_grant_requests": self.hypervisor.max_grant_requests,
                     "max_domains": self.max_domains}
         elif op == "shutdown":
             self.running = False
@@ -228,7 +238,8 @@ class SimHost:
 
     def __init__(self, directory: str | os.PathLike[str], domains: Sequence[int] = (0, 1, 2),
                  grant_limit: int = 1024, max_event_channels: int | None = None,
-                 max_domains: int | None = None) -> None:
+                 max_domains: int | None = None, max_grant_requests: int | None = None
+                 ) -> None:
         self.dir = Path(directory)
         self.domains = list(domains)
         self.grant_limit = grant_limit
@@ -236,6 +247,8 @@ class SimHost:
             "--max-event-channels", str(max_event_channels)]
         if max_domains is not None:
             self.options += ["--max-domains", str(max_domains)]
+        if max_grant_requests is not None:
+            self.options += ["--max-grant-requests", str(max_grant_requests)]
         self.proc: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> SimHost:
@@ -311,6 +324,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-domains", type=int, default=None, metavar="N",
                    help="domains the host may run at once, counting those created later "
                         f"(default: {DEFAULT_MAX_DOMAINS} or as many as --domains)")
+    p.add_argument("--max-grant-requests", type=int, default=None, metavar="N",
+                   help="grant requests a domU may hold at once (each costs the host a "
+                        "descriptor); with it, dom0 keeps Xen's full limits and the domUs share "
+                        "the rest of the descriptor budget, so that many domains fit "
+                        "(default: no bound besides --grant-limit, every domain an equal share)")
     args = p.parse_args(argv)
     try:
         domains = [int(x) for x in args.domains.split(",")]
@@ -321,16 +339,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.grant_limit < 1:
         p.error("--grant-limit: at least 1")
     max_domains = max(args.max_domains or DEFAULT_MAX_DOMAINS, len(set(domains)))
+    requests = args.max_grant_requests
+    if requests is not None and not 1 <= requests <= args.grant_limit:
+        p.error("--max-grant-requests: 1 to --grant-limit")
     nofile = raise_nofile()
-    budget = event_channel_budget(nofile, max_domains, fixed_fds_per_domain(args.grant_limit))
+    if requests is None:
+        budget = event_channel_budget(nofile, max_domains, fixed_fds_per_domain(args.grant_limit))
+        dom0_ports = None
+    else:  # dom0 (the trusted toolstack) reserved in full, the domUs share what is left
+        dom0_ports = args.max_event_channels or XEN_MAX_EVENT_CHANNELS
+        budget = event_channel_budget(
+            nofile, max_domains - 1, fixed_fds_per_domain(requests),
+            fixed_fds_per_domain(args.grant_limit) + FDS_PER_PORT * dom0_ports)
     max_ports = budget if args.max_event_channels is None else args.max_event_channels
     if max_ports < 1 or max_ports > budget:
         p.error(f"{nofile} descriptors (RLIMIT_NOFILE) cover {max(budget, 0)} event-channel "
                 f"ports for each of {max_domains} domains with a grant limit of "
                 f"{args.grant_limit}; asked for {max_ports}: raise the limit (ulimit -n) or "
-                "lower --max-domains, --grant-limit or --max-event-channels")
+                "lower --max-domains, --grant-limit or --max-event-channels, or set "
+                "--max-grant-requests")
     make_dir(args.dir)
-    host = Host(args.dir, domains, args.grant_limit, max_ports, max_domains)
+    host = Host(args.dir, domains, args.grant_limit, max_ports, max_domains,
+                max_grant_requests=requests, dom0_max_ports=dom0_ports)
 
     def stop(*_: object) -> None:
         host.running = False

@@ -224,9 +224,16 @@ class Hypervisor:
     """Grant tables and event channels of every simulated domain."""
 
     def __init__(self, grant_limit: int = 1024, max_ports: int = 1023,
-                 max_mapped: int = MAX_MAPPED, max_connections: int = MAX_CONNECTIONS) -> None:
+                 max_mapped: int = MAX_MAPPED, max_connections: int = MAX_CONNECTIONS,
+                 max_grant_requests: int | None = None, dom0_max_ports: int | None = None
+                 ) -> None:
         self.grant_limit = grant_limit
-        self.max_ports = max_ports
+        self.max_ports = max_ports  # of a domU; dom0's is dom0_max_ports
+        self.dom0_max_ports = max_ports if dom0_max_ports is None else dom0_max_ports
+        # Grant requests (one memfd each) a domU may hold at once; dom0's are bounded by
+        # grant_limit alone, as everyone's are by default.
+        self.max_grant_requests = grant_limit if max_grant_requests is None \
+            else max_grant_requests
         self.max_mapped = max_mapped
         self.max_connections = max_connections
         self.grants: dict[int, dict[int, Grant]] = {}       # domid -> ref -> Grant
@@ -389,6 +396,10 @@ class Hypervisor:
                notify: tuple[int | None, int | None] | None) -> tuple[dict[str, Any], list[int]]:
         self._check_notify(notify, count, conn)
         table = self.grants[conn.domid]
+        if conn.domid != 0 and self.max_grant_requests < self.grant_limit and \
+                len({g.fd for g in table.values()}) >= self.max_grant_requests:
+            raise HvError(errno.ENOSPC, f"domain {conn.domid} holds {self.max_grant_requests} "
+                                        "grant requests, its limit (--max-grant-requests)")
         if len(table) + count > self.grant_limit:
             raise HvError(errno.ENOSPC, f"domain {conn.domid} would grant "
                                         f"{len(table) + count} pages; the limit is "
@@ -482,8 +493,9 @@ class Hypervisor:
         self._release_grants(peer, released)
 
     def _port_room(self, conn: Conn) -> None:
-        if len(self.ports[conn.domid]) >= self.max_ports:
-            raise HvError(errno.ENOSPC, f"domain {conn.domid} holds {self.max_ports} "
+        limit = self.dom0_max_ports if conn.domid == 0 else self.max_ports
+        if len(self.ports[conn.domid]) >= limit:
+            raise HvError(errno.ENOSPC, f"domain {conn.domid} holds {limit} "
                                         "event-channel ports, its limit")
 
     def _alloc_unbound(self, conn: Conn, peer: int) -> tuple[dict[str, Any], list[int]]:

@@ -17,6 +17,7 @@ serves ``echo`` (its default service) at PATH.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["PeerFarm", "QuietEcho"]
+__all__ = ["HubWorld", "PeerFarm", "QuietEcho", "fd_count", "rss_kib"]
 
 
 class QuietEcho:
@@ -103,6 +104,61 @@ class PeerFarm:
         if self.proc.stdout:
             self.proc.stdout.close()
         self.proc = None
+
+
+class HubWorld:
+    """A sim host, the hub's xsockd (domain 0, a real process) and a farm of its peers.
+
+    ``hub_extra`` and ``farm_extra`` are appended to the configurations (TOML lines);
+    ``dbus`` is a bus address the hub serves.  ``start()`` starts the hub, then the farm.
+    """
+
+    def __init__(self, work: Path, peers: Sequence[int], *, hub_extra: str = "",
+                 farm_extra: str = "", dbus: str | None = None) -> None:
+        from xsockd.demo import DaemonProcess, write_config
+        from xsockd.sim.host import SimHost
+
+        self.work, self.domains = work, list(peers)
+        # A domU holds 2 grant requests a link: bounding them lets the host's descriptor
+        # limit (often 20000, not raisable in a container) cover a hundred domains.
+        self.host = SimHost(work / "sim", domains=[0, *self.domains], max_grant_requests=8)
+        self.host.__enter__()
+        try:
+            self.echo = QuietEcho(work / "echo.sock")
+        except BaseException:
+            self.host.__exit__(None, None, None)
+            raise
+        conf = write_config(work / "dom0.conf", rundir=work / "run0", sim_dir=work / "sim",
+                            peers=self.domains, services={"echo": work / "echo.sock"},
+                            default="echo", extra=hub_extra)
+        self.daemon = DaemonProcess(0, conf, work / "xsockd-0.log", verbose=True,
+                                    dbus_address=dbus)
+        self.farm = PeerFarm(work / "sim", work, 0, self.domains, work / "echo.sock",
+                             extra=farm_extra)
+
+    def start(self) -> HubWorld:
+        self.daemon.start()
+        self.farm.start()
+        return self
+
+    def hub_socket(self, peer: int) -> Path:
+        """Returns the hub's application socket to ``peer``."""
+        return self.work / "run0" / f"{peer}.sock"
+
+    def close(self) -> None:
+        self.daemon.stop()
+        self.farm.stop()
+        self.echo.close()
+        self.host.__exit__(None, None, None)
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
 def _run(args: argparse.Namespace) -> int:

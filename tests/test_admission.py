@@ -68,8 +68,8 @@ def peers_conf(n: int, link: str = "") -> object:
 
 
 @pytest.mark.parametrize("peers, ring_kib, pages", [
-    (1, 256, 129), (7, 256, 129), (8, 128, 65), (16, 64, 33), (12, 128, 65), (100, 16, 9), (200, 8, 5),
-    (341, 4, 3)])
+    (1, 256, 129), (7, 256, 129), (8, 128, 65), (16, 64, 33), (12, 128, 65), (100, 16, 9),
+    (200, 8, 5), (341, 4, 3)])
 def test_grant_plan_sizes_rings_so_that_a_link_to_every_peer_fits(peers, ring_kib, pages):
     plan = grant_plan(peers_conf(peers))
     assert (plan.ring_size, plan.link_pages) == (ring_kib * 1024, pages)

@@ -14,46 +14,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from peerfarm import PeerFarm, QuietEcho
+from peerfarm import HubWorld
 
-from xsockd.demo import DaemonProcess, write_config
 from xsockd.sim.host import SimHost
 
 PEERS = int(os.environ.get("XSOCK_MANY_PEERS", "100"))
 GRANT_LIMIT = 1024
 
 
-class Hub:
-    def __init__(self, work: Path, peers: int) -> None:
-        self.work = work
-        self.domains = list(range(1, peers + 1))
-        # A domU holds 2 grant requests a link: bound them so that the host's descriptor
-        # limit (often 20000, not raisable in a container) covers 101 domains.
-        self.host = SimHost(work / "sim", domains=[0, *self.domains], max_grant_requests=8)
-        self.host.__enter__()
-        self.echo = QuietEcho(work / "echo.sock")
-        conf = write_config(work / "dom0.conf", rundir=work / "run0", sim_dir=work / "sim",
-                            peers=self.domains, services={"echo": work / "echo.sock"},
-                            default="echo")
-        self.daemon = DaemonProcess(0, conf, work / "xsockd-0.log", verbose=True)
-        self.farm = PeerFarm(work / "sim", work, 0, self.domains, work / "echo.sock")
-
-    def hub_socket(self, peer: int) -> Path:
-        return self.work / "run0" / f"{peer}.sock"
-
-    def close(self) -> None:
-        self.daemon.stop()
-        self.farm.stop()
-        self.echo.close()
-        self.host.__exit__(None, None, None)
-
-
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
-    h = Hub(tmp_path_factory.mktemp("many"), PEERS)
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubWorld]:
+    h = HubWorld(tmp_path_factory.mktemp("many"), range(1, PEERS + 1))
     try:
-        h.daemon.start()
-        h.farm.start()
+        h.start()
         yield h
     finally:
         h.close()
@@ -90,7 +63,7 @@ def assert_within_budget(host: SimHost) -> dict[int, int]:
     return granted
 
 
-def test_hub_asks_first_links_every_peer_within_its_budget(hub: Hub) -> None:
+def test_hub_asks_first_links_every_peer_within_its_budget(hub: HubWorld) -> None:
     socks = open_all([hub.hub_socket(d) for d in hub.domains])
     try:
         echo_each(socks, b"hub-first")
@@ -116,7 +89,7 @@ def test_hub_asks_first_links_every_peer_within_its_budget(hub: Hub) -> None:
             s.close()
 
 
-def test_peers_ask_first_costs_the_hub_no_grant(hub: Hub) -> None:
+def test_peers_ask_first_costs_the_hub_no_grant(hub: HubWorld) -> None:
     hub.daemon.stop()  # its links go; the peers' next streams offer new ones
     hub.daemon.start()
     half = hub.domains[: len(hub.domains) // 2]
@@ -141,7 +114,7 @@ def test_peers_ask_first_costs_the_hub_no_grant(hub: Hub) -> None:
             s.close()
 
 
-def test_nothing_left_after_stop(hub: Hub) -> None:
+def test_nothing_left_after_stop(hub: HubWorld) -> None:
     hub.daemon.stop()
     hub.farm.stop()
     left = hub.host.leftovers()

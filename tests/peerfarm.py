@@ -25,7 +25,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["HubWorld", "PeerFarm", "QuietEcho", "fd_count", "rss_kib"]
+__all__ = ["HubWorld", "PeerFarm", "QuietEcho", "echo_time", "fd_count", "rss_kib"]
 
 
 class QuietEcho:
@@ -91,6 +91,12 @@ class PeerFarm:
         assert self.proc is not None
         return self.proc.pid
 
+    def kill(self) -> None:
+        """Kills the farm with SIGKILL: its peers' links end without a goodbye."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        self.stop()
+
     def stop(self) -> None:
         if self.proc is None:
             return
@@ -104,6 +110,21 @@ class PeerFarm:
         if self.proc.stdout:
             self.proc.stdout.close()
         self.proc = None
+
+
+def echo_time(path: Path, timeout: float = 30.0) -> float:
+    """Returns the seconds a stream open takes: connect, one byte there and back, close."""
+    import socket
+    import time
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        t0 = time.perf_counter()
+        s.connect(str(path))
+        s.sendall(b"x")
+        if s.recv(1) != b"x":
+            raise RuntimeError(f"no echo through {path}")
+        return time.perf_counter() - t0
 
 
 class HubWorld:

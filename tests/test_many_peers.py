@@ -8,6 +8,7 @@ peers (16 KiB rings, 9 pages a link, for 100 peers) and says so in its log.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from collections.abc import Iterator
@@ -119,3 +120,25 @@ def test_nothing_left_after_stop(hub: HubWorld) -> None:
     hub.farm.stop()
     left = hub.host.leftovers()
     assert not left, f"left behind: {left}"
+
+
+def test_sim_bounds_a_domus_grant_requests_but_not_dom0s(tmp_path: Path) -> None:
+    """--max-grant-requests (what lets 101 domains fit the host's descriptors) is ENOSPC past
+    N requests of a domU, whatever their pages; dom0 is bounded by the page limit only."""
+    from xsockd.backend_sim import SimBackend
+
+    with SimHost(tmp_path / "sim", domains=[0, 1, 2], max_grant_requests=3):
+        for domid, fits in ((1, 3), (0, 20)):
+            backend = SimBackend(domid, tmp_path / "sim")
+            try:
+                held = [backend.grant(2, 2) for _ in range(fits)]
+                if domid != 0:
+                    with pytest.raises(OSError) as e:
+                        backend.grant(2, 1)
+                    assert e.value.errno == errno.ENOSPC and "--max-grant-requests" in str(e.value)
+                    held.pop().close()
+                    held.append(backend.grant(2, 1))  # one released: room for one more
+                for g in held:
+                    g.close()
+            finally:
+                backend.close()

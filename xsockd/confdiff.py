@@ -51,6 +51,9 @@ def describe_changes(old: Config, new: Config) -> list[str]:
     new_named = {(r.domid, s) for r in new.remotes.values() for s in r.services}
     out += [f"service {s} of domain {d} added" for d, s in sorted(new_named - old_named)]
     out += [f"service {s} of domain {d} removed" for d, s in sorted(old_named - new_named)]
+    old_eager, new_eager = old.eager_peers(), new.eager_peers()
+    out += [f"link with domain {d} eager" for d in sorted(new_eager - old_eager)]
+    out += [f"link with domain {d} no longer eager" for d in sorted(old_eager - new_eager)]
     for key, reach in _LINK_KEYS.items():
         before, after = getattr(old.link, key), getattr(new.link, key)
         if before != after:

@@ -102,6 +102,7 @@ class RemoteConfig:
 
     domid: int
     services: tuple[str, ...] = ()
+    eager: bool = False  # keep a link with it up from start, not only once a stream asks
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,10 @@ class Config:
         """Returns (peer, service) for every socket in rundir; service "" is the default."""
         named = [(r.domid, name) for r in self.remotes.values() for name in r.services]
         return sorted([(peer, "") for peer in self.daemon.peers] + named)
+
+    def eager_peers(self) -> frozenset[int]:
+        """Returns the peers whose link is set up at start and kept up (``eager = true``)."""
+        return frozenset(r.domid for r in self.remotes.values() if r.eager)
 
     def services_for(self, peer: int) -> list[str]:
         """Returns the names of the services ``peer`` may reach."""
@@ -378,8 +383,11 @@ def _remotes(r: _Reader, data: Mapping[str, Any], daemon: DaemonConfig) -> dict[
         if not isinstance(body, dict):
             raise r.error(table, None, "must be a table")
         for k in body:
-            if k != "services":
-                raise r.error(table, k, "unknown key; expected services")
+            if k not in ("services", "eager"):
+                raise r.error(table, k, "unknown key; expected services or eager")
+        eager = body.get("eager", False)
+        if not isinstance(eager, bool):
+            raise r.error(table, "eager", "must be true or false")
         names = body.get("services", [])
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise r.error(table, "services", "must be a list of service names (strings)")
@@ -394,7 +402,7 @@ def _remotes(r: _Reader, data: Mapping[str, Any], daemon: DaemonConfig) -> dict[
                                                  "bytes)")
         if len(set(names)) != len(names):
             raise r.error(table, "services", "lists a service twice")
-        remotes[domid] = RemoteConfig(domid, tuple(names))
+        remotes[domid] = RemoteConfig(domid, tuple(names), eager)
     return remotes
 
 

@@ -76,6 +76,9 @@ CONNECT_PATIENCE = 5.0  # seconds to wait for a service whose listen backlog is 
 # Seconds to wait for a service whose socket is missing or has no listener (ENOENT,
 # ECONNREFUSED): one being restarted, or started after us; a socket unit never needs it.
 SERVICE_START_PATIENCE = 2.0
+# Seconds between tries to set up an eager link (doubling, reset once a link is up): a peer
+# restarting is back within a few seconds, one that is gone costs a try every EAGER_RETRY_MAX.
+EAGER_RETRY_MIN, EAGER_RETRY_MAX = 0.2, 10.0
 DRAIN_POLL = 0.05  # seconds between looks at the bytes a stopping daemon still holds
 ACCEPT_BACKOFF = 0.1  # seconds before accepting again after running out of descriptors
 # Link offers a peer may make: each costs a XenStore transaction, mappings and a pump thread.
@@ -174,6 +177,9 @@ class Manager:
         self._offers: dict[int, RateBucket] = {}
         self.started_at = time.time()
         self._observers: list[ChannelObserver] = []
+        self._eager_timers: dict[int, Timer] = {}                # peer: next try
+        self._eager_delay: dict[int, float] = {}                 # peer: backoff after a failure
+        self._eager_off = False                                  # stopping: no more tries
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -197,12 +203,15 @@ class Manager:
         for peer, service in self.config.local_sockets():
             self._listen(peer, service)
         self._started = True
+        for peer in sorted(self.config.eager_peers()):
+            self._keep_eager(peer, 0.0)
         log.info("xsockd domain %d ready: %s, rundir %s", self.domid,
                  count(len(self.config.daemon.peers), "peer"), self.config.daemon.rundir)
         log.info("%s", grant_plan(self.config).describe())
 
     def stop(self) -> None:
         """Closes listeners and links (telling peers goodbye) and removes our nodes."""
+        self._stop_eager()
         if self._flush_timer is not None:
             self._flush_timer.cancel()
             self._flush_timer = None
@@ -236,6 +245,7 @@ class Manager:
             done()
             return
         self._draining = True
+        self._stop_eager()
         for peer, service in list(self._listeners):
             self._on_connect(peer, service)  # clients whose connect() already succeeded
             self._unlisten(peer, service)
@@ -310,6 +320,8 @@ class Manager:
         plan, self.config = grant_plan(config), config
         if self._started:
             self._sync_requests()
+            for peer in sorted(config.eager_peers() - old_config.eager_peers()):
+                self._keep_eager(peer, 0.0)
             if plan != grant_plan(old_config):
                 log.info("%s", plan.describe())
         return changes
@@ -513,6 +525,51 @@ class Manager:
                 if ch.state == "opening":
                     self.counters[unopened] += 1
                 self._remove_channel(ch, "link-down")
+            if link.peer in self.config.eager_peers():
+                # One that was up is set up again at once; one that never came up backs off.
+                self._keep_eager(link.peer, self._eager_backoff(link.peer, failed=not link.up))
+
+    # ---- eager links --------------------------------------------------------------------
+
+    def _keep_eager(self, peer: int, delay: float) -> None:
+        """Makes sure an eager ``peer``'s link is looked at in ``delay`` seconds."""
+        if self._eager_off or self._draining or peer in self._eager_timers \
+                or peer not in self.config.eager_peers():
+            return
+        self._eager_timers[peer] = self.loop.call_later(delay, lambda: self._guard(
+            peer, Role.INITIATOR, "setting up its eager link", self._eager_check, peer))
+
+    def _eager_check(self, peer: int) -> None:
+        """Offers a link to an eager peer that has none (either role counts).
+
+        A link that exists is looked after by its own end: dropping it calls us again.
+        """
+        self._eager_timers.pop(peer, None)
+        if self._eager_off or self._draining or peer not in self.config.eager_peers() \
+                or any(p == peer for p, _ in self.links):
+            return
+        try:
+            self._link_for(peer)
+        except (XsockError, OSError) as e:
+            delay = self._eager_backoff(peer, failed=True)
+            self.peerlog.warning(peer, "eager link with domain %d not set up: %s; trying "
+                                 "again in %g s", peer, e, delay)
+            self._keep_eager(peer, delay)
+
+    def _eager_backoff(self, peer: int, failed: bool) -> float:
+        """Returns the delay before the next try: doubling while tries fail, else the least."""
+        if not failed:
+            self._eager_delay.pop(peer, None)
+            return EAGER_RETRY_MIN
+        delay = min(EAGER_RETRY_MAX, 2 * self._eager_delay.get(peer, EAGER_RETRY_MIN / 2))
+        self._eager_delay[peer] = delay
+        return delay
+
+    def _stop_eager(self) -> None:
+        self._eager_off = True
+        for timer in self._eager_timers.values():
+            timer.cancel()
+        self._eager_timers.clear()
 
     # ---- XenStore -----------------------------------------------------------------------
 

@@ -177,9 +177,11 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def rss_kib(pid: int) -> int:
+def rss_kib(pid: int, kind: str = "RssAnon") -> int:
+    """Returns ``pid``'s resident memory of ``kind`` in KiB: RssAnon (its heap and stacks, not
+    the ring pages it maps, which become resident as bytes first pass through them), VmRSS."""
     with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        return next(int(line.split()[1]) for line in f if line.startswith(f"{kind}:"))
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -3,7 +3,8 @@
 The hub (domain 0, a real xsockd serving D-Bus on a private bus) and its peers (``peerfarm``)
 open and close streams both ways, some closed before the echo came back.  Afterwards every
 grant, port, mapping and XenStore node is what the idle links held before, the daemons'
-descriptors are back where they were, the hub's memory grew by less than a bound, and its
+descriptors are back where they were, the hub's own memory (RssAnon: not the ring pages, which
+become resident as bytes first pass through them) did not grow over the second half, and its
 statistics show no channel, no stream in the data plane and none being admitted.
 
 ``XSOCK_CHURN_STREAMS`` (streams per peer, default 10000) and ``XSOCK_CHURN_PEERS`` (default
@@ -26,7 +27,11 @@ from privatebus import PrivateBus
 PEERS = int(os.environ.get("XSOCK_CHURN_PEERS", "2"))
 STREAMS = int(os.environ.get("XSOCK_CHURN_STREAMS", "10000"))
 WORKERS = 4  # concurrent clients per peer and direction
-RSS_GROWTH_KIB = 1024  # allowed growth of the hub's memory over the second half
+# Allowed growth of the hub's own memory after the first round: allocator pools and tables
+# follow the high-water mark of streams in flight, which creeps up under a loaded scheduler
+# (measured: 0.1 to 1.2 MiB per round of 10,000 to 40,000 streams, not in proportion to the
+# streams); a Python object left behind per stream (hundreds of bytes) would exceed it.
+RSS_GROWTH_KIB = 2048
 
 
 @pytest.fixture
@@ -109,31 +114,34 @@ def test_churn_leaves_nothing_behind(world: tuple[HubWorld, PrivateBus]) -> None
     with Client(bus.address) as client:
         links = {k: client.statistics()[k] for k in ("links_up", "links_opened")}
     fds = (fd_count(hub_pid), fd_count(farm_pid))
-    rss = rss_kib(hub_pid)
     started = time.monotonic()
-    # Half of each peer's streams opened by the hub, half by the peer, in two rounds: the
-    # first may still grow the allocator's pools, the second must not grow memory further.
-    churn(hub_paths + peer_paths, STREAMS // 4)
-    rss_half = rss_kib(hub_pid)
-    churn(hub_paths + peer_paths, STREAMS // 2 - STREAMS // 4)
+    # Half of each peer's streams opened by the hub, half by the peer, in three rounds with a
+    # pause for the daemons to finish each: the first may still grow the allocator's pools
+    # (to the high-water mark of streams in flight at once), the others must not grow the
+    # hub's own memory.
+    rounds = [STREAMS // 8, STREAMS // 8, STREAMS // 2 - 2 * (STREAMS // 8)]
+    rss = [rss_kib(hub_pid)]
+    with Client(bus.address) as client:
+        for n in rounds:
+            churn(hub_paths + peer_paths, n)
+            settled("hub channels, data-plane streams, admissions", lambda: {
+                k: client.statistics()[k] for k in ("channels", "core_streams", "admitting")},
+                {"channels": 0, "core_streams": 0, "admitting": 0})
+            rss.append(rss_kib(hub_pid))
+        stats = client.statistics()
     took = time.monotonic() - started
     total = STREAMS * PEERS
     print(f"\n{total} streams over {PEERS} peers in {took:.1f} s ({total / took:.0f}/s); "
-          f"hub RSS {rss} -> {rss_half} (half way) -> {rss_kib(hub_pid)} KiB")
+          f"hub RssAnon after each round {rss} KiB, VmRSS {rss_kib(hub_pid, 'VmRSS')} KiB")
     settled("host resources and XenStore nodes", lambda: snapshot(w), before)
     settled("descriptors of the hub and the farm",
             lambda: (fd_count(hub_pid), fd_count(farm_pid)), fds)
-    with Client(bus.address) as client:
-        settled("hub channels, data-plane streams, admissions", lambda: {
-            k: client.statistics()[k] for k in ("channels", "core_streams", "admitting")},
-            {"channels": 0, "core_streams": 0, "admitting": 0})
-        stats = client.statistics()
     assert stats["streams_opened"] >= total, stats
     assert stats["streams_failed"] == 0 and stats["handler_failures"] == 0, stats
     # The links of the warm-up carried everything: none went down, none was made again.
     assert {k: stats[k] for k in links} == links
-    growth = rss_kib(hub_pid) - rss_half
-    assert growth < RSS_GROWTH_KIB, f"the hub's memory grew by {growth} KiB in the 2nd half"
+    growth = rss[-1] - rss[1]
+    assert growth < RSS_GROWTH_KIB, f"the hub's memory grew by {growth} KiB after round 1"
     # And after all that, the daemons stop releasing everything.
     w.daemon.stop()
     w.farm.stop()

@@ -74,3 +74,35 @@ def test_eager_is_a_boolean_of_a_configured_peer() -> None:
         parse_config(base + '[remote.1]\neager = "yes"\n')
     with pytest.raises(ConfigError, match="not in \\[daemon\\] peers"):
         parse_config(base + "[remote.3]\neager = true\n")
+
+
+def test_a_reload_that_makes_a_peer_eager_sets_its_link_up(tmp_path: Path, caplog) -> None:
+    """In-process (fake loop): a reload adding ``eager`` offers the link at once; statistics
+    and the log say how the grant budget is divided, and a reload that changes it says so."""
+    import logging
+
+    from test_control_plane import Plane
+
+    plane = Plane(tmp_path)
+    try:
+        m1 = plane.managers[1]
+        assert not m1.links
+        text = (f'[daemon]\nrundir = "{tmp_path}/run1"\npeers = [2, 3]\n'
+                f'sim_dir = "{tmp_path}/sim"\nbackend = "sim"\n')
+        assert "link with domain 2 eager" in m1.reload(parse_config(text + "[remote.2]\n"
+                                                                   "eager = true\n"))
+        plane.loop.run_until(lambda: any(lk.up for (p, _), lk in m1.links.items() if p == 2),
+                             what="the eager link with domain 2 up")
+        assert not any(p == 3 for p, _ in m1.links), "a link with the lazy peer"
+        stats = m1.statistics()
+        assert (stats["grant_share"], stats["link_ring_size"], stats["link_pages"]) == \
+            (512, 256 * 1024, 129)
+        with caplog.at_level(logging.INFO, logger="xsockd.manager"):
+            many = text.replace("peers = [2, 3]", f"peers = {list(range(2, 22))}")
+            changes = m1.reload(parse_config(many))
+        assert "link with domain 2 no longer eager" in changes
+        assert "grant budget 1024 pages for 20 peers: 51 pages each, links we initiate get " \
+               "64 KiB rings" in caplog.text
+        assert m1.statistics()["link_pages"] == 33
+    finally:
+        plane.close()

@@ -1,11 +1,14 @@
 """Churn: thousands of streams opened and closed per peer leave nothing behind.
 
-The hub (domain 0, a real xsockd serving D-Bus on a private bus) and its peers (``peerfarm``)
-open and close streams both ways, some closed before the echo came back.  Afterwards every
-grant, port, mapping and XenStore node is what the idle links held before, the daemons'
-descriptors are back where they were, the hub's own memory (RssAnon: not the ring pages, which
-become resident as bytes first pass through them) did not grow over the second half, and its
-statistics show no channel, no stream in the data plane and none being admitted.
+The hub (domain 0, a real xsockd) and its peers (``peerfarm``) open and close streams both
+ways, some closed before the echo came back.  Afterwards every grant, port, mapping and
+XenStore node is what the idle links held before, the daemons' descriptors are back where they
+were, and the hub's statistics (D-Bus, on a private bus) show no channel, no stream in the data
+plane and none being admitted.  A second run without D-Bus checks that neither the hub's nor
+the peers' own memory (RssAnon: not the ring pages, which become resident as bytes first pass
+through them) grows after the first round.  With the D-Bus face on, the hub's memory does grow
+under churn (0.2 to 1.6 MiB per round, not in proportion to the streams: its signals queue
+while the bus daemon is slow), which that test prints but does not judge.
 
 ``XSOCK_CHURN_STREAMS`` (streams per peer, default 10000) and ``XSOCK_CHURN_PEERS`` (default
 2; the full size is 100) set the size.
@@ -27,11 +30,12 @@ from privatebus import PrivateBus
 PEERS = int(os.environ.get("XSOCK_CHURN_PEERS", "2"))
 STREAMS = int(os.environ.get("XSOCK_CHURN_STREAMS", "10000"))
 WORKERS = 4  # concurrent clients per peer and direction
-# Allowed growth of the hub's own memory after the first round: allocator pools and tables
-# follow the high-water mark of streams in flight, which creeps up under a loaded scheduler
-# (measured: 0.1 to 1.2 MiB per round of 10,000 to 40,000 streams, not in proportion to the
-# streams); a Python object left behind per stream (hundreds of bytes) would exceed it.
-RSS_GROWTH_KIB = 2048
+# Allowed growth of a daemon's own memory after the first round (measured without D-Bus: 12
+# KiB over 40,000 streams); an object left behind per stream (tens of bytes) exceeds it.
+RSS_GROWTH_KIB = 256
+# Rounds, in streams per path: the first may still grow pools to the high-water mark of
+# streams in flight; after it, memory must stay flat.
+ROUNDS = [STREAMS // 8, STREAMS // 8, STREAMS // 2 - 2 * (STREAMS // 8)]
 
 
 @pytest.fixture
@@ -115,14 +119,11 @@ def test_churn_leaves_nothing_behind(world: tuple[HubWorld, PrivateBus]) -> None
         links = {k: client.statistics()[k] for k in ("links_up", "links_opened")}
     fds = (fd_count(hub_pid), fd_count(farm_pid))
     started = time.monotonic()
-    # Half of each peer's streams opened by the hub, half by the peer, in three rounds with a
-    # pause for the daemons to finish each: the first may still grow the allocator's pools
-    # (to the high-water mark of streams in flight at once), the others must not grow the
-    # hub's own memory.
-    rounds = [STREAMS // 8, STREAMS // 8, STREAMS // 2 - 2 * (STREAMS // 8)]
+    # Half of each peer's streams opened by the hub, half by the peer, in rounds with a pause
+    # for the daemons to finish each.
     rss = [rss_kib(hub_pid)]
     with Client(bus.address) as client:
-        for n in rounds:
+        for n in ROUNDS:
             churn(hub_paths + peer_paths, n)
             settled("hub channels, data-plane streams, admissions", lambda: {
                 k: client.statistics()[k] for k in ("channels", "core_streams", "admitting")},
@@ -132,7 +133,7 @@ def test_churn_leaves_nothing_behind(world: tuple[HubWorld, PrivateBus]) -> None
     took = time.monotonic() - started
     total = STREAMS * PEERS
     print(f"\n{total} streams over {PEERS} peers in {took:.1f} s ({total / took:.0f}/s); "
-          f"hub RssAnon after each round {rss} KiB, VmRSS {rss_kib(hub_pid, 'VmRSS')} KiB")
+          f"with D-Bus, hub RssAnon after each round {rss} KiB")
     settled("host resources and XenStore nodes", lambda: snapshot(w), before)
     settled("descriptors of the hub and the farm",
             lambda: (fd_count(hub_pid), fd_count(farm_pid)), fds)
@@ -140,9 +141,32 @@ def test_churn_leaves_nothing_behind(world: tuple[HubWorld, PrivateBus]) -> None
     assert stats["streams_failed"] == 0 and stats["handler_failures"] == 0, stats
     # The links of the warm-up carried everything: none went down, none was made again.
     assert {k: stats[k] for k in links} == links
-    growth = rss[-1] - rss[1]
-    assert growth < RSS_GROWTH_KIB, f"the hub's memory grew by {growth} KiB after round 1"
     # And after all that, the daemons stop releasing everything.
     w.daemon.stop()
     w.farm.stop()
     assert not w.host.leftovers(), w.host.leftovers()
+
+
+def test_churn_does_not_grow_the_daemons_memory(tmp_path: Path) -> None:
+    w = HubWorld(tmp_path, range(1, PEERS + 1))
+    try:
+        w.start()
+        paths = [w.hub_socket(d) for d in w.domains] + [w.farm.socket(d) for d in w.domains]
+        churn(paths, 50)
+        time.sleep(1.0)  # the warm-up's last closes reach both daemons
+        pids = {"hub": w.daemon.proc.pid, "peers": w.farm.pid()}
+        fds = {k: fd_count(p) for k, p in pids.items()}
+        rss = {k: [rss_kib(p)] for k, p in pids.items()}
+        for n in ROUNDS:
+            churn(paths, n)
+            # Every stream's socket closed on both sides: the rounds' work is done.
+            settled("descriptors", lambda: {k: fd_count(p) for k, p in pids.items()}, fds)
+            time.sleep(0.5)
+            for k, p in pids.items():
+                rss[k].append(rss_kib(p))
+        print(f"\nwithout D-Bus, RssAnon after each round (KiB): {rss}")
+        for k, values in rss.items():
+            growth = values[-1] - values[1]
+            assert growth < RSS_GROWTH_KIB, f"{k}: memory grew by {growth} KiB after round 1"
+    finally:
+        w.close()

@@ -86,8 +86,9 @@ def test_the_by_hand_configurations_are_valid():
 def test_the_by_hand_commands_work_as_written(tmp_path):
     try_dir = tmp_path / "xt"
     confs = blocks(section("By hand"), "toml")
-    (tmp_path / "dom1.conf").write_text(confs[0].replace("/run/xsock-try", str(try_dir)))
-    (tmp_path / "dom2.conf").write_text(confs[1].replace("/run/xsock-try", str(try_dir)))
+    try_dir.mkdir(mode=0o755)  # the README's first step, before its configurations are written
+    (try_dir / "dom1.conf").write_text(confs[0].replace("/run/xsock-try", str(try_dir)))
+    (try_dir / "dom2.conf").write_text(confs[1].replace("/run/xsock-try", str(try_dir)))
     script, typed = by_hand_script(try_dir)
     proc = subprocess.Popen(["bash", "-c", script], cwd=tmp_path, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -165,3 +165,11 @@ def test_a_link_refused_by_a_stopping_peer_is_counted_on_both_sides(tmp_path):
     finally:
         world.close()
         bus.close()
+
+
+def test_advice_names_the_default_service_once():
+    from xsockd.advice import stream_refused
+    from xsockd.ring import Reason
+    line = stream_refused(2, 1, "", Reason.NO_SERVICE)
+    assert "domain 2 could not reach its default service:" in line and "its its" not in line
+    assert "could not reach its service 'web':" in stream_refused(2, 1, "web", Reason.NO_SERVICE)

@@ -33,7 +33,8 @@ def stream_refused(peer: int, me: int, name: str, reason: Reason) -> str:
         return (f"domain {peer} refused {what}: it has no {table}, does not list {me} in that "
                 f"service's allow, or is stopping (its log says which)")
     if reason == Reason.NO_SERVICE:
-        return (f"domain {peer} could not reach its {what}: nothing listens on the service's "
+        svc = f"service {name!r}" if name else "default service"  # not "its its"
+        return (f"domain {peer} could not reach its {svc}: nothing listens on the service's "
                 "socket there; start the service")
     if reason == Reason.TOO_MANY:
         return (f"domain {peer} is busy: too many streams on the link or opens at once "

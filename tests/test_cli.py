@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -108,3 +109,22 @@ def test_xsockctl_defaults_and_conflicting_buses(capsys):
     with pytest.raises(SystemExit) as e:
         parse_args(["--system", "list", "--address", "unix:path=/b"])
     assert e.value.code == 2 and "two different buses" in capsys.readouterr().err
+
+
+def test_show_names_the_default_service_as_list_does():
+    from xsockd.cli import format_fields
+    assert "service: (default)" in format_fields({"id": 3, "service": ""}).splitlines()
+    assert "service: web" in format_fields({"id": 3, "service": "web"}).splitlines()
+
+
+@pytest.mark.parametrize("value", ["-3", "32752", "x"])
+def test_daemon_refuses_an_impossible_domid(value):
+    conf = str(Path(__file__).resolve().parent.parent / "conf" / "xsockd.conf")
+    r = xsockd("--check-config", conf, "--domid", value)
+    assert r.returncode == 2 and "argument --domid" in r.stderr, r.stderr
+
+
+def test_simhost_refuses_a_domain_listed_twice(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "xsockd.sim.host", "--dir", str(tmp_path),
+                        "--domains", "1,1"], capture_output=True, text=True)
+    assert r.returncode == 2 and "listed twice" in r.stderr and "Traceback" not in r.stderr

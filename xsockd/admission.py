@@ -133,7 +133,8 @@ class GrantPlan:
         reduced = " (reduced from [link] ring_size to fit)" if self.shrunk else ""
         return (f"grant budget {self.grant_pages} pages for {count(self.peers, 'peer')}: "
                 f"{self.share} pages each, links we initiate get {self.ring_size // 1024} KiB "
-                f"rings{reduced}, {self.link_pages} pages a link, {self.links} links fit")
+                f"rings{reduced}, {self.link_pages} pages a link, "
+                f"{self.links} such links fit in the whole budget")
 
 
 def grant_plan(config: Config) -> GrantPlan:

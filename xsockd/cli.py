@@ -146,6 +146,8 @@ def format_fields(fields: dict[str, Any]) -> str:
             value = f"{value:.3f} ({time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(value))})"
         elif isinstance(value, float):
             value = f"{value:.3f}"
+        elif key == "service" and not value:
+            value = "(default)"  # as list shows it
         lines.append(f"{key + ':':{width + 1}} {value}")
     return "\n".join(lines)
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from xsockd import __version__
 from xsockd.backend import Backend
-from xsockd.config import Config, check_config_main, load_config
+from xsockd.config import DOMID_MAX, Config, check_config_main, load_config
 from xsockd.constants import DEFAULT_CONFIG
 from xsockd.errors import XsockError
 from xsockd.words import count
@@ -50,6 +50,17 @@ The daemon serves the D-Bus interface org.xsockd.Xsockd1 on the system bus (or t
 --dbus-address); xsockctl talks to it. Without a reachable system bus it logs one warning and
 runs without D-Bus.
 """
+
+
+def domid_arg(text: str) -> int:
+    """--domid's type: a domain id a domain can have (argparse reports the error)."""
+    try:
+        domid = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= domid <= DOMID_MAX:
+        raise argparse.ArgumentTypeError(f"{domid} is not a domain id (0..{DOMID_MAX})")
+    return domid
 
 
 def make_backend(name: str, domid: int | None, sim_dir: str) -> Backend:
@@ -90,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("sim", "xen"),
                    help="Xen interface: the real one, or the simulated host "
                         "(default: [daemon] backend of the configuration)")
-    p.add_argument("--domid", type=int, metavar="N",
+    p.add_argument("--domid", type=domid_arg, metavar="N",
                    help="our domain id (required with --backend sim; read from XenStore on Xen)")
     p.add_argument("--sim-dir", metavar="DIR",
                    help="directory of the simulated host (default: [daemon] sim_dir)")

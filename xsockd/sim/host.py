@@ -1,7 +1,7 @@
 """The simulated Xen host: XenStore and the hypervisor for several domains, in one process.
 
     python -m xsockd.sim.host --dir DIR --domains 0,1,2 [--grant-limit N]
-        [--max-event-channels N] [--max-domains N]
+        [--max-event-channels N] [--max-domains N] [--max-grant-requests N]
 
 creates, per domain N, ``DIR/domN/xenstored.sock`` (XenStore as domain N; point Xen's own tools
 at it with XENSTORED_PATH) and ``DIR/domN/hypervisor.sock`` (grants and event channels as domain
@@ -312,7 +312,9 @@ class SimHost:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m xsockd.sim.host", description=__doc__,
+    installed = os.path.basename(sys.argv[0]) == "xsockd-simhost"
+    p = argparse.ArgumentParser(prog="xsockd-simhost" if installed else "python -m xsockd.sim.host",
+                                description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", required=True, help="directory for the domains' sockets")
     p.add_argument("--domains", default="0,1,2", help="comma-separated domain ids (default 0,1,2)")
@@ -336,6 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"--domains {args.domains!r}: a comma-separated list of integers")
     if not all(0 <= d < DOMID_FIRST_RESERVED for d in domains):
         p.error(f"--domains: domain ids are 0..{DOMID_FIRST_RESERVED - 1}")
+    if len(set(domains)) != len(domains):
+        p.error(f"--domains {args.domains!r}: a domain is listed twice")
     if args.grant_limit < 1:
         p.error("--grant-limit: at least 1")
     max_domains = max(args.max_domains or DEFAULT_MAX_DOMAINS, len(set(domains)))

@@ -1,0 +1,141 @@
+"""An xsockd vchan client against an xsockd vchan server between two sim domains.
+
+Domain 2 serves its echo service as a vchan for domain 1 only ([vchan.echo1], role server);
+domain 1's xsockd is the vchan client ([vchan.echo2]): <rundir1>/2/echo2.sock.  Everything
+is real processes, shared memory and the sim's xenstored (docs/VCHAN.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from tests.simworld import SimWorld
+from xsockd.backend import XenStorePerm
+
+SERVER_PATH = "/local/domain/2/data/vchan/1/echo1"
+SERVER = """
+[vchan.echo1]
+role = "server"
+domain = 1
+service = "echo"
+path = "data/vchan/1/echo1"
+ring_size = ["64KiB", "16KiB"]
+linger = 2
+"""
+CLIENT = f"""
+[vchan.echo2]
+role = "client"
+domain = 2
+path = "{SERVER_PATH}"
+"""
+
+
+@pytest.fixture
+def world(tmp_path):
+    w = SimWorld(tmp_path, extra={1: CLIENT, 2: SERVER})
+    yield w
+    w.close()
+
+
+def published(world: SimWorld) -> bool:
+    return sorted(world.xs_tree(SERVER_PATH)) == sorted(
+        [SERVER_PATH, f"{SERVER_PATH}/event-channel", f"{SERVER_PATH}/ring-ref"])
+
+
+def vchan_connect(world: SimWorld) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(str(world.rundir(1) / "2" / "echo2.sock"))
+    s.settimeout(30)
+    return s
+
+
+def echo_hashes(sock: socket.socket, total: int) -> tuple[str, str]:
+    """Sends ``total`` random bytes and reads as many back (vchan has no half-close, so the
+    writer does not shut down its side: the echo's reply would be cut off)."""
+    data = os.urandom(total)
+    t = threading.Thread(target=sock.sendall, args=(data,))
+    t.start()
+    got = hashlib.sha256()
+    n = 0
+    buf = bytearray(1 << 20)
+    while n < total:
+        k = sock.recv_into(buf)
+        assert k, f"EOF after {n} of {total} bytes"
+        got.update(memoryview(buf)[:k])
+        n += k
+    t.join()
+    return hashlib.sha256(data).hexdigest(), got.hexdigest()
+
+
+def test_vchan_client_against_vchan_server(world):
+    world.start(1, 2)
+    world.wait_for("domain 2's vchan published", lambda: published(world))
+    # Only domain 2 (owner) and domain 1 (read) are named on the published nodes.
+    with world.host.xenstore(0) as xs:
+        for node in (SERVER_PATH, f"{SERVER_PATH}/ring-ref", f"{SERVER_PATH}/event-channel"):
+            assert [str(p) for p in xs.get_perms(node)] == ["n2", "r1"]
+    for _ in range(3):  # a fresh vchan after each stream
+        s = vchan_connect(world)
+        sent, got = echo_hashes(s, 8 << 20)
+        assert sent == got
+        s.close()
+        world.wait_for("the server to republish", lambda: published(world))
+    logs = world.logs()
+    assert logs.count("vchan echo1: domain 1 connected") == 3
+    assert logs.count("vchan echo2: connected to domain 2") == 3
+    # Between streams each side holds exactly one published vchan: domain 2 grants the
+    # shared page and 2 ring pages... and a port; domain 1 maps nothing.
+    world.wait_for("domain 1 to release its vchan", lambda: not any(
+        world.accounting(1).get(k) for k in ("mapped", "ports")))
+    acct = world.accounting(2)
+    assert acct.get("granted") == 1 + 16 + 4 and acct.get("ports") == 1, acct
+    world.daemons[1].stop()
+    world.daemons[2].stop()
+    assert world.xs_tree(SERVER_PATH) == []
+    assert world.host.leftovers() == {}
+
+
+def test_peer_daemon_killed_is_eof_within_a_second(world):
+    world.start(1, 2)
+    world.wait_for("domain 2's vchan published", lambda: published(world))
+    s = vchan_connect(world)
+    sent, got = echo_hashes(s, 1 << 20)
+    assert sent == got
+    world.kill9(2)
+    t0 = time.monotonic()
+    s.settimeout(5)
+    try:
+        assert s.recv(100) == b""
+    except ConnectionResetError:
+        pass
+    assert time.monotonic() - t0 < 1.0
+    s.close()
+    # Domain 1 released its port and mappings; the dead daemon's were released by the host.
+    world.wait_for("everything released", lambda: not any(
+        v for acct in world.host.accounting().values()
+        for k, v in acct.items() if k != "connections"))
+
+
+def test_endpoint_of_an_unconfigured_domain_is_ignored_and_logged(world):
+    # Domain 2 publishes nothing; something else (dom0, privileged, on behalf of domain 3)
+    # puts nodes owned by domain 3 at the configured path.
+    world.start(1, echo=False)
+    with world.host.xenstore(0) as xs:
+        xs.write(f"{SERVER_PATH}/ring-ref", "8")
+        xs.write(f"{SERVER_PATH}/event-channel", "3")
+
+        for node in (SERVER_PATH, f"{SERVER_PATH}/ring-ref", f"{SERVER_PATH}/event-channel"):
+            xs.set_perms(node, [XenStorePerm(3, "n"), XenStorePerm(1, "r")])
+    s = vchan_connect(world)
+    s.settimeout(5)
+    assert s.recv(100) == b""
+    s.close()
+    world.wait_for("the refusal logged", lambda: "owned by domain 3, not the configured "
+                   "server, domain 2: ignored" in world.logs())
+    assert not any(world.accounting(1).get(k) for k in ("mapped", "ports"))

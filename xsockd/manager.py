@@ -394,8 +394,10 @@ class Manager:
             try:
                 if cfg.role == "server":
                     assert cfg.service is not None
-                    server = VchanServer(cfg, self.config.services[cfg.service].socket,
-                                         self.backend, self.loop)
+                    svc = self.config.services[cfg.service]
+                    # The caller is the vchan client's domain; the "service" its vchan's name.
+                    header = caller_header(cfg.domain, name) if svc.caller_header else b""
+                    server = VchanServer(cfg, svc.socket, self.backend, self.loop, header)
                     self.vchans[name] = server
                     server.start()
                 else:

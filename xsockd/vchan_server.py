@@ -82,9 +82,10 @@ class _Published:
 
 class VchanServer:
     def __init__(self, cfg: VchanConfig, service_socket: str, backend: Backend,
-                 loop: Loop) -> None:
+                 loop: Loop, header: bytes = b"") -> None:
         self.cfg = cfg
         self.service_socket = service_socket
+        self.header = header  # the service's caller header, if it asked for one
         self.backend = backend
         self.loop = loop
         self.me = backend.domid
@@ -198,6 +199,7 @@ class VchanServer:
             try:
                 sock.settimeout(CONNECT_TIMEOUT)
                 sock.connect(self.service_socket)
+                sock.sendall(self.header)  # a line, into an empty socket buffer
                 sock.setblocking(False)
             except OSError:
                 sock.close()

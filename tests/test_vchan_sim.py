@@ -10,13 +10,17 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import struct
 import threading
 import time
 
 import pytest
 
 from tests.simworld import SimWorld
+from tests.vchanpair import CLI_LIVE, LEFT_CONS, LEFT_PROD
 from xsockd.backend import XenStorePerm
+from xsockd.backend_sim import SimBackend
+from xsockd.vchan_client import _Opened, read_published
 
 SERVER_PATH = "/local/domain/2/data/vchan/1/echo1"
 SERVER = """
@@ -139,3 +143,82 @@ def test_endpoint_of_an_unconfigured_domain_is_ignored_and_logged(world):
     world.wait_for("the refusal logged", lambda: "owned by domain 3, not the configured "
                    "server, domain 2: ignored" in world.logs())
     assert not any(world.accounting(1).get(k) for k in ("mapped", "ports"))
+
+
+class HostileClient:
+    """Domain 1 without xsockd: a test process mapping domain 2's published vchan itself."""
+
+    def __init__(self, world: SimWorld) -> None:
+        self.backend = SimBackend(1, world.sim_dir)
+        self.xs = self.backend.open_xenstore()
+        self.pub = read_published(self.xs, SERVER_PATH, 2)
+
+    def close(self) -> None:
+        self.xs.close()
+        self.backend.close()
+
+
+@pytest.fixture
+def server_only(world):
+    world.start(2)
+    world.wait_for("domain 2's vchan published", lambda: published(world))
+    hostile = HostileClient(world)
+    yield world, hostile
+    hostile.close()
+
+
+def test_a_client_breaking_the_ring_ends_that_vchan_only(server_only):
+    world, hostile = server_only
+    v = _Opened(hostile.backend, 2, hostile.pub)  # attaches as libxenvchan does, notifies
+    try:
+        world.wait_for("the nodes removed once a client attached",
+                       lambda: world.xs_tree(SERVER_PATH) == [])
+        assert v.page is not None and v.evtchn is not None
+        page = v.page.buffer
+        cons = struct.unpack_from("<I", page, LEFT_CONS)[0]
+        struct.pack_into("<I", page, LEFT_PROD, (cons + (1 << 20)) & 0xFFFFFFFF)  # > the ring
+        v.evtchn.notify()
+        world.wait_for("the server to end that vchan and publish a fresh one",
+                       lambda: "ended (proto" in world.logs() and published(world))
+    finally:
+        v.close()
+    # A fresh page: the next client of the fresh vchan is served as usual.
+    assert read_published(hostile.xs, SERVER_PATH, 2).ring_ref != hostile.pub.ring_ref
+
+
+def test_a_live_byte_out_of_range_ends_that_vchan_only(server_only):
+    world, hostile = server_only
+    evtchn = hostile.backend.bind_interdomain(2, hostile.pub.port)
+    page = hostile.backend.map(2, [hostile.pub.ring_ref])
+    try:
+        page.buffer[CLI_LIVE] = 7
+        evtchn.notify()
+        world.wait_for("the violation logged and a fresh vchan published", lambda: (
+            "the client broke the protocol" in world.logs() and published(world)
+            and read_published(hostile.xs, SERVER_PATH, 2) != hostile.pub))
+    finally:
+        page.close()
+        evtchn.close()
+    # The old vchan's grants and port are gone: one page of each ring and the shared page
+    # remain granted, for the fresh vchan only.
+    assert world.accounting(2).get("granted") == 1 + 16 + 4
+    assert world.accounting(2).get("ports") == 1
+
+
+def test_stopping_a_daemon_mid_stream_releases_everything(world):
+    world.start(1, 2)
+    world.wait_for("domain 2's vchan published", lambda: published(world))
+    s = vchan_connect(world)
+    sent, got = echo_hashes(s, 1 << 20)
+    assert sent == got
+    world.daemons[1].stop()
+    s.settimeout(5)
+    try:
+        assert s.recv(100) == b""
+    except ConnectionResetError:
+        pass
+    s.close()
+    world.wait_for("domain 2 to republish", lambda: published(world))
+    world.daemons[2].stop()
+    assert world.host.leftovers() == {}
+    assert world.xs_tree(SERVER_PATH) == []

@@ -222,3 +222,25 @@ def test_stopping_a_daemon_mid_stream_releases_everything(world):
     world.daemons[2].stop()
     assert world.host.leftovers() == {}
     assert world.xs_tree(SERVER_PATH) == []
+
+
+def test_the_client_domain_destroyed_ends_the_servers_stream(tmp_path):
+    # Only dom0 may ask whether a domain exists: the server is dom0's here.  Domain 1 is
+    # destroyed with its xsockd still running, so no unmap notification reaches dom0.
+    path = "/local/domain/0/data/vchan/1/echo1"
+    w = SimWorld(tmp_path, peers={0: [1], 1: [0]}, echo_on=(0,), extra={
+        0: SERVER, 1: CLIENT.replace("domain = 2", "domain = 0").replace(SERVER_PATH, path)})
+    try:
+        w.start(0, 1)
+        w.wait_for("dom0's vchan published", lambda: len(w.xs_tree(path)) == 3)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(w.rundir(1) / "0" / "echo2.sock"))
+        s.settimeout(30)
+        sent, got = echo_hashes(s, 1 << 20)
+        assert sent == got
+        w.host.destroy_domain(1)
+        w.wait_for("dom0 to notice through @releaseDomain",
+                   lambda: "vchan echo1: domain 1: domain 1 was destroyed" in w.logs())
+        s.close()
+    finally:
+        w.close()

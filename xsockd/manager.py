@@ -663,6 +663,12 @@ class Manager:
         # A domU may not ask (and gets no @releaseDomain events): its peer is dom0 or a
         # driver domain, whose death reaches it through the unmap notification.
         gone = {peer for peer, _ in self.links if not self._domain_exists(peer)}
+        for name, v in list(self.vchans.items()):
+            if not self._domain_exists(v.cfg.domain):
+                try:
+                    v.peer_destroyed()
+                except Exception as e:  # the boundary: this vchan only
+                    log.error("vchan %s: %s", name, escape(str(e)))
         for link in [lk for (peer, _), lk in self.links.items() if peer in gone]:
             log.warning("link with domain %d down: the domain was destroyed", link.peer,
                         extra={"XSOCK_PEER": link.peer})

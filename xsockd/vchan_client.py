@@ -255,6 +255,13 @@ class VchanClient:
         self.loop.add_reader(self.listener.fileno(), self._guarded(self._on_accept))
         self.loop.call_soon(self._guarded(self._on_accept))  # one may wait in the backlog
 
+    def peer_destroyed(self) -> None:
+        """The server's domain is gone (``@releaseDomain``): it ran no unmap notification."""
+        if self.state in ("waiting", "connected"):
+            self.peerlog.warning(self.cfg.domain, "vchan %s: domain %d was destroyed",
+                                 self.cfg.name, self.cfg.domain)
+            self._finish()
+
     def close(self) -> None:
         """Ends any stream and releases everything; the caller removes the socket file."""
         if self._closed:

@@ -102,6 +102,7 @@ class VchanServer:
         self._tokens = float(REPUBLISH_BURST)
         self._last = loop.time()
         self._closed = False
+        self._made: list[str] = []
 
     def __repr__(self) -> str:
         return f"<VchanServer {self.cfg.name} for domain {self.cfg.domain} {self.state}>"
@@ -121,7 +122,22 @@ class VchanServer:
     # ---- publishing ---------------------------------------------------------------------
 
     def start(self) -> None:
+        self._made = self._missing_ancestors()
         self._publish()
+
+    def _missing_ancestors(self) -> list[str]:
+        """Returns the directories above our path that writing it will create, deepest first:
+        ours to remove at close (if empty), so that nothing of ours is left behind."""
+        missing = []
+        parent = self.path.rsplit("/", 1)[0]
+        while parent.count("/") > 3:  # never /local/domain/<me> itself
+            try:
+                self.xs.directory(parent)
+                break
+            except OSError:
+                missing.append(parent)
+                parent = parent.rsplit("/", 1)[0]
+        return missing
 
     def _publish(self) -> None:
         self._timer = None
@@ -243,6 +259,12 @@ class VchanServer:
         else:
             self._later(REPUBLISH_INTERVAL, self._publish)
 
+    def peer_destroyed(self) -> None:
+        """The peer's domain is gone (``@releaseDomain``): it ran no unmap notification.
+        A vchan still waiting stays published: only that domain id may ever map it."""
+        if self.state == "serving":
+            self._end(f"domain {self.cfg.domain} was destroyed")
+
     def _release(self) -> None:
         """Endpoint, pages, port, then the nodes: the client sees us gone before the path."""
         v = self.vchan
@@ -265,6 +287,14 @@ class VchanServer:
             self._timer.cancel()
             self._timer = None
         self._release()
+        for parent in self._made:
+            try:
+                if self.xs.directory(parent):
+                    break  # someone else's nodes: keep it and what is above
+                self.xs.rm(parent)
+            except OSError as e:
+                log.debug("vchan %s: removing %s: %s", self.cfg.name, parent, e)
+                break
         self.xs.close()
         self.state = "closed"
 

@@ -101,7 +101,7 @@ def test_vchan_client_against_vchan_server(world):
     assert acct.get("granted") == 1 + 16 + 4 and acct.get("ports") == 1, acct
     world.daemons[1].stop()
     world.daemons[2].stop()
-    assert world.xs_tree(SERVER_PATH) == []
+    assert world.xs_tree("/local/domain/2/data/vchan") == []  # the directories it made too
     assert world.host.leftovers() == {}
 
 
@@ -244,3 +244,48 @@ def test_the_client_domain_destroyed_ends_the_servers_stream(tmp_path):
         s.close()
     finally:
         w.close()
+
+
+def publish_as(world: SimWorld, owner: int, ring_ref: str, port: str) -> None:
+    """Writes the two nodes at the configured path as dom0 would for ``owner``."""
+    with world.host.xenstore(0) as xs:
+        xs.write(f"{SERVER_PATH}/ring-ref", ring_ref)
+        xs.write(f"{SERVER_PATH}/event-channel", port)
+        for node in (SERVER_PATH, f"{SERVER_PATH}/ring-ref", f"{SERVER_PATH}/event-channel"):
+            xs.set_perms(node, [XenStorePerm(owner, "n"), XenStorePerm(1, "r")])
+
+
+@pytest.mark.parametrize("ref, port", [("012", "3"), ("8", "0"), ("x", "3"), ("8", "4294967296"),
+                                       ("8", " 3")])
+def test_a_server_publishing_garbage_is_refused(world, ref, port):
+    world.start(1, echo=False)
+    publish_as(world, 2, ref, port)
+    s = vchan_connect(world)
+    s.settimeout(5)
+    assert s.recv(100) == b""
+    s.close()
+    world.wait_for("the refusal logged", lambda: "are not both decimal" in world.logs())
+    assert not any(world.accounting(1).get(k) for k in ("mapped", "ports"))
+
+
+def test_a_server_page_with_forbidden_orders_is_refused_before_mapping_rings(world):
+    world.start(1, echo=False)
+    with SimBackend(2, world.sim_dir) as b2:
+        evtchn = b2.alloc_unbound(1)
+        page = b2.grant(1, 1)
+        struct.pack_into("<HH", page.buffer, 16, 9, 25)  # left_order, right_order
+        page.buffer[CLI_LIVE] = 2
+        page.buffer[CLI_LIVE + 1] = 1
+        try:
+            publish_as(world, 2, str(page.refs[0]), str(evtchn.port))
+            s = vchan_connect(world)
+            s.settimeout(5)
+            assert s.recv(100) == b""
+            s.close()
+            world.wait_for("the refusal logged", lambda: "opening domain 2's vchan" in
+                           world.logs() and "Protocol error" in world.logs())
+            world.wait_for("domain 1 to release the page and port", lambda: not any(
+                world.accounting(1).get(k) for k in ("mapped", "ports")))
+        finally:
+            page.close()
+            evtchn.close()

@@ -45,21 +45,30 @@ class _Published:
 
     def __init__(self, backend: Backend, peer: int, left_order: int, right_order: int) -> None:
         self.evtchn: EventChannel | None = None
-        self.pages: GrantedPages | None = None
+        self.pages: GrantedPages | None = None  # the shared page
+        self.rings: GrantedPages | None = None  # the ring pages, left ring's first
         self.endpoint: VchanEndpoint | None = None
         self.pump: VchanPump | None = None
         try:
             lay = layout(left_order, right_order)
             self.evtchn = backend.alloc_unbound(peer)
             # Our process dying clears srv_live and signals the client (its port is ours).
-            self.pages = backend.grant(peer, 1 + lay.grants,
+            # A grant with an unmap notification is one page (gntalloc's rule): the rings
+            # are granted apart.
+            self.pages = backend.grant(peer, 1,
                                        UnmapNotify(lib.XSK_VCHAN_OFF_SRV_LIVE, self.evtchn.port))
-            buf = self.pages.buffer
-            server_init(buf[:PAGE], left_order, right_order, list(self.pages.refs[1:]))
-            end_left = PAGE * (1 + lay.left_pages)
-            left = buf[PAGE:end_left] if lay.left_pages else None
-            right = buf[end_left:end_left + PAGE * lay.right_pages] if lay.right_pages else None
-            self.endpoint = VchanEndpoint(buf[:PAGE], Role.SERVER, lay, left, right)
+            left = right = None
+            refs: list[int] = []
+            if lay.grants:
+                self.rings = backend.grant(peer, lay.grants)
+                refs = list(self.rings.refs)
+                ring_mem = self.rings.buffer
+                cut = PAGE * lay.left_pages
+                left = ring_mem[:cut] if lay.left_pages else None
+                right = ring_mem[cut:cut + PAGE * lay.right_pages] if lay.right_pages else None
+            page = self.pages.buffer[:PAGE]
+            server_init(page, left_order, right_order, refs)
+            self.endpoint = VchanEndpoint(page, Role.SERVER, lay, left, right)
         except BaseException:
             self.close()
             raise
@@ -74,10 +83,10 @@ class _Published:
             self.pump.close()
         if self.endpoint is not None and self.endpoint.close() and self.evtchn is not None:
             self.evtchn.notify()
-        for res in (self.pages, self.evtchn):
+        for res in (self.rings, self.pages, self.evtchn):
             if res is not None:
                 res.close()
-        self.pump = self.endpoint = self.pages = self.evtchn = None
+        self.pump = self.endpoint = self.rings = self.pages = self.evtchn = None
 
 
 class VchanServer:

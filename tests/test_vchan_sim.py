@@ -289,3 +289,41 @@ def test_a_server_page_with_forbidden_orders_is_refused_before_mapping_rings(wor
         finally:
             page.close()
             evtchn.close()
+
+
+def test_the_service_caller_header_names_the_vchan_client(tmp_path):
+    hdr = tmp_path / "hdr.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(hdr))
+    listener.listen()
+    lines: list[bytes] = []
+
+    def serve() -> None:  # sends back the line xsockd wrote first, then closes
+        conn, _ = listener.accept()
+        with conn:
+            line = b""
+            while not line.endswith(b"\n") and (b := conn.recv(1)):
+                line += b
+            lines.append(line)
+            conn.sendall(line)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    extra = (f'\n[services.hdr]\nsocket = "{hdr}"\ncaller_header = true\n'
+             + SERVER.replace('service = "echo"', 'service = "hdr"'))
+    w = SimWorld(tmp_path, extra={1: CLIENT, 2: extra})
+    try:
+        w.start(1, 2, echo=False)
+        w.wait_for("domain 2's vchan published", lambda: published(w))
+        s = vchan_connect(w)
+        s.settimeout(10)
+        got = b""
+        while chunk := s.recv(100):
+            got += chunk
+        s.close()
+        t.join(10)
+        assert lines == [b"XSOCK/1 domid=1 service=echo1\n"]
+        assert got == lines[0]  # and the service's EOF reached the client after its bytes
+    finally:
+        w.close()
+        listener.close()

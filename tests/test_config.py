@@ -93,6 +93,8 @@ def test_sizes(value, size):
     (_VCHAN_SERVER + "ring_size = [\"64KiB\", \"2MiB\"]\n", "vchan.q.ring_size", "largest"),
     (_VCHAN_SERVER + "ring_size = [\"64KiB\"]\n", "vchan.q.ring_size", "two sizes"),
     (_VCHAN_SERVER + "linger = -1\n", "vchan.q.linger", ""),
+    ("[link]\ngrant_pages = 260\n" + _VCHAN_SERVER + "ring_size = [\"1MiB\", \"4KiB\"]\n",
+     "link.grant_pages", "the vchan servers hold 258 grant pages"),
 ])
 def test_each_rule_names_table_and_key(text, where, words):
     e = error_of(text)
@@ -208,3 +210,5 @@ def test_vchan_tables():
     assert server.absolute_path(3) == "/local/domain/3/data/vchan/5/q"  # the default path
     assert (client.role, client.domain, client.linger) == ("client", 6, 5.0)
     assert client.absolute_path(3) == "/local/domain/6/device-model/4/qmp-vchan"
+    # The server's shared page and its 256 KiB ring's 64 pages; the 1 KiB ring is in the page.
+    assert (server.pages(), client.pages(), cfg.vchan_pages()) == (65, 0, 65)

@@ -127,6 +127,13 @@ class VchanConfig:
     right_order: int = 16         # server -> client
     linger: float = 5.0
 
+    def pages(self) -> int:
+        """Returns the pages a server grants for one vchan: the shared page and the rings'
+        (a ring below a page lives in the shared page); 0 for a client."""
+        if self.role != "server":
+            return 0
+        return 1 + sum(1 << (o - 12) for o in (self.left_order, self.right_order) if o >= 12)
+
     def absolute_path(self, own_domid: int) -> str:
         """Returns the XenStore path; a relative one is under our own domain's tree."""
         if self.path.startswith("/"):
@@ -163,6 +170,10 @@ class Config:
         name = name or self.daemon.default_service
         service = self.services.get(name) if name else None
         return service if service is not None and peer in service.allow else None
+
+    def vchan_pages(self) -> int:
+        """Returns the grant pages the [vchan.NAME] servers hold, one vchan each at a time."""
+        return sum(v.pages() for v in self.vchans.values())
 
     def link_pages(self) -> int:
         """Returns the pages one link we initiate grants: a control page and two rings."""
@@ -394,8 +405,8 @@ def parse_config(text: str, path: str = "<string>") -> Config:
         raise r.error("daemon", "default_service",
                       f"names no service; define [services.{daemon.default_service}]")
     remotes = _remotes(r, data, daemon)
-    return Config(daemon, link, services, remotes, _vchans(r, data, daemon, services, remotes),
-                  path, r.line_of("daemon", "peers"))
+    vchans = _vchans(r, data, daemon, link, services, remotes)
+    return Config(daemon, link, services, remotes, vchans, path, r.line_of("daemon", "peers"))
 
 
 def _remotes(r: _Reader, data: Mapping[str, Any], daemon: DaemonConfig) -> dict[int, RemoteConfig]:
@@ -440,7 +451,7 @@ def _remotes(r: _Reader, data: Mapping[str, Any], daemon: DaemonConfig) -> dict[
 _XS_PATH = re.compile(r"[A-Za-z0-9_.@-]+(/[A-Za-z0-9_.@-]+)*")
 
 
-def _vchans(r: _Reader, data: Mapping[str, Any], daemon: DaemonConfig,
+def _vchans(r: _Reader, data: Mapping[str, Any], daemon: DaemonConfig, link_cfg: LinkConfig,
             services: Mapping[str, ServiceConfig], remotes: Mapping[int, RemoteConfig]
             ) -> dict[str, VchanConfig]:
     """Returns the ``[vchan.NAME]`` tables (docs/VCHAN.md)."""
@@ -504,6 +515,12 @@ def _vchans(r: _Reader, data: Mapping[str, Any], daemon: DaemonConfig,
         linger = r.seconds(table, "linger", body.get("linger", 5), VCHAN_MAX_LINGER)
         out[name] = VchanConfig(name, role, dom, path, service, left.bit_length() - 1,
                                 right.bit_length() - 1, linger)
+    # Vchan servers' pages come off the top of the grant budget, before the links' shares.
+    pages = sum(v.pages() for v in out.values())
+    if pages + link_pages(MIN_RING_SIZE) > link_cfg.grant_pages:
+        raise r.error("link", "grant_pages", f"the vchan servers hold {pages} grant pages, "
+                                             f"leaving less than one link's worth of "
+                                             f"grant_pages = {link_cfg.grant_pages}")
     return out
 
 

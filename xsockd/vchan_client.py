@@ -19,15 +19,18 @@ import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from xsockd.backend import Backend, EventChannel, MappedPages, UnmapNotify, XenStore
 from xsockd.config import VchanConfig
 from xsockd.errors import ProtocolError
-from xsockd.loop import Loop, Timer
 from xsockd.peerlog import PeerLog, escape
 from xsockd.rendezvous import canonical_int
 from xsockd.vchan import Role, VchanEndpoint, VchanPump, client_probe, lib
 from xsockd.xenstore_client import transact
+
+if TYPE_CHECKING:  # the daemon's loop is GLib's; the manager runs on any (tests/fakeloop.py)
+    from xsockd.loop import Loop, Timer
 
 log = logging.getLogger("xsockd.vchan")
 

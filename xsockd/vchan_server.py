@@ -17,12 +17,15 @@ import errno
 import logging
 import socket
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from xsockd.backend import Backend, EventChannel, GrantedPages, UnmapNotify, XenStorePerm
 from xsockd.config import VchanConfig
-from xsockd.loop import Loop, Timer
 from xsockd.vchan import Live, Role, VchanEndpoint, VchanPump, layout, lib, server_init
 from xsockd.xenstore_client import transact
+
+if TYPE_CHECKING:  # the daemon's loop is GLib's; the manager runs on any (tests/fakeloop.py)
+    from xsockd.loop import Loop, Timer
 
 log = logging.getLogger("xsockd.vchan")
 

@@ -327,3 +327,37 @@ def test_the_service_caller_header_names_the_vchan_client(tmp_path):
     finally:
         w.close()
         listener.close()
+
+
+def test_a_client_that_never_consumes_costs_only_its_rings(server_only):
+    world, hostile = server_only
+    v = _Opened(hostile.backend, 2, hostile.pub)
+    try:
+        assert v.endpoint is not None and v.evtchn is not None
+        world.wait_for("the client spliced in", lambda: world.xs_tree(SERVER_PATH) == [])
+        # The echo's replies fill the right ring (16 KiB) and stop there: the server stops
+        # taking from the service, which stops taking from the left ring once the sockets'
+        # kernel buffers between are full: nothing is buffered in xsockd.
+        sent, idle = 0, 0.0
+        while idle < 1.0 and sent < 64 << 20:
+            n = v.endpoint.write(os.urandom(16 << 10))
+            sent += n
+            if v.endpoint.take_notify():
+                v.evtchn.notify()
+            if not n:
+                time.sleep(0.05)
+                idle += 0.05
+            else:
+                idle = 0.0
+        st = v.endpoint.status()
+        assert st["rx_ready"] == 16 << 10 and st["tx_space"] == 0, st
+        assert sent < 64 << 20, "the left ring never stayed full"
+        assert world.accounting(2).get("granted") == 1 + 16 + 4  # nothing more was granted
+    finally:
+        v.close()
+    # The service waits to write its echo, so it takes none of the left ring: the server
+    # stops waiting linger (2 s) after the client left, drops the rest, and republishes.
+    t0 = time.monotonic()
+    world.wait_for("the server to end that vchan and publish a fresh one",
+                   lambda: "ended (undelivered" in world.logs() and published(world))
+    assert time.monotonic() - t0 < 4

@@ -89,6 +89,18 @@ def test_grant_plan_never_exceeds_the_configured_ring_and_says_what_to_change():
     assert "list fewer [daemon] peers" in why
 
 
+def test_vchan_servers_pages_come_off_the_top_of_the_grant_budget():
+    conf = parse_config("[daemon]\npeers = [1, 2]\n[services.e]\nsocket = \"/s\"\n"
+                        "[vchan.v]\nrole = \"server\"\ndomain = 9\nservice = \"e\"\n"
+                        "ring_size = [\"256KiB\", \"256KiB\"]\n")
+    plan = grant_plan(conf)
+    # 1 + 64 + 64 pages for the vchan; (1024 - 129) // 2 = 447 a peer: 256 KiB links fit.
+    assert (plan.vchan_pages, plan.grant_pages, plan.share) == (129, 895, 447)
+    assert "grant budget 895 pages (129 more for vchan servers) for 2 peers" in plan.describe()
+    assert grant_budget(conf, 895 - 129) is None
+    assert grant_budget(conf, 895 - 128) is not None
+
+
 def test_escape_keeps_peer_text_on_one_line_and_bounded():
     assert escape("refused\nxsockd[1] ERROR forged") == "refused\\nxsockd[1] ERROR forged"
     assert escape("a\rb\x1b[2Kc\x0bd\u2028e\x85") == "a\\rb\\x1b[2Kc\\x0bd\\u2028e\\x85"

@@ -19,6 +19,8 @@ from xsockd.errors import ConfigError
 from xsockd.words import count, size_text
 
 SHIPPED = Path(__file__).parent.parent / "conf" / "xsockd.conf"
+_VCHAN_SERVER = ("[services.e]\nsocket = \"/s\"\n[vchan.q]\nrole = \"server\"\ndomain = 5\n"
+                 "service = \"e\"\n")
 
 
 def error_of(text: str) -> ConfigError:
@@ -74,6 +76,25 @@ def test_sizes(value, size):
     ("[services.\"a b\"]\nsocket=\"/s\"\n", "services.a b", "service names"),
     ("[services.a]\nsocket=\"/s\"\ncaller_header = 1\n", "services.a.caller_header",
      "true or false"),
+    ("[vchan.q]\ndomain = 5\n", "vchan.q.role", "client"),
+    ("[vchan.q]\nrole = \"client\"\n", "vchan.q.domain", "domain id"),
+    ("[vchan.q]\nrole = \"client\"\ndomain = 5\npath = \"/local/domain/6/x\"\n",
+     "vchan.q.path", "inside /local/domain/5/"),
+    ("[vchan.q]\nrole = \"client\"\ndomain = 5\npath = \"/local/domain/5//x\"\n",
+     "vchan.q.path", "XenStore path"),
+    ("[vchan.q]\nrole = \"client\"\ndomain = 5\npath = \"/local/domain/5/x\"\n"
+     "service = \"e\"\n", "vchan.q.service", "unknown key for a client"),
+    ("[vchan.q]\nrole = \"server\"\ndomain = 5\nservice = \"nope\"\n", "vchan.q.service",
+     "[services.NAME]"),
+    (_VCHAN_SERVER + "ring_size = [\"1KiB\", \"1KiB\"]\n", "vchan.q.ring_size",
+     "libxenvchan cannot place"),
+    (_VCHAN_SERVER + "ring_size = [\"1KiB\", \"1MiB\"]\n", "vchan.q.ring_size",
+     "libxenvchan cannot place"),
+    (_VCHAN_SERVER + "ring_size = [\"64KiB\", \"2MiB\"]\n", "vchan.q.ring_size", "largest"),
+    (_VCHAN_SERVER + "ring_size = [\"64KiB\"]\n", "vchan.q.ring_size", "two sizes"),
+    (_VCHAN_SERVER + "linger = -1\n", "vchan.q.linger", ""),
+    ("[link]\ngrant_pages = 260\n" + _VCHAN_SERVER + "ring_size = [\"1MiB\", \"4KiB\"]\n",
+     "link.grant_pages", "the vchan servers hold 258 grant pages"),
 ])
 def test_each_rule_names_table_and_key(text, where, words):
     e = error_of(text)
@@ -177,3 +198,17 @@ def test_counts_are_singular_or_plural():
     assert count(1, "idle stream") == "1 idle stream" and count(3, "ox", "oxen") == "3 oxen"
     assert size_text(262144) == "256KiB" and size_text(262144, "K") == "256K"
     assert size_text(4096 * 3 + 1, "KiB") == "12289"
+
+
+def test_vchan_tables():
+    cfg = parse_config(_VCHAN_SERVER + "ring_size = [\"1KiB\", \"256KiB\"]\nlinger = 2\n"
+                       "[vchan.c]\nrole = \"client\"\ndomain = 6\n"
+                       "path = \"/local/domain/6/device-model/4/qmp-vchan\"\n")
+    server, client = cfg.vchans["q"], cfg.vchans["c"]
+    assert (server.role, server.domain, server.service) == ("server", 5, "e")
+    assert (server.left_order, server.right_order, server.linger) == (10, 18, 2.0)
+    assert server.absolute_path(3) == "/local/domain/3/data/vchan/5/q"  # the default path
+    assert (client.role, client.domain, client.linger) == ("client", 6, 5.0)
+    assert client.absolute_path(3) == "/local/domain/6/device-model/4/qmp-vchan"
+    # The server's shared page and its 256 KiB ring's 64 pages; the 1 KiB ring is in the page.
+    assert (server.pages(), client.pages(), cfg.vchan_pages()) == (65, 0, 65)

@@ -15,7 +15,7 @@ ALLOWED: dict[str, set[str] | None] = {
     "backend": set(),
     "ring": {"_ring_core"},
     "vchan": {"_ring_core"},  # the libxenvchan endpoint: a leaf beside ring
-    "config": {"constants", "errors", "ring", "words"},
+    "config": {"constants", "errors", "ring", "vchan", "words"},
     "xenstore_wire": set(),
     "xenstore_client": {"backend", "errors", "xenstore_wire"},
     "link": {"backend", "ring"},
@@ -26,7 +26,12 @@ ALLOWED: dict[str, set[str] | None] = {
     "advice": {"ring"},
     "confdiff": {"config"},
     "manager": {"admission", "advice", "backend", "confdiff", "config", "constants", "errors",
-                "link", "listeners", "loop", "peerlog", "rendezvous", "ring", "words"},
+                "link", "listeners", "loop", "peerlog", "rendezvous", "ring", "vchan_client",
+                "vchan_server", "words"},
+    # The vchan roles (docs/VCHAN.md): the endpoint and pump driven through the backend.
+    "vchan_server": {"backend", "config", "loop", "vchan", "xenstore_client"},
+    "vchan_client": {"backend", "config", "errors", "loop", "peerlog", "rendezvous", "vchan",
+                     "xenstore_client"},
     "backend_sim": {"backend", "errors", "sim.hypervisor", "xenstore_client"},
     # The face sees the manager only through its snake_case methods (and the loop's call_soon).
     "dbus_face": {"constants", "errors", "loop", "manager"},

@@ -52,6 +52,7 @@ def test_every_key_of_the_reference_configuration_is_in_xsockd_conf_5():
     keys = {k for table in ("daemon", "link") for k in conf[table]}
     keys |= {k for svc in conf["services"].values() for k in svc}
     keys |= {k for remote in conf["remote"].values() for k in remote}
+    keys |= {k for vchan in conf["vchan"].values() for k in vchan}
     missing = sorted(k for k in keys if not re.search(rf"^{k}$", page, re.M))
     assert not missing, f"man/xsockd.conf.5.rst does not describe {missing}"
 

@@ -206,6 +206,34 @@ def test_linger_bounds_the_wait_for_a_peer_that_never_consumes(spliced):
     assert 0.25 < time.monotonic() - start < 3
 
 
+def test_a_gone_peers_data_the_socket_never_takes_is_dropped_after_linger(spliced):
+    """The server wrote more than the socket's buffers hold, then left; the application
+    never reads (it waits to write, say): the pump stops waiting after linger, not never."""
+    app, cpump = spliced.pump("client", linger=0.3)
+    app.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    server = spliced.pair.server
+    written = 0
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # until the ring stays full: the socket is full too
+        n = server.write(os.urandom(4096))
+        written += n
+        if server.take_notify():
+            os.eventfd_write(spliced.efd["client"], 1)
+        if not n:
+            time.sleep(0.2)
+            if not server.write(b"x"):
+                break
+            written += 1
+    assert server.status()["tx_space"] == 0
+    start = time.monotonic()
+    spliced.pair.set_u8(SRV_LIVE, 0)  # its unmap notification
+    os.eventfd_write(spliced.efd["client"], 1)
+    result = wait_end(cpump, timeout=5)
+    assert result.end == End.UNDELIVERED
+    assert 0.25 < time.monotonic() - start < 3
+    assert 0 < result.bytes_in < written  # some reached the socket, the rest was dropped
+
+
 def test_endpoint_refuses_calls_while_pumped(spliced):
     _, cpump = spliced.pump("client")
     with pytest.raises(OSError) as e:

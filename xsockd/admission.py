@@ -117,12 +117,13 @@ class GrantPlan:
     whichever peers ask first; a link a peer initiates costs us no grant (the peer grants).
     """
 
-    grant_pages: int
+    grant_pages: int    # for links: [link] grant_pages less the vchan servers' pages
     peers: int
     share: int          # pages per configured peer
     ring_size: int      # bytes per direction of each link we initiate
     link_pages: int     # pages each link we initiate grants
     shrunk: bool = False  # ring_size is below [link] ring_size
+    vchan_pages: int = 0  # held by [vchan.NAME] servers, off the top
 
     @property
     def links(self) -> int:
@@ -131,7 +132,8 @@ class GrantPlan:
 
     def describe(self) -> str:
         reduced = " (reduced from [link] ring_size to fit)" if self.shrunk else ""
-        return (f"grant budget {self.grant_pages} pages for {count(self.peers, 'peer')}: "
+        vchans = (f" ({self.vchan_pages} more for vchan servers)" if self.vchan_pages else "")
+        return (f"grant budget {self.grant_pages} pages{vchans} for {count(self.peers, 'peer')}: "
                 f"{self.share} pages each, links we initiate get {self.ring_size // 1024} KiB "
                 f"rings{reduced}, {self.link_pages} pages a link, "
                 f"{self.links} such links fit in the whole budget")
@@ -140,12 +142,14 @@ class GrantPlan:
 def grant_plan(config: Config) -> GrantPlan:
     """Returns how ``config``'s grant budget is divided among its peers."""
     peers = max(1, len(config.daemon.peers))
-    share = config.link.grant_pages // peers
+    vchans = config.vchan_pages()
+    budget = config.link.grant_pages - vchans
+    share = budget // peers
     ring = config.link.ring_size
     while ring > MIN_RING_SIZE and link_pages(ring) > share:
         ring //= 2
-    return GrantPlan(config.link.grant_pages, peers, share, ring, link_pages(ring),
-                     shrunk=ring != config.link.ring_size)
+    return GrantPlan(budget, peers, share, ring, link_pages(ring),
+                     shrunk=ring != config.link.ring_size, vchan_pages=vchans)
 
 
 def grant_budget(config: Config, granted: int) -> str | None:

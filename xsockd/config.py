@@ -33,6 +33,7 @@ from xsockd.ring import (
     link_pages,
     valid_service_name,
 )
+from xsockd.vchan import layout as vchan_layout
 from xsockd.words import count, size_text
 
 __all__ = [
@@ -54,8 +55,12 @@ DOMID_MAX = 0x7FEF  # DOMID_FIRST_RESERVED - 1
 SUN_PATH_MAX = 107
 _SIZE = re.compile(r"(\d+)\s*(KiB|MiB|K|M)?")
 _UNITS = {None: 1, "K": 1024, "KiB": 1024, "M": 1 << 20, "MiB": 1 << 20}
-TABLES = ("daemon", "link", "services", "remote")
-TABLES_TEXT = "[daemon], [link], [services.NAME], [remote.DOMID]"
+TABLES = ("daemon", "link", "services", "remote", "vchan")
+TABLES_TEXT = "[daemon], [link], [services.NAME], [remote.DOMID], [vchan.NAME]"
+# libxenvchan ring orders (xsockd/vchan_core.h): 1 KiB .. 1 MiB per direction.
+VCHAN_MIN_RING = 1 << 10
+VCHAN_MAX_RING = 1 << 20
+VCHAN_MAX_LINGER = 3600
 # A TOML table header, [a.b] or [[a.b]], and one bare or quoted key of its dotted name.
 _HEADER = re.compile(r"\s*\[\[?(?P<name>[^\[\]]*)\]\]?\s*(?:#.*)?$")
 _KEY_PART = re.compile(r'\s*(?:"((?:[^"\\]|\\.)*)"|\'([^\']*)\'|([A-Za-z0-9_-]+))\s*(?:\.|$)')
@@ -106,11 +111,43 @@ class RemoteConfig:
 
 
 @dataclass(frozen=True)
+class VchanConfig:
+    """``[vchan.NAME]``: a libxenvchan endpoint (docs/VCHAN.md).
+
+    ``path`` is absolute: for a client inside ``/local/domain/<domain>/``, for a server
+    inside our own tree (made absolute once our domain id is known: ``absolute_path``).
+    """
+
+    name: str
+    role: str                     # "client" or "server"
+    domain: int                   # the peer: the only domain served or looked at
+    path: str                     # as configured (a server's may be relative)
+    service: str | None = None    # server: the [services.X] it splices clients into
+    left_order: int = 16          # client -> server ring, log2 bytes
+    right_order: int = 16         # server -> client
+    linger: float = 5.0
+
+    def pages(self) -> int:
+        """Returns the pages a server grants for one vchan: the shared page and the rings'
+        (a ring below a page lives in the shared page); 0 for a client."""
+        if self.role != "server":
+            return 0
+        return 1 + sum(1 << (o - 12) for o in (self.left_order, self.right_order) if o >= 12)
+
+    def absolute_path(self, own_domid: int) -> str:
+        """Returns the XenStore path; a relative one is under our own domain's tree."""
+        if self.path.startswith("/"):
+            return self.path
+        return f"/local/domain/{own_domid}/{self.path}"
+
+
+@dataclass(frozen=True)
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     link: LinkConfig = field(default_factory=LinkConfig)
     services: Mapping[str, ServiceConfig] = field(default_factory=dict)
     remotes: Mapping[int, RemoteConfig] = field(default_factory=dict)
+    vchans: Mapping[str, VchanConfig] = field(default_factory=dict)
     # Where it came from, for what is checked after parsing (check_own_domain).
     path: str | None = field(default=None, compare=False)
     peers_line: int | None = field(default=None, compare=False)
@@ -133,6 +170,10 @@ class Config:
         name = name or self.daemon.default_service
         service = self.services.get(name) if name else None
         return service if service is not None and peer in service.allow else None
+
+    def vchan_pages(self) -> int:
+        """Returns the grant pages the [vchan.NAME] servers hold, one vchan each at a time."""
+        return sum(v.pages() for v in self.vchans.values())
 
     def link_pages(self) -> int:
         """Returns the pages one link we initiate grants: a control page and two rings."""
@@ -363,8 +404,9 @@ def parse_config(text: str, path: str = "<string>") -> Config:
     if daemon.default_service is not None and daemon.default_service not in services:
         raise r.error("daemon", "default_service",
                       f"names no service; define [services.{daemon.default_service}]")
-    return Config(daemon, link, services, _remotes(r, data, daemon), path,
-                  r.line_of("daemon", "peers"))
+    remotes = _remotes(r, data, daemon)
+    vchans = _vchans(r, data, daemon, link, services, remotes)
+    return Config(daemon, link, services, remotes, vchans, path, r.line_of("daemon", "peers"))
 
 
 def _remotes(r: _Reader, data: Mapping[str, Any], daemon: DaemonConfig) -> dict[int, RemoteConfig]:
@@ -404,6 +446,82 @@ def _remotes(r: _Reader, data: Mapping[str, Any], daemon: DaemonConfig) -> dict[
             raise r.error(table, "services", "lists a service twice")
         remotes[domid] = RemoteConfig(domid, tuple(names), eager)
     return remotes
+
+
+_XS_PATH = re.compile(r"[A-Za-z0-9_.@-]+(/[A-Za-z0-9_.@-]+)*")
+
+
+def _vchans(r: _Reader, data: Mapping[str, Any], daemon: DaemonConfig, link_cfg: LinkConfig,
+            services: Mapping[str, ServiceConfig], remotes: Mapping[int, RemoteConfig]
+            ) -> dict[str, VchanConfig]:
+    """Returns the ``[vchan.NAME]`` tables (docs/VCHAN.md)."""
+    raw = data.get("vchan", {})
+    if not isinstance(raw, dict):
+        raise r.error("vchan", None, "must be tables [vchan.NAME]")
+    out: dict[str, VchanConfig] = {}
+    keys = {"client": {"role", "domain", "path", "linger"},
+            "server": {"role", "domain", "path", "service", "ring_size", "linger"}}
+    for name, body in raw.items():
+        table = f"vchan.{name}"
+        if not valid_service_name(name):
+            raise r.error(table, None, SERVICE_NAME_RULE)
+        if not isinstance(body, dict):
+            raise r.error(table, None, "must be a table")
+        role = body.get("role")
+        if role not in keys:
+            raise r.error(table, "role", 'needs role = "client" or "server"')
+        for key in body:
+            if key not in keys[role]:
+                raise r.error(table, key, f"unknown key for a {role}; expected one of "
+                                          f"{sorted(keys[role])}")
+        dom = body.get("domain")
+        if not isinstance(dom, int) or isinstance(dom, bool) or not 0 <= dom <= DOMID_MAX:
+            raise r.error(table, "domain", f"needs domain = a domain id from 0 to {DOMID_MAX}")
+        path = body.get("path", f"data/vchan/{dom}/{name}" if role == "server" else None)
+        if not isinstance(path, str) or not _XS_PATH.fullmatch(path.removeprefix("/")):
+            raise r.error(table, "path", "needs path = a XenStore path (A-Z a-z 0-9 _ . @ - "
+                                         "between single slashes)")
+        if role == "client":
+            if not path.startswith(f"/local/domain/{dom}/"):
+                raise r.error(table, "path", f"must be inside /local/domain/{dom}/: a server "
+                                             "publishes in its own tree")
+            if name in (remotes[dom].services if dom in remotes else ()):
+                raise r.error(table, None, f"<rundir>/{dom}/{name}.sock is also a named "
+                                           f"service of [remote.{dom}]")
+            sock = f"{daemon.rundir.rstrip('/')}/{dom}/{name}.sock"
+            if len(sock.encode()) > SUN_PATH_MAX:
+                raise r.error(table, None, f"the socket {sock} would be longer than a Unix "
+                                           f"socket path may be ({SUN_PATH_MAX} bytes)")
+            out[name] = VchanConfig(name, role, dom, path, linger=r.seconds(
+                table, "linger", body.get("linger", 5), VCHAN_MAX_LINGER))
+            continue
+        if path.startswith("/") and not re.fullmatch(r"/local/domain/\d+/.+", path):
+            raise r.error(table, "path", "must be relative (under our own tree) or inside "
+                                         "/local/domain/<our domid>/")
+        service = body.get("service")
+        if service not in services:
+            raise r.error(table, "service", "must name a [services.NAME] table")
+        sizes = body.get("ring_size", ["64KiB", "64KiB"])
+        if not isinstance(sizes, list) or len(sizes) != 2:
+            raise r.error(table, "ring_size", "must be two sizes: [left, right]")
+        left, right = (r.size(table, "ring_size", v, VCHAN_MIN_RING, VCHAN_MAX_RING)
+                       for v in sizes)
+        try:  # libxenvchan's rules for the pair, defined once in the C core
+            vchan_layout(left.bit_length() - 1, right.bit_length() - 1)
+        except OSError:
+            raise r.error(table, "ring_size", "libxenvchan cannot place these two rings: two "
+                                              "below 4KiB must differ, and the grant list "
+                                              "must fit in the shared page") from None
+        linger = r.seconds(table, "linger", body.get("linger", 5), VCHAN_MAX_LINGER)
+        out[name] = VchanConfig(name, role, dom, path, service, left.bit_length() - 1,
+                                right.bit_length() - 1, linger)
+    # Vchan servers' pages come off the top of the grant budget, before the links' shares.
+    pages = sum(v.pages() for v in out.values())
+    if pages + link_pages(MIN_RING_SIZE) > link_cfg.grant_pages:
+        raise r.error("link", "grant_pages", f"the vchan servers hold {pages} grant pages, "
+                                             f"leaving less than one link's worth of "
+                                             f"grant_pages = {link_cfg.grant_pages}")
+    return out
 
 
 def load_config(path: str, hint: str = "") -> Config:

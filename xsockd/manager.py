@@ -62,6 +62,8 @@ from xsockd.rendezvous import (
     request_dir,
 )
 from xsockd.ring import EventType, Reason, RingEvent, Role
+from xsockd.vchan_client import VchanClient
+from xsockd.vchan_server import VchanServer
 from xsockd.words import count
 
 if TYPE_CHECKING:
@@ -180,6 +182,7 @@ class Manager:
         self._eager_timers: dict[int, Timer] = {}                # peer: next try
         self._eager_delay: dict[int, float] = {}                 # peer: backoff after a failure
         self._eager_off = False                                  # stopping: no more tries
+        self.vchans: dict[str, VchanServer | VchanClient] = {}   # [vchan.NAME] (vchan_*.py)
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -202,6 +205,7 @@ class Manager:
         self.loop.add_reader(self.xs.fileno(), self._on_xenstore)
         for peer, service in self.config.local_sockets():
             self._listen(peer, service)
+        self._start_vchans()
         self._started = True
         for peer in sorted(self.config.eager_peers()):
             self._keep_eager(peer, 0.0)
@@ -222,6 +226,7 @@ class Manager:
             self._drain_timer = None
         for link in list(self.links.values()):
             self._drop_link(link, goodbye=True)
+        self._stop_vchans()
         if self._started:
             self.loop.remove_reader(self.xs.fileno())
             try:
@@ -309,6 +314,9 @@ class Manager:
             for peer, service in sorted(old - new):
                 self._unlisten(peer, service)
         changes += describe_changes(self.config, config)
+        if config.vchans != self.config.vchans:
+            config = dataclasses.replace(config, vchans=self.config.vchans)
+            changes.append("[vchan] tables kept (changes take effect at restart)")
         old_config = self.config
         now = self.loop.time()
         for budget in self._budgets.values():
@@ -376,6 +384,48 @@ class Manager:
                 except Exception as e2:  # already failing: release what we can
                     log.debug("dropping the link of domain %d: %s", peer, e2, exc_info=e2)
                     self.links.pop(key, None)
+
+    # ---- vchans (docs/VCHAN.md): each owns its XenStore connection and fds -----------------
+
+    def _start_vchans(self) -> None:
+        """Starts every [vchan.NAME]; one that cannot start is logged and left out."""
+        assert self._rundir is not None
+        for name, cfg in sorted(self.config.vchans.items()):
+            try:
+                if cfg.role == "server":
+                    assert cfg.service is not None
+                    svc = self.config.services[cfg.service]
+                    # The caller is the vchan client's domain; the "service" its vchan's name.
+                    header = caller_header(cfg.domain, name) if svc.caller_header else b""
+                    server = VchanServer(cfg, svc.socket, self.backend, self.loop, header)
+                    self.vchans[name] = server
+                    server.start()
+                else:
+                    listener = self._rundir.listen(cfg.domain, name)
+                    client = VchanClient(cfg, listener, self.backend, self.loop, self.peerlog)
+                    self.vchans[name] = client
+                    client.start()
+            except Exception as e:  # the boundary: this vchan only
+                log.error("vchan %s: cannot start: %s", name, escape(str(e)))
+                self._stop_vchan(name)
+
+    def _stop_vchan(self, name: str) -> None:
+        v = self.vchans.pop(name, None)
+        if v is not None:
+            v.close()
+            if isinstance(v, VchanClient) and self._rundir is not None:
+                self._rundir.unlink(v.cfg.domain, name)
+
+    def _stop_vchans(self) -> None:
+        for name in list(self.vchans):
+            try:
+                self._stop_vchan(name)
+            except Exception as e:  # stopping: release what we can
+                log.error("vchan %s: stopping: %s", name, escape(str(e)))
+
+    def list_vchans(self) -> list[dict[str, object]]:
+        """Returns each vchan endpoint's kind, name, XenStore path, peer, state, streams."""
+        return [v.describe() for _, v in sorted(self.vchans.items())]
 
     # ---- local sockets ------------------------------------------------------------------
 
@@ -613,6 +663,12 @@ class Manager:
         # A domU may not ask (and gets no @releaseDomain events): its peer is dom0 or a
         # driver domain, whose death reaches it through the unmap notification.
         gone = {peer for peer, _ in self.links if not self._domain_exists(peer)}
+        for name, v in list(self.vchans.items()):
+            if not self._domain_exists(v.cfg.domain):
+                try:
+                    v.peer_destroyed()
+                except Exception as e:  # the boundary: this vchan only
+                    log.error("vchan %s: %s", name, escape(str(e)))
         for link in [lk for (peer, _), lk in self.links.items() if peer in gone]:
             log.warning("link with domain %d down: the domain was destroyed", link.peer,
                         extra={"XSOCK_PEER": link.peer})

@@ -73,6 +73,8 @@ class End(enum.IntEnum):
     PROTO = lib.XSK_VCHAN_END_PROTO  # the peer broke the protocol
     SOCKET = lib.XSK_VCHAN_END_SOCKET  # the socket failed (err: its errno)
     STOPPED = lib.XSK_VCHAN_END_STOPPED  # stop() or close()
+    UNDELIVERED = lib.XSK_VCHAN_END_UNDELIVERED  # the peer left; the socket took nothing
+    # of what it wrote for linger seconds (its reader waits to write): the rest dropped
 
 
 @dataclass(frozen=True)
@@ -279,7 +281,8 @@ class VchanPump:
     ``endpoint`` with a C thread, the GIL released, until either side ends (``End``).
 
     ``evtchn`` is a ``backend.EventChannel`` bound to the vchan's peer.  ``linger``: seconds
-    the peer may take, after the socket's EOF, to consume what we wrote before we leave.
+    the peer may take, after the socket's EOF, to consume what we wrote before we leave; and,
+    once the peer left, seconds the socket may take nothing of what it wrote.
     While the pump runs, the endpoint refuses calls (EBUSY); once it ended, the endpoint is
     closed (our live byte cleared, the peer notified) and the socket closed.
 

@@ -128,6 +128,8 @@ static void *pump(void *arg)
     struct xsk_vchan_pump *p = arg;
     int sock_rd = 1, sock_wr = 1, rd_eof = 0, end = 0, rechecked = 0;
     int64_t linger_end = 0;
+    int64_t gone_end = 0;       /* the peer gone: when we stop waiting for the socket to take
+                                   what it wrote (reset by every progress) */
     struct epoll_event evs[8];
 
     while (!end) {
@@ -162,6 +164,14 @@ static void *pump(void *arg)
                 end = XSK_VCHAN_END_LINGER;
             want_space = 1;
         }
+        if (!end && xsk_vchan_peer_live(p->v) == XSK_VCHAN_GONE) {
+            /* A socket that takes nothing (its reader waits for a reply the gone peer will
+             * never read) must not hold the vchan forever: linger bounds each stall. */
+            if (progress || !gone_end)
+                gone_end = now_ms() + p->linger_ms;
+            else if (now_ms() >= gone_end)
+                end = XSK_VCHAN_END_UNDELIVERED;
+        }
         if (notify)
             notify_peer(p);
         if (end)
@@ -185,8 +195,10 @@ static void *pump(void *arg)
         }
         rechecked = 0;
         int timeout = SAFETY_TIMEOUT_MS;
-        if (rd_eof) {
-            int64_t left = linger_end - now_ms();
+        if (rd_eof || gone_end) {
+            int64_t until = !gone_end ? linger_end : !rd_eof ? gone_end
+                : gone_end < linger_end ? gone_end : linger_end;
+            int64_t left = until - now_ms();
             timeout = left < 0 ? 0 : left < timeout ? (int)left : timeout;
         }
         int n = epoll_wait(p->epfd, evs, 8, timeout);

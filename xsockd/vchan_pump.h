@@ -17,6 +17,8 @@
 #define XSK_VCHAN_END_PROTO 4    /* the peer broke the protocol (err: EPROTO) */
 #define XSK_VCHAN_END_SOCKET 5   /* the socket failed (err: its errno) */
 #define XSK_VCHAN_END_STOPPED 6  /* xsk_vchan_pump_stop */
+#define XSK_VCHAN_END_UNDELIVERED 7 /* the peer left; the socket took none of what it wrote
+                                       for linger_ms: the rest is dropped */
 
 struct xsk_vchan_pump_params {
     struct xsk_vchan *vchan;     /* attached; driven by the pump alone until it has ended */
@@ -26,7 +28,8 @@ struct xsk_vchan_pump_params {
     int evtchn_notify_fd;
     uint32_t evtchn_port;
     uint32_t linger_ms;          /* after the socket's EOF, how long the peer may take to
-                                    consume what we wrote before we leave regardless */
+                                    consume what we wrote before we leave regardless; after
+                                    the peer left, how long the socket may take nothing */
 };
 
 struct xsk_vchan_pump_result {

@@ -1,0 +1,363 @@
+"""An xsockd vchan client against an xsockd vchan server between two sim domains.
+
+Domain 2 serves its echo service as a vchan for domain 1 only ([vchan.echo1], role server);
+domain 1's xsockd is the vchan client ([vchan.echo2]): <rundir1>/2/echo2.sock.  Everything
+is real processes, shared memory and the sim's xenstored (docs/VCHAN.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from tests.simworld import SimWorld
+from tests.vchanpair import CLI_LIVE, LEFT_CONS, LEFT_PROD
+from xsockd.backend import XenStorePerm
+from xsockd.backend_sim import SimBackend
+from xsockd.vchan_client import _Opened, read_published
+
+SERVER_PATH = "/local/domain/2/data/vchan/1/echo1"
+SERVER = """
+[vchan.echo1]
+role = "server"
+domain = 1
+service = "echo"
+path = "data/vchan/1/echo1"
+ring_size = ["64KiB", "16KiB"]
+linger = 2
+"""
+CLIENT = f"""
+[vchan.echo2]
+role = "client"
+domain = 2
+path = "{SERVER_PATH}"
+"""
+
+
+@pytest.fixture
+def world(tmp_path):
+    w = SimWorld(tmp_path, extra={1: CLIENT, 2: SERVER})
+    yield w
+    w.close()
+
+
+def published(world: SimWorld) -> bool:
+    return sorted(world.xs_tree(SERVER_PATH)) == sorted(
+        [SERVER_PATH, f"{SERVER_PATH}/event-channel", f"{SERVER_PATH}/ring-ref"])
+
+
+def vchan_connect(world: SimWorld) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(str(world.rundir(1) / "2" / "echo2.sock"))
+    s.settimeout(30)
+    return s
+
+
+def echo_hashes(sock: socket.socket, total: int) -> tuple[str, str]:
+    """Sends ``total`` random bytes and reads as many back (vchan has no half-close, so the
+    writer does not shut down its side: the echo's reply would be cut off)."""
+    data = os.urandom(total)
+    t = threading.Thread(target=sock.sendall, args=(data,))
+    t.start()
+    got = hashlib.sha256()
+    n = 0
+    buf = bytearray(1 << 20)
+    while n < total:
+        k = sock.recv_into(buf)
+        assert k, f"EOF after {n} of {total} bytes"
+        got.update(memoryview(buf)[:k])
+        n += k
+    t.join()
+    return hashlib.sha256(data).hexdigest(), got.hexdigest()
+
+
+def test_vchan_client_against_vchan_server(world):
+    world.start(1, 2)
+    world.wait_for("domain 2's vchan published", lambda: published(world))
+    # Only domain 2 (owner) and domain 1 (read) are named on the published nodes.
+    with world.host.xenstore(0) as xs:
+        for node in (SERVER_PATH, f"{SERVER_PATH}/ring-ref", f"{SERVER_PATH}/event-channel"):
+            assert [str(p) for p in xs.get_perms(node)] == ["n2", "r1"]
+    for _ in range(3):  # a fresh vchan after each stream
+        s = vchan_connect(world)
+        sent, got = echo_hashes(s, 8 << 20)
+        assert sent == got
+        s.close()
+        world.wait_for("the server to republish", lambda: published(world))
+    logs = world.logs()
+    assert logs.count("vchan echo1: domain 1 connected") == 3
+    assert logs.count("vchan echo2: connected to domain 2") == 3
+    # Between streams each side holds exactly one published vchan: domain 2 grants the
+    # shared page and 2 ring pages... and a port; domain 1 maps nothing.
+    world.wait_for("domain 1 to release its vchan", lambda: not any(
+        world.accounting(1).get(k) for k in ("mapped", "ports")))
+    acct = world.accounting(2)
+    assert acct.get("granted") == 1 + 16 + 4 and acct.get("ports") == 1, acct
+    world.daemons[1].stop()
+    world.daemons[2].stop()
+    assert world.xs_tree("/local/domain/2/data/vchan") == []  # the directories it made too
+    assert world.host.leftovers() == {}
+
+
+def test_peer_daemon_killed_is_eof_within_a_second(world):
+    world.start(1, 2)
+    world.wait_for("domain 2's vchan published", lambda: published(world))
+    s = vchan_connect(world)
+    sent, got = echo_hashes(s, 1 << 20)
+    assert sent == got
+    world.kill9(2)
+    t0 = time.monotonic()
+    s.settimeout(5)
+    try:
+        assert s.recv(100) == b""
+    except ConnectionResetError:
+        pass
+    assert time.monotonic() - t0 < 1.0
+    s.close()
+    # Domain 1 released its port and mappings; the dead daemon's were released by the host.
+    world.wait_for("everything released", lambda: not any(
+        v for acct in world.host.accounting().values()
+        for k, v in acct.items() if k != "connections"))
+
+
+def test_endpoint_of_an_unconfigured_domain_is_ignored_and_logged(world):
+    # Domain 2 publishes nothing; something else (dom0, privileged, on behalf of domain 3)
+    # puts nodes owned by domain 3 at the configured path.
+    world.start(1, echo=False)
+    with world.host.xenstore(0) as xs:
+        xs.write(f"{SERVER_PATH}/ring-ref", "8")
+        xs.write(f"{SERVER_PATH}/event-channel", "3")
+
+        for node in (SERVER_PATH, f"{SERVER_PATH}/ring-ref", f"{SERVER_PATH}/event-channel"):
+            xs.set_perms(node, [XenStorePerm(3, "n"), XenStorePerm(1, "r")])
+    s = vchan_connect(world)
+    s.settimeout(5)
+    assert s.recv(100) == b""
+    s.close()
+    world.wait_for("the refusal logged", lambda: "owned by domain 3, not the configured "
+                   "server, domain 2: ignored" in world.logs())
+    assert not any(world.accounting(1).get(k) for k in ("mapped", "ports"))
+
+
+class HostileClient:
+    """Domain 1 without xsockd: a test process mapping domain 2's published vchan itself."""
+
+    def __init__(self, world: SimWorld) -> None:
+        self.backend = SimBackend(1, world.sim_dir)
+        self.xs = self.backend.open_xenstore()
+        self.pub = read_published(self.xs, SERVER_PATH, 2)
+
+    def close(self) -> None:
+        self.xs.close()
+        self.backend.close()
+
+
+@pytest.fixture
+def server_only(world):
+    world.start(2)
+    world.wait_for("domain 2's vchan published", lambda: published(world))
+    hostile = HostileClient(world)
+    yield world, hostile
+    hostile.close()
+
+
+def test_a_client_breaking_the_ring_ends_that_vchan_only(server_only):
+    world, hostile = server_only
+    v = _Opened(hostile.backend, 2, hostile.pub)  # attaches as libxenvchan does, notifies
+    try:
+        world.wait_for("the nodes removed once a client attached",
+                       lambda: world.xs_tree(SERVER_PATH) == [])
+        assert v.page is not None and v.evtchn is not None
+        page = v.page.buffer
+        cons = struct.unpack_from("<I", page, LEFT_CONS)[0]
+        struct.pack_into("<I", page, LEFT_PROD, (cons + (1 << 20)) & 0xFFFFFFFF)  # > the ring
+        v.evtchn.notify()
+        world.wait_for("the server to end that vchan and publish a fresh one",
+                       lambda: "ended (proto" in world.logs() and published(world))
+    finally:
+        v.close()
+    # A fresh page: the next client of the fresh vchan is served as usual.
+    assert read_published(hostile.xs, SERVER_PATH, 2).ring_ref != hostile.pub.ring_ref
+
+
+def test_a_live_byte_out_of_range_ends_that_vchan_only(server_only):
+    world, hostile = server_only
+    evtchn = hostile.backend.bind_interdomain(2, hostile.pub.port)
+    page = hostile.backend.map(2, [hostile.pub.ring_ref])
+    try:
+        page.buffer[CLI_LIVE] = 7
+        evtchn.notify()
+        world.wait_for("the violation logged and a fresh vchan published", lambda: (
+            "the client broke the protocol" in world.logs() and published(world)
+            and read_published(hostile.xs, SERVER_PATH, 2) != hostile.pub))
+    finally:
+        page.close()
+        evtchn.close()
+    # The old vchan's grants and port are gone: one page of each ring and the shared page
+    # remain granted, for the fresh vchan only.
+    assert world.accounting(2).get("granted") == 1 + 16 + 4
+    assert world.accounting(2).get("ports") == 1
+
+
+def test_stopping_a_daemon_mid_stream_releases_everything(world):
+    world.start(1, 2)
+    world.wait_for("domain 2's vchan published", lambda: published(world))
+    s = vchan_connect(world)
+    sent, got = echo_hashes(s, 1 << 20)
+    assert sent == got
+    world.daemons[1].stop()
+    s.settimeout(5)
+    try:
+        assert s.recv(100) == b""
+    except ConnectionResetError:
+        pass
+    s.close()
+    world.wait_for("domain 2 to republish", lambda: published(world))
+    world.daemons[2].stop()
+    assert world.host.leftovers() == {}
+    assert world.xs_tree(SERVER_PATH) == []
+
+
+def test_the_client_domain_destroyed_ends_the_servers_stream(tmp_path):
+    # Only dom0 may ask whether a domain exists: the server is dom0's here.  Domain 1 is
+    # destroyed with its xsockd still running, so no unmap notification reaches dom0.
+    path = "/local/domain/0/data/vchan/1/echo1"
+    w = SimWorld(tmp_path, peers={0: [1], 1: [0]}, echo_on=(0,), extra={
+        0: SERVER, 1: CLIENT.replace("domain = 2", "domain = 0").replace(SERVER_PATH, path)})
+    try:
+        w.start(0, 1)
+        w.wait_for("dom0's vchan published", lambda: len(w.xs_tree(path)) == 3)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(w.rundir(1) / "0" / "echo2.sock"))
+        s.settimeout(30)
+        sent, got = echo_hashes(s, 1 << 20)
+        assert sent == got
+        w.host.destroy_domain(1)
+        w.wait_for("dom0 to notice through @releaseDomain",
+                   lambda: "vchan echo1: domain 1: domain 1 was destroyed" in w.logs())
+        s.close()
+    finally:
+        w.close()
+
+
+def publish_as(world: SimWorld, owner: int, ring_ref: str, port: str) -> None:
+    """Writes the two nodes at the configured path as dom0 would for ``owner``."""
+    with world.host.xenstore(0) as xs:
+        xs.write(f"{SERVER_PATH}/ring-ref", ring_ref)
+        xs.write(f"{SERVER_PATH}/event-channel", port)
+        for node in (SERVER_PATH, f"{SERVER_PATH}/ring-ref", f"{SERVER_PATH}/event-channel"):
+            xs.set_perms(node, [XenStorePerm(owner, "n"), XenStorePerm(1, "r")])
+
+
+@pytest.mark.parametrize("ref, port", [("012", "3"), ("8", "0"), ("x", "3"), ("8", "4294967296"),
+                                       ("8", " 3")])
+def test_a_server_publishing_garbage_is_refused(world, ref, port):
+    world.start(1, echo=False)
+    publish_as(world, 2, ref, port)
+    s = vchan_connect(world)
+    s.settimeout(5)
+    assert s.recv(100) == b""
+    s.close()
+    world.wait_for("the refusal logged", lambda: "are not both decimal" in world.logs())
+    assert not any(world.accounting(1).get(k) for k in ("mapped", "ports"))
+
+
+def test_a_server_page_with_forbidden_orders_is_refused_before_mapping_rings(world):
+    world.start(1, echo=False)
+    with SimBackend(2, world.sim_dir) as b2:
+        evtchn = b2.alloc_unbound(1)
+        page = b2.grant(1, 1)
+        struct.pack_into("<HH", page.buffer, 16, 9, 25)  # left_order, right_order
+        page.buffer[CLI_LIVE] = 2
+        page.buffer[CLI_LIVE + 1] = 1
+        try:
+            publish_as(world, 2, str(page.refs[0]), str(evtchn.port))
+            s = vchan_connect(world)
+            s.settimeout(5)
+            assert s.recv(100) == b""
+            s.close()
+            world.wait_for("the refusal logged", lambda: "opening domain 2's vchan" in
+                           world.logs() and "Protocol error" in world.logs())
+            world.wait_for("domain 1 to release the page and port", lambda: not any(
+                world.accounting(1).get(k) for k in ("mapped", "ports")))
+        finally:
+            page.close()
+            evtchn.close()
+
+
+def test_the_service_caller_header_names_the_vchan_client(tmp_path):
+    hdr = tmp_path / "hdr.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(hdr))
+    listener.listen()
+    lines: list[bytes] = []
+
+    def serve() -> None:  # sends back the line xsockd wrote first, then closes
+        conn, _ = listener.accept()
+        with conn:
+            line = b""
+            while not line.endswith(b"\n") and (b := conn.recv(1)):
+                line += b
+            lines.append(line)
+            conn.sendall(line)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    extra = (f'\n[services.hdr]\nsocket = "{hdr}"\ncaller_header = true\n'
+             + SERVER.replace('service = "echo"', 'service = "hdr"'))
+    w = SimWorld(tmp_path, extra={1: CLIENT, 2: extra})
+    try:
+        w.start(1, 2, echo=False)
+        w.wait_for("domain 2's vchan published", lambda: published(w))
+        s = vchan_connect(w)
+        s.settimeout(10)
+        got = b""
+        while chunk := s.recv(100):
+            got += chunk
+        s.close()
+        t.join(10)
+        assert lines == [b"XSOCK/1 domid=1 service=echo1\n"]
+        assert got == lines[0]  # and the service's EOF reached the client after its bytes
+    finally:
+        w.close()
+        listener.close()
+
+
+def test_a_client_that_never_consumes_costs_only_its_rings(server_only):
+    world, hostile = server_only
+    v = _Opened(hostile.backend, 2, hostile.pub)
+    try:
+        assert v.endpoint is not None and v.evtchn is not None
+        world.wait_for("the client spliced in", lambda: world.xs_tree(SERVER_PATH) == [])
+        # The echo's replies fill the right ring (16 KiB) and stop there: the server stops
+        # taking from the service, which stops taking from the left ring once the sockets'
+        # kernel buffers between are full: nothing is buffered in xsockd.
+        sent, idle = 0, 0.0
+        while idle < 1.0 and sent < 64 << 20:
+            n = v.endpoint.write(os.urandom(16 << 10))
+            sent += n
+            if v.endpoint.take_notify():
+                v.evtchn.notify()
+            if not n:
+                time.sleep(0.05)
+                idle += 0.05
+            else:
+                idle = 0.0
+        st = v.endpoint.status()
+        assert st["rx_ready"] == 16 << 10 and st["tx_space"] == 0, st
+        assert sent < 64 << 20, "the left ring never stayed full"
+        assert world.accounting(2).get("granted") == 1 + 16 + 4  # nothing more was granted
+    finally:
+        v.close()
+    # The service waits to write its echo, so it takes none of the left ring: the server
+    # stops waiting linger (2 s) after the client left, drops the rest, and republishes.
+    t0 = time.monotonic()
+    world.wait_for("the server to end that vchan and publish a fresh one",
+                   lambda: "ended (undelivered" in world.logs() and published(world))
+    assert time.monotonic() - t0 < 4

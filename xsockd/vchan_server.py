@@ -1,0 +1,315 @@
+"""xsockd as a libxenvchan server: one ``[vchan.NAME]`` with ``role = "server"``.
+
+It publishes a vchan for the one configured domain at a XenStore path in our own tree (the
+shared page and ring pages granted to that domain only, an unbound port only it may bind),
+waits for a client to attach (``cli_live`` 2 -> 1, announced on the event channel), removes
+the nodes so that no second client maps the page in use, splices the client into the local
+service with a ``VchanPump``, and when that stream ends releases everything and publishes a
+fresh vchan (docs/VCHAN.md: never reusing a page).  Nothing the client writes is read here
+but the shared page, which the C core checks.
+
+Lifecycle of a ``VchanServer``: created -> started (``start``: published) -> closed.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from xsockd.backend import Backend, EventChannel, GrantedPages, UnmapNotify, XenStorePerm
+from xsockd.config import VchanConfig
+from xsockd.vchan import Live, Role, VchanEndpoint, VchanPump, layout, lib, server_init
+from xsockd.xenstore_client import transact
+
+if TYPE_CHECKING:  # the daemon's loop is GLib's; the manager runs on any (tests/fakeloop.py)
+    from xsockd.loop import Loop, Timer
+
+log = logging.getLogger("xsockd.vchan")
+
+PAGE = 4096
+# A client attaching and leaving in a loop costs a publication each time: a few at once, then
+# one a second (docs/VCHAN.md, budgets).
+REPUBLISH_BURST = 5
+REPUBLISH_INTERVAL = 1.0
+POLL = 1.0  # seconds: look at the page regardless of notifications, as links do
+CONNECT_TIMEOUT = 2.0  # the local service, a socket of ours: answers at once or is down
+
+
+def vchan_perms(me: int, peer: int) -> list[XenStorePerm]:
+    """Owner us, nobody else anything, the peer may read (libxenvchan's n<srv> r<cli>)."""
+    return [XenStorePerm(me, "n"), XenStorePerm(peer, "r")]
+
+
+class _Published:
+    """One vchan's resources, released in reverse order of allocation."""
+
+    def __init__(self, backend: Backend, peer: int, left_order: int, right_order: int) -> None:
+        self.evtchn: EventChannel | None = None
+        self.pages: GrantedPages | None = None  # the shared page
+        self.rings: GrantedPages | None = None  # the ring pages, left ring's first
+        self.endpoint: VchanEndpoint | None = None
+        self.pump: VchanPump | None = None
+        try:
+            lay = layout(left_order, right_order)
+            self.evtchn = backend.alloc_unbound(peer)
+            # Our process dying clears srv_live and signals the client (its port is ours).
+            # A grant with an unmap notification is one page (gntalloc's rule): the rings
+            # are granted apart.
+            self.pages = backend.grant(peer, 1,
+                                       UnmapNotify(lib.XSK_VCHAN_OFF_SRV_LIVE, self.evtchn.port))
+            left = right = None
+            refs: list[int] = []
+            if lay.grants:
+                self.rings = backend.grant(peer, lay.grants)
+                refs = list(self.rings.refs)
+                ring_mem = self.rings.buffer
+                cut = PAGE * lay.left_pages
+                left = ring_mem[:cut] if lay.left_pages else None
+                right = ring_mem[cut:cut + PAGE * lay.right_pages] if lay.right_pages else None
+            page = self.pages.buffer[:PAGE]
+            server_init(page, left_order, right_order, refs)
+            self.endpoint = VchanEndpoint(page, Role.SERVER, lay, left, right)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def ring_ref(self) -> int:
+        assert self.pages is not None
+        return self.pages.refs[0]
+
+    def close(self) -> None:
+        if self.pump is not None:
+            self.pump.close()
+        if self.endpoint is not None and self.endpoint.close() and self.evtchn is not None:
+            self.evtchn.notify()
+        for res in (self.rings, self.pages, self.evtchn):
+            if res is not None:
+                res.close()
+        self.pump = self.endpoint = self.rings = self.pages = self.evtchn = None
+
+
+class VchanServer:
+    def __init__(self, cfg: VchanConfig, service_socket: str, backend: Backend,
+                 loop: Loop, header: bytes = b"") -> None:
+        self.cfg = cfg
+        self.service_socket = service_socket
+        self.header = header  # the service's caller header, if it asked for one
+        self.backend = backend
+        self.loop = loop
+        self.me = backend.domid
+        self.path = cfg.absolute_path(self.me)
+        if not self.path.startswith(f"/local/domain/{self.me}/"):
+            raise OSError(errno.EINVAL, f"vchan {cfg.name}: {self.path} is not in our own "
+                                        f"tree /local/domain/{self.me}/")
+        self.xs = backend.open_xenstore()
+        self.vchan: _Published | None = None
+        self.state = "idle"
+        self.streams = 0
+        self.last_result: object = None
+        self._timer: Timer | None = None
+        self._tokens = float(REPUBLISH_BURST)
+        self._last = loop.time()
+        self._closed = False
+        self._made: list[str] = []
+
+    def __repr__(self) -> str:
+        return f"<VchanServer {self.cfg.name} for domain {self.cfg.domain} {self.state}>"
+
+    def _guarded(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """A loop callback that cannot take the daemon down: a failure ends this vchan."""
+        def run() -> None:
+            try:
+                fn()
+            except Exception as e:
+                log.error("vchan %s: internal error: %s: %s (traceback at debug level)",
+                          self.cfg.name, type(e).__name__, e)
+                log.debug("traceback", exc_info=e)
+                self._end(None)
+        return run
+
+    # ---- publishing ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._made = self._missing_ancestors()
+        self._publish()
+
+    def _missing_ancestors(self) -> list[str]:
+        """Returns the directories above our path that writing it will create, deepest first:
+        ours to remove at close (if empty), so that nothing of ours is left behind."""
+        missing = []
+        parent = self.path.rsplit("/", 1)[0]
+        while parent.count("/") > 3:  # never /local/domain/<me> itself
+            try:
+                self.xs.directory(parent)
+                break
+            except OSError:
+                missing.append(parent)
+                parent = parent.rsplit("/", 1)[0]
+        return missing
+
+    def _publish(self) -> None:
+        self._timer = None
+        if self._closed:
+            return
+        try:
+            self.vchan = _Published(self.backend, self.cfg.domain, self.cfg.left_order,
+                                    self.cfg.right_order)
+            self._write_nodes(self.vchan)
+        except Exception as e:  # the boundary of this vchan: try again later
+            log.warning("vchan %s: cannot publish for domain %d at %s: %s", self.cfg.name,
+                        self.cfg.domain, self.path, e)
+            self._release()
+            self._later(REPUBLISH_INTERVAL * 5, self._publish)
+            return
+        assert self.vchan.evtchn is not None
+        self.loop.add_reader(self.vchan.evtchn.fd, self._guarded(self._on_event))
+        self.state = "published"
+        log.info("vchan %s: published for domain %d at %s", self.cfg.name, self.cfg.domain,
+                 self.path)
+        self._later(POLL, self._poll)
+
+    def _write_nodes(self, v: _Published) -> None:
+        assert v.evtchn is not None
+        perms = vchan_perms(self.me, self.cfg.domain)
+
+        def publish(tx: int) -> None:
+            self.xs.write(self.path, b"", tx)
+            self.xs.set_perms(self.path, perms, tx)
+            for name, value in (("ring-ref", v.ring_ref), ("event-channel", v.evtchn.port)):
+                self.xs.write(f"{self.path}/{name}", str(value), tx)
+                self.xs.set_perms(f"{self.path}/{name}", perms, tx)
+        transact(self.xs, publish)
+
+    def _remove_nodes(self) -> None:
+        try:
+            self.xs.rm(self.path)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                log.warning("vchan %s: removing %s: %s", self.cfg.name, self.path, e)
+
+    def _later(self, delay: float, fn: Callable[[], None]) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(delay, self._guarded(fn))
+
+    # ---- a client -----------------------------------------------------------------------
+
+    def _poll(self) -> None:
+        self._timer = None
+        if self.state == "published":
+            self._on_event()
+            if self.state == "published":
+                self._later(POLL, self._poll)
+
+    def _on_event(self) -> None:
+        v = self.vchan
+        if v is None or v.evtchn is None or v.endpoint is None or self.state != "published":
+            return
+        v.evtchn.clear()
+        try:
+            live = v.endpoint.peer_live()
+        except OSError as e:  # a live byte the protocol lacks: this vchan only
+            self._end(f"the client broke the protocol: {e}")
+            return
+        if live == Live.WAITING:
+            return
+        if live == Live.GONE:  # attached and left (or its notification ran) before we looked
+            self._end("the client left before it was served")
+            return
+        self.loop.remove_reader(v.evtchn.fd)
+        self._remove_nodes()  # no second client may map the page in use
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(CONNECT_TIMEOUT)
+                sock.connect(self.service_socket)
+                sock.sendall(self.header)  # a line, into an empty socket buffer
+                sock.setblocking(False)
+            except OSError:
+                sock.close()
+                raise
+            v.pump = VchanPump(v.endpoint, sock, v.evtchn, self.cfg.linger)
+        except OSError as e:
+            self._end(f"the service {self.cfg.service!r} at {self.service_socket}: {e}")
+            return
+        self.state = "serving"
+        self.streams += 1
+        log.info("vchan %s: domain %d connected, spliced into service %s", self.cfg.name,
+                 self.cfg.domain, self.cfg.service)
+        self.loop.add_reader(v.pump.fileno(), self._guarded(self._on_pump_end))
+
+    def _on_pump_end(self) -> None:
+        v = self.vchan
+        if v is None or v.pump is None:
+            return
+        result = v.pump.result()
+        if result is None:
+            return
+        self.loop.remove_reader(v.pump.fileno())
+        self.last_result = result
+        log.info("vchan %s: stream with domain %d ended (%s, %d bytes in, %d out)",
+                 self.cfg.name, self.cfg.domain, result.end.name.lower(), result.bytes_in,
+                 result.bytes_out)
+        self._end(None)
+
+    def _end(self, why: str | None) -> None:
+        """Releases this vchan and publishes a fresh one, within the republishing budget."""
+        if why is not None:
+            log.warning("vchan %s: domain %d: %s", self.cfg.name, self.cfg.domain, why)
+        self._release()
+        self.state = "idle"
+        now = self.loop.time()
+        self._tokens = min(REPUBLISH_BURST, self._tokens + (now - self._last) / REPUBLISH_INTERVAL)
+        self._last = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            self._later(0, self._publish)
+        else:
+            self._later(REPUBLISH_INTERVAL, self._publish)
+
+    def peer_destroyed(self) -> None:
+        """The peer's domain is gone (``@releaseDomain``): it ran no unmap notification.
+        A vchan still waiting stays published: only that domain id may ever map it."""
+        if self.state == "serving":
+            self._end(f"domain {self.cfg.domain} was destroyed")
+
+    def _release(self) -> None:
+        """Endpoint, pages, port, then the nodes: the client sees us gone before the path."""
+        v = self.vchan
+        if v is not None:
+            # Our fds are still open here: no one else can have registered these numbers.
+            if v.pump is not None:
+                self.loop.remove_reader(v.pump.fileno())
+            if v.evtchn is not None:
+                self.loop.remove_reader(v.evtchn.fd)
+            self.vchan.close()
+            self.vchan = None
+        self._remove_nodes()
+
+    def close(self) -> None:
+        """Ends any stream, releases everything and removes our nodes.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._release()
+        for parent in self._made:
+            try:
+                if self.xs.directory(parent):
+                    break  # someone else's nodes: keep it and what is above
+                self.xs.rm(parent)
+            except OSError as e:
+                log.debug("vchan %s: removing %s: %s", self.cfg.name, parent, e)
+                break
+        self.xs.close()
+        self.state = "closed"
+
+    def describe(self) -> dict[str, object]:
+        return {"kind": "vchan-server", "name": self.cfg.name, "path": self.path,
+                "peer": self.cfg.domain, "state": self.state, "streams": self.streams}

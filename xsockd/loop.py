@@ -56,8 +56,8 @@ class Wakeup:
     Why not ``call_soon``: PyGObject (3.42, GLib 2.74) leaks about 32 bytes of C memory for
     every GLib source made from Python (``timeout_add``, ``idle_add``, ``GLib.Idle``), so
     work scheduled per burst of a peer's activity would grow the daemon without bound;
-    re-arming one source allocates nothing.  ``close()`` is idempotent; ``arm()`` after it
-    does nothing.
+    re-arming one source allocates nothing.  Keep a reference: PyGObject destroys the source
+    with its Python object.  ``close()`` is idempotent; ``arm()`` after it does nothing.
     """
 
     def __init__(self, loop: Loop, callback: Callable[[], object]) -> None:

@@ -1,6 +1,6 @@
 """The loop's Wakeup: coalesces arms, runs on the loop, and costs no memory per run.
 
-The memory test is why Wakeup exists: PyGObject 3.42 (GLib 2.74) leaks about 32 bytes of C
+The memory test is why Wakeup exists: PyGObject 3.42 (GLib 2.74) leaks about 27 bytes of C
 memory for every GLib source made from Python, so a ``call_soon`` per burst of a peer's
 activity grew the daemon without bound (tests/test_churn.py, docs/PERFORMANCE.md).
 """

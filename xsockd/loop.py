@@ -53,7 +53,7 @@ class Wakeup:
     """Runs a callback once on a later loop turn after ``arm()``, however often it was armed
     meanwhile, through one GLib source kept for its whole life.
 
-    Why not ``call_soon``: PyGObject (3.42, GLib 2.74) leaks about 32 bytes of C memory for
+    Why not ``call_soon``: PyGObject (3.42, GLib 2.74) leaks about 27 bytes of C memory for
     every GLib source made from Python (``timeout_add``, ``idle_add``, ``GLib.Idle``), so
     work scheduled per burst of a peer's activity would grow the daemon without bound;
     re-arming one source allocates nothing.  Keep a reference: PyGObject destroys the source

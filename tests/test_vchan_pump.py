@@ -213,7 +213,8 @@ def test_a_gone_peers_data_the_socket_never_takes_is_dropped_after_linger(splice
     app.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     server = spliced.pair.server
     written = 0
-    deadline = time.monotonic() + 5
+    full = False
+    deadline = time.monotonic() + 20
     while time.monotonic() < deadline:  # until the ring stays full: the socket is full too
         n = server.write(os.urandom(4096))
         written += n
@@ -222,9 +223,12 @@ def test_a_gone_peers_data_the_socket_never_takes_is_dropped_after_linger(splice
         if not n:
             time.sleep(0.2)
             if not server.write(b"x"):
+                full = True
                 break
             written += 1
-    assert server.status()["tx_space"] == 0
+    # Not tx_space == 0 read now: the pump's once-a-second wake-up may still move a few bytes
+    # into the socket (seen under load); what matters is that it stalled with bytes left.
+    assert full, "the ring never stayed full: the socket kept taking"
     start = time.monotonic()
     spliced.pair.set_u8(SRV_LIVE, 0)  # its unmap notification
     os.eventfd_write(spliced.efd["client"], 1)

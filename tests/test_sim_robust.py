@@ -32,6 +32,7 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from simworld import SimWorld, stream_hashes
 from test_xenstored_property import domain_scripts as xs_scripts
+from test_xenstored_property import host_status
 from test_xenstored_property import play as play_xenstore
 
 from xsockd.sim.host import control
@@ -249,14 +250,6 @@ def world(tmp_path_factory) -> Iterator[SimWorld]:
         yield w
     finally:
         w.close()
-
-
-def host_status(world: SimWorld) -> tuple[int, int]:
-    proc = world.host.proc
-    assert proc is not None and proc.poll() is None, "the host died"
-    with open(f"/proc/{proc.pid}/status") as f:
-        rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-    return rss, len(os.listdir(f"/proc/{proc.pid}/fd"))
 
 
 def hostile_held(world: SimWorld) -> dict[int, dict[str, int]]:

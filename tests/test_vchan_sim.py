@@ -173,8 +173,8 @@ def test_a_client_breaking_the_ring_ends_that_vchan_only(server_only):
     try:
         world.wait_for("the nodes removed once a client attached",
                        lambda: world.xs_tree(SERVER_PATH) == [])
-        assert v.page is not None and v.evtchn is not None
-        page = v.page.buffer
+        assert v.shared is not None and v.evtchn is not None
+        page = v.shared.buffer
         cons = struct.unpack_from("<I", page, LEFT_CONS)[0]
         struct.pack_into("<I", page, LEFT_PROD, (cons + (1 << 20)) & 0xFFFFFFFF)  # > the ring
         v.evtchn.notify()

@@ -37,10 +37,12 @@ __all__ = [
     "PumpResult",
     "Role",
     "VchanEndpoint",
+    "VchanHeld",
     "VchanPump",
     "client_probe",
     "layout",
     "server_init",
+    "split_rings",
 ]
 
 MIN_ORDER = lib.XSK_VCHAN_MIN_ORDER
@@ -143,6 +145,15 @@ def server_init(page: Any, left_order: int, right_order: int, grants: list[int])
         _check(lib.xsk_vchan_server_init(buf, left_order, right_order, refs, len(grants)),
                "vchan server page")
     return lay
+
+
+def split_rings(lay: Layout, ring_pages: Any) -> tuple[Any, Any]:
+    """Returns the left and right rings' memory in ``ring_pages`` (the granted ring pages, the
+    left ring's first); None for a ring that lives in the shared page."""
+    cut = _PAGE * lay.left_pages
+    left = ring_pages[:cut] if lay.left_pages else None
+    right = ring_pages[cut:cut + _PAGE * lay.right_pages] if lay.right_pages else None
+    return left, right
 
 
 def client_probe(page: Any) -> tuple[Layout, list[int]]:
@@ -361,3 +372,26 @@ class VchanPump:
         if getattr(self, "_p", ffi.NULL) != ffi.NULL:
             warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
             self.close()
+
+
+class VchanHeld:
+    """One vchan's resources, either role: the port, the shared page, the ring pages, the
+    endpoint and its pump, set by the role as it acquires them and closed in reverse."""
+
+    def __init__(self) -> None:
+        self.evtchn: Any = None  # the backend's EventChannel
+        self.shared: Any = None  # the shared page: the backend's granted or mapped pages
+        self.rings: Any = None  # the ring pages, the left ring's first (None: all in-page)
+        self.endpoint: VchanEndpoint | None = None
+        self.pump: VchanPump | None = None
+
+    def close(self) -> None:
+        if self.pump is not None:
+            self.pump.close()
+        # The endpoint's last word (our live byte cleared) reaches the peer before the port goes.
+        if self.endpoint is not None and self.endpoint.close() and self.evtchn is not None:
+            self.evtchn.notify()
+        for res in (self.rings, self.shared, self.evtchn):
+            if res is not None:
+                res.close()
+        self.pump = self.endpoint = self.rings = self.shared = self.evtchn = None

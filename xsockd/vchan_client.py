@@ -21,12 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from xsockd.backend import Backend, EventChannel, MappedPages, UnmapNotify, XenStore
+from xsockd.backend import Backend, UnmapNotify, XenStore
 from xsockd.config import VchanConfig
 from xsockd.errors import ProtocolError
 from xsockd.peerlog import PeerLog, escape
 from xsockd.rendezvous import canonical_int
-from xsockd.vchan import Role, VchanEndpoint, VchanPump, client_probe, lib
+from xsockd.vchan import Role, VchanEndpoint, VchanHeld, VchanPump, client_probe, lib, split_rings
 from xsockd.xenstore_client import transact
 
 if TYPE_CHECKING:  # the daemon's loop is GLib's; the manager runs on any (tests/fakeloop.py)
@@ -34,7 +34,6 @@ if TYPE_CHECKING:  # the daemon's loop is GLib's; the manager runs on any (tests
 
 log = logging.getLogger("xsockd.vchan")
 
-PAGE = 4096
 WAIT = 10.0  # seconds a connection waits for the server to publish
 MAX_GRANT_REF = 0xFFFFFFFF
 MAX_PORT = 0xFFFFFFFF
@@ -82,43 +81,26 @@ def read_published(xs: XenStore, path: str, server: int) -> Published:
     return Published(ref, port)
 
 
-class _Opened:
+class _Opened(VchanHeld):
     """One vchan as a client: port, shared page, rings, endpoint; closed in reverse."""
 
     def __init__(self, backend: Backend, server: int, pub: Published) -> None:
-        self.evtchn: EventChannel | None = None
-        self.page: MappedPages | None = None
-        self.rings: MappedPages | None = None
-        self.endpoint: VchanEndpoint | None = None
-        self.pump: VchanPump | None = None
+        super().__init__()
         try:
             self.evtchn = backend.bind_interdomain(server, pub.port)
-            self.page = backend.map(server, [pub.ring_ref],
+            self.shared = backend.map(server, [pub.ring_ref],
                                     UnmapNotify(lib.XSK_VCHAN_OFF_CLI_LIVE, self.evtchn.port))
-            lay, grants = client_probe(self.page.buffer)  # orders and grants read once
+            lay, grants = client_probe(self.shared.buffer)  # orders and grants read once
             left = right = None
             if grants:
                 self.rings = backend.map(server, grants)
-                buf = self.rings.buffer
-                cut = PAGE * lay.left_pages
-                left = buf[:cut] if lay.left_pages else None
-                right = buf[cut:cut + PAGE * lay.right_pages] if lay.right_pages else None
-            self.endpoint = VchanEndpoint(self.page.buffer, Role.CLIENT, lay, left, right)
+                left, right = split_rings(lay, self.rings.buffer)
+            self.endpoint = VchanEndpoint(self.shared.buffer, Role.CLIENT, lay, left, right)
             if self.endpoint.take_notify():  # tell the server we are connected
                 self.evtchn.notify()
         except BaseException:
             self.close()
             raise
-
-    def close(self) -> None:
-        if self.pump is not None:
-            self.pump.close()
-        if self.endpoint is not None and self.endpoint.close() and self.evtchn is not None:
-            self.evtchn.notify()
-        for res in (self.rings, self.page, self.evtchn):
-            if res is not None:
-                res.close()
-        self.pump = self.endpoint = self.rings = self.page = self.evtchn = None
 
 
 class VchanClient:

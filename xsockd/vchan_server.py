@@ -19,9 +19,19 @@ import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from xsockd.backend import Backend, EventChannel, GrantedPages, UnmapNotify, XenStorePerm
+from xsockd.backend import Backend, UnmapNotify, XenStorePerm
 from xsockd.config import VchanConfig
-from xsockd.vchan import Live, Role, VchanEndpoint, VchanPump, layout, lib, server_init
+from xsockd.vchan import (
+    Live,
+    Role,
+    VchanEndpoint,
+    VchanHeld,
+    VchanPump,
+    layout,
+    lib,
+    server_init,
+    split_rings,
+)
 from xsockd.xenstore_client import transact
 
 if TYPE_CHECKING:  # the daemon's loop is GLib's; the manager runs on any (tests/fakeloop.py)
@@ -43,33 +53,26 @@ def vchan_perms(me: int, peer: int) -> list[XenStorePerm]:
     return [XenStorePerm(me, "n"), XenStorePerm(peer, "r")]
 
 
-class _Published:
-    """One vchan's resources, released in reverse order of allocation."""
+class _Published(VchanHeld):
+    """One vchan the server granted, released in reverse order of allocation."""
 
     def __init__(self, backend: Backend, peer: int, left_order: int, right_order: int) -> None:
-        self.evtchn: EventChannel | None = None
-        self.pages: GrantedPages | None = None  # the shared page
-        self.rings: GrantedPages | None = None  # the ring pages, left ring's first
-        self.endpoint: VchanEndpoint | None = None
-        self.pump: VchanPump | None = None
+        super().__init__()
         try:
             lay = layout(left_order, right_order)
             self.evtchn = backend.alloc_unbound(peer)
             # Our process dying clears srv_live and signals the client (its port is ours).
             # A grant with an unmap notification is one page (gntalloc's rule): the rings
             # are granted apart.
-            self.pages = backend.grant(peer, 1,
+            self.shared = backend.grant(peer, 1,
                                        UnmapNotify(lib.XSK_VCHAN_OFF_SRV_LIVE, self.evtchn.port))
             left = right = None
             refs: list[int] = []
             if lay.grants:
                 self.rings = backend.grant(peer, lay.grants)
                 refs = list(self.rings.refs)
-                ring_mem = self.rings.buffer
-                cut = PAGE * lay.left_pages
-                left = ring_mem[:cut] if lay.left_pages else None
-                right = ring_mem[cut:cut + PAGE * lay.right_pages] if lay.right_pages else None
-            page = self.pages.buffer[:PAGE]
+                left, right = split_rings(lay, self.rings.buffer)
+            page = self.shared.buffer[:PAGE]
             server_init(page, left_order, right_order, refs)
             self.endpoint = VchanEndpoint(page, Role.SERVER, lay, left, right)
         except BaseException:
@@ -78,18 +81,8 @@ class _Published:
 
     @property
     def ring_ref(self) -> int:
-        assert self.pages is not None
-        return self.pages.refs[0]
-
-    def close(self) -> None:
-        if self.pump is not None:
-            self.pump.close()
-        if self.endpoint is not None and self.endpoint.close() and self.evtchn is not None:
-            self.evtchn.notify()
-        for res in (self.rings, self.pages, self.evtchn):
-            if res is not None:
-                res.close()
-        self.pump = self.endpoint = self.rings = self.pages = self.evtchn = None
+        assert self.shared is not None
+        return self.shared.refs[0]
 
 
 class VchanServer:

@@ -42,18 +42,29 @@ def proof(pytestconfig: pytest.Config) -> Iterator[harness.Result]:
     yield result
 
 
+# Who carries the stream in each column of the figures: the figures' key prefixes.
+COLUMNS = (("xsockd", "xsockd link"), ("vcli", "xsockd vc-client"),
+           ("vsrv", "xsockd vc-server"), ("vchan", "proxy-proxy"), ("unix", "AF_UNIX dom0"))
+
+
 def figure_table(figures: dict[str, str]) -> str:
-    rows = [("", "xsockd", "vchan-socket-proxy")]
+    """The figures of one run: xsockd's link; xsockd as vchan client of the domU's
+    vchan-socket-proxy server (vc-client) and as vchan server of its client (vc-server); the
+    proxy at both ends; the same applications over AF_UNIX inside dom0 (the ceiling)."""
+    rows = [("", *(label for _, label in COLUMNS))]
     for key, label in (("dom0_to_domu_MBps", "dom0 -> domU, MB/s"),
                        ("domu_to_dom0_MBps", "domU -> dom0, MB/s"),
                        ("open_first_ms", "first stream open, ms"),
-                       ("open_ms", "later stream open, ms")):
-        rows.append((label, figures.get(f"xsockd.{key}", "-"),
-                     figures.get(f"vchan.{key}", "-")))
-    for key in ("kill9_detect_s", "destroy_detect_s"):
-        rows.append((key.replace("_", " "), figures.get(f"xsockd.{key}", "-"), ""))
-    return "xen proof figures (under emulation: they compare only with each other)\n" + \
-        "\n".join(f"  {a:28} {b:>10} {c:>20}" for a, b, c in rows)
+                       ("open_ms", "later stream open, ms"),
+                       ("rtt_p50_ms", "1-byte round trip p50, ms")):
+        rows.append((label, *(figures.get(f"{prefix}.{key}", "-") for prefix, _ in COLUMNS)))
+    for key in ("kill9_detect_s", "destroy_detect_s", "vchan-client-kill9_detect_s",
+                "vchan-server-kill9_detect_s"):
+        rows.append((key.replace("_", " "), figures.get(f"xsockd.{key}", "-"),
+                     *("" for _ in COLUMNS[1:])))
+    return ("xen proof figures (under emulation: they compare only with each other; AF_UNIX "
+            "is dom0's app to its own sink and source)\n"
+            + "\n".join(f"  {r[0]:34}" + "".join(f"{c:>18}" for c in r[1:]) for r in rows))
 
 
 def expect(result: harness.Result, *names: str) -> None:
@@ -133,6 +144,38 @@ def test_vchan_socket_proxy_baseline_measured_in_the_same_run(proof):
     for key in ("dom0_to_domu_MBps", "domu_to_dom0_MBps", "open_first_ms"):
         assert float(proof.figures[f"xsockd.{key}"]) > 0
         assert float(proof.figures[f"vchan.{key}"]) > 0
+
+
+def test_xsockd_vchan_client_moves_64_mib_each_way_through_the_stock_proxy_server(proof):
+    expect(proof, "vchan-xsockd-start", "vchan-client-open", "vchan-client-to-domu",
+           "vchan-client-from-domu")
+
+
+def test_xsockd_vchan_server_moves_64_mib_each_way_through_the_stock_proxy_client(proof):
+    expect(proof, "vchan-xsockd-start", "vchan-server-open", "vchan-server-to-domu",
+           "vchan-server-from-domu")
+
+
+def test_the_proxy_server_killed_is_seen_at_once_and_everything_released(proof):
+    expect(proof, "vchan-client-kill9-streaming", "vchan-client-kill9-app-sees-end",
+           "vchan-client-kill9-released")
+
+
+def test_the_proxy_client_killed_is_seen_at_once_released_and_a_fresh_vchan_served(proof):
+    expect(proof, "vchan-server-kill9-streaming", "vchan-server-kill9-app-sees-end",
+           "vchan-server-kill9-released", "vchan-server-republished",
+           "vchan-xsockd-restored")
+
+
+def test_vchan_roles_round_trips_and_the_unix_ceiling_measured_in_the_same_run(proof):
+    expect(proof, "unix-ceiling", "round-trip")
+    for prefix, _ in COLUMNS:
+        for key in ("dom0_to_domu_MBps", "domu_to_dom0_MBps", "rtt_p50_ms"):
+            assert float(proof.figures.get(f"{prefix}.{key}", 0)) > 0, f"{prefix}.{key}"
+    for prefix in ("vcli", "vsrv"):
+        assert float(proof.figures.get(f"{prefix}.open_first_ms", 0)) > 0, prefix
+    for key in ("vchan-client-kill9_detect_s", "vchan-server-kill9_detect_s"):
+        assert float(proof.figures.get(f"xsockd.{key}", "inf")) < 1.0, key
 
 
 def test_no_step_failed(proof):

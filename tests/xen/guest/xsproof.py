@@ -42,9 +42,16 @@ MiB = 1 << 20
 SVC = "/run/svc"          # the local services of each guest
 RUN = "/run/xsock"        # xsockd's sockets
 CONF = "/etc/xsockd/xsockd.conf"
-SERVICES = ("echo", "sink", "source", "halfclose")
+SERVICES = ("echo", "sink", "source", "halfclose", "drain")
 BIG = 64 * MiB            # per direction, as the issue asks
 BASELINE = 16 * MiB       # vchan-socket-proxy moves about 2 MB/s under emulation
+VCHAN_BIG = 64 * MiB      # per direction, xsockd's vchan roles against the stock proxy
+ROUND_TRIPS = 100         # 1-byte round trips per path, for the p50
+# The vchans of issue 13: xsockd in dom0 as client of the domU's stock proxy servers (at
+# <domU>/data/proof/vx-NAME) and as server ([vchan.vsNAME], at dom0's data/vchan/<domU>/vsNAME)
+# of the domU's stock proxy clients (listening on /run/pc-NAME.sock there).
+VCHAN_CLIENTS = ("echo", "sink", "source")
+VCHAN_SERVERS = ("echo", "sink", "source", "drain")
 HALF_BACK = 8 * MiB       # what halfclose sends after the caller's FIN
 ATTACK_ECHO = 16 * MiB    # each way, per round of streaming while a third domain attacks
 
@@ -128,6 +135,26 @@ def _source(c: socket.socket) -> None:
     c.sendall(send_pattern(c, n if n else 1 << 60).encode())
 
 
+class Drained:
+    """What the drain service saw of its latest stream (one at a time)."""
+    received = 0
+    ended: float | None = None
+    streams = 0
+
+
+def _drain(c: socket.socket) -> None:
+    # Reads until EOF, counting; records when the end came (the kill checks of the vchan
+    # server role: the end of the stream is all there is to see).
+    Drained.received, Drained.ended = 0, None
+    Drained.streams += 1
+    buf = bytearray(MiB)
+    try:
+        while n := c.recv_into(buf):
+            Drained.received += n
+    finally:
+        Drained.ended = time.time()
+
+
 def _halfclose(c: socket.socket) -> None:
     # Reads until the caller's FIN, then keeps sending: the sha256 of what came, a newline,
     # HALF_BACK bytes, and their sha256.
@@ -148,7 +175,8 @@ def send_pattern(sock: socket.socket, total: int) -> str:
 
 
 HANDLERS: dict[str, Callable[[socket.socket], None]] = {
-    "echo": _echo, "sink": _sink, "source": _source, "halfclose": _halfclose}
+    "echo": _echo, "sink": _sink, "source": _source, "halfclose": _halfclose,
+    "drain": _drain}
 
 
 def start_services() -> None:
@@ -173,7 +201,10 @@ def start_services() -> None:
         threading.Thread(target=serve, daemon=True).start()
 
 
-def write_config(peers: list[int], remote: int | None) -> None:
+def write_config(peers: list[int], remote: int | None, vchan_peer: int | None = None
+                 ) -> None:
+    """Writes xsockd's configuration; with ``vchan_peer``, also the proof's vchans with that
+    domain: clients of its proxy servers and servers for its proxy clients."""
     os.makedirs(os.path.dirname(CONF), exist_ok=True)
     lines = ["[daemon]", f'rundir = "{RUN}"', f"peers = {peers}", 'default_service = "echo"',
              'backend = "xen"', "stop_timeout = 2", ""]
@@ -181,6 +212,13 @@ def write_config(peers: list[int], remote: int | None) -> None:
         lines += [f"[services.{name}]", f'socket = "{SVC}/{name}.sock"', ""]
     if remote is not None and remote in peers:
         lines += [f"[remote.{remote}]", f"services = {list(SERVICES)!r}".replace("'", '"'), ""]
+    if vchan_peer is not None:
+        for name in VCHAN_CLIENTS:
+            lines += [f"[vchan.vx{name}]", 'role = "client"', f"domain = {vchan_peer}",
+                      f'path = "{proof_base(vchan_peer)}/vx-{name}"', ""]
+        for name in VCHAN_SERVERS:
+            lines += [f"[vchan.vs{name}]", 'role = "server"', f"domain = {vchan_peer}",
+                      f'service = "{name}"', 'ring_size = ["64KiB", "64KiB"]', ""]
     with open(CONF, "w") as f:
         f.write("\n".join(lines))
 
@@ -248,6 +286,29 @@ def from_source(path: str, total: int) -> tuple[bool, float]:
         took = time.monotonic() - start
         answer = read_exact(s, 64).decode()
     return answer == sha.hexdigest(), took
+
+
+def proof_base(domid: int) -> str:
+    """Where dom0 and an agent exchange requests, under the agent's domain."""
+    return f"/local/domain/{domid}/data/proof"
+
+
+def vchan_server_path(peer: int, name: str) -> str:
+    """Where dom0's xsockd publishes its vchan server ``vsNAME`` for ``peer`` (the default)."""
+    return f"/local/domain/0/data/vchan/{peer}/vs{name}"
+
+
+def round_trip(path: str, n: int = ROUND_TRIPS) -> float:
+    """The median seconds of ``n`` 1-byte round trips through an echo, on one connection."""
+    took = []
+    with connect(path) as s:
+        for _ in range(n):
+            start = time.perf_counter()
+            s.sendall(b"x")
+            if s.recv(1) != b"x":
+                raise EOFError("no echo")
+            took.append(time.perf_counter() - start)
+    return sorted(took)[n // 2]
 
 
 def open_time(path: str) -> float:
@@ -381,9 +442,9 @@ class Agent:
     def __init__(self) -> None:
         self.xs = xenstore()
         self.domid = int(self.xs.read("domid"))
-        self.base = f"/local/domain/{self.domid}/data/proof"
+        self.base = proof_base(self.domid)
         self.xsockd: subprocess.Popen[bytes] | None = None
-        self.vchans: list[subprocess.Popen[bytes]] = []
+        self.proxies: dict[str, subprocess.Popen[bytes]] = {}  # vchan-socket-proxy, by node
         self.corpus: xscorpus.Runner | None = None
 
     def run(self) -> None:
@@ -530,18 +591,76 @@ class Agent:
         return {"ok": True, "dir": xs_errno(lambda: self.xs.rm(request_dir(0))),
                 "own": xs_errno(lambda: self.xs.rm(f"{request_dir(0)}/{self.domid}"))}
 
-    def op_vchan_servers(self) -> dict[str, object]:
-        for name in ("echo", "sink", "source"):
-            node = f"{self.base}/vchan-{name}"
-            self.vchans.append(subprocess.Popen(
-                ["vchan-socket-proxy", "-m", "server", "0", node, f"{SVC}/{name}.sock"],
-                stdout=subprocess.DEVNULL, stderr=open(f"/tmp/vchan-{name}.log", "wb")))
+    def proxy(self, key: str, *argv: str) -> None:
+        """Starts Xen's vchan-socket-proxy with ``argv``; its stderr goes to /tmp/KEY.log."""
+        self.proxies[key] = subprocess.Popen(
+            ["vchan-socket-proxy", *argv], stdout=subprocess.DEVNULL,
+            stderr=open(f"/tmp/{key}.log", "wb"))
+
+    def op_vchan_servers(self, prefix: str = "vchan",
+                         names: tuple[str, ...] = VCHAN_CLIENTS) -> dict[str, object]:
+        """Stock proxy servers for dom0 at <base>/PREFIX-NAME, each spliced into our
+        service NAME; answers once every one has published."""
+        for name in names:
+            node = f"{self.base}/{prefix}-{name}"
+            self.proxy(f"{prefix}-{name}", "-m", "server", "0", node, f"{SVC}/{name}.sock")
         deadline = time.monotonic() + 60
-        for name in ("echo", "sink", "source"):
-            while xs_errno(lambda n=name: self.xs.read(f"{self.base}/vchan-{n}/ring-ref")):
+        for name in names:
+            while xs_errno(lambda n=name: self.xs.read(f"{self.base}/{prefix}-{n}/ring-ref")):
                 if time.monotonic() > deadline:
-                    return {"ok": False, "error": tail(f"/tmp/vchan-{name}.log", 5)}
+                    return {"ok": False, "error": tail(f"/tmp/{prefix}-{name}.log", 5)}
                 time.sleep(0.1)
+        return {"ok": True}
+
+    def op_proxy_clients(self, names: tuple[str, ...] = VCHAN_SERVERS) -> dict[str, object]:
+        """Stock proxy clients of dom0's xsockd vchan servers vsNAME: each listens on
+        /run/pc-NAME.sock and opens the vchan for every connection."""
+        for name in names:
+            sock = f"/run/pc-{name}.sock"
+            if os.path.exists(sock):
+                os.unlink(sock)
+            self.proxy(f"pc-{name}", "-m", "client", "0", vchan_server_path(self.domid, name),
+                       sock)
+        deadline = time.monotonic() + 30
+        while not all(os.path.exists(f"/run/pc-{n}.sock") for n in names):
+            if time.monotonic() > deadline:
+                return {"ok": False, "error": {n: tail(f"/tmp/pc-{n}.log", 3) for n in names}}
+            time.sleep(0.1)
+        return {"ok": True}
+
+    def op_vchan_measure(self, total: int) -> dict[str, object]:
+        """Through the proxy clients to dom0's xsockd vchan servers: open times, ``total``
+        bytes each way (sha256 checked), round trips."""
+        first = open_time("/run/pc-echo.sock")
+        later = sorted(open_time("/run/pc-echo.sock") for _ in range(3))[1]
+        ok_out, took_out = to_sink("/run/pc-sink.sock", total)
+        ok_in, took_in = from_source("/run/pc-source.sock", total)
+        return {"ok": ok_out and ok_in, "sha_to_dom0": ok_out, "sha_from_dom0": ok_in,
+                "open_first": first, "open": later, "to_dom0_s": took_out,
+                "from_dom0_s": took_in, "rtt": round_trip("/run/pc-echo.sock")}
+
+    def op_push(self, path: str, total: int) -> dict[str, object]:
+        """Sends ``total`` bytes (0: without end) to ``path`` in a thread, then closes."""
+        def push() -> None:
+            try:
+                with connect(path, timeout=600) as s:
+                    send_pattern(s, total or 1 << 60)
+            except OSError:
+                pass  # the end of an endless push: its proxy was killed
+        threading.Thread(target=push, daemon=True).start()
+        return {"ok": True}
+
+    def op_kill_proxy(self, key: str) -> dict[str, object]:
+        proc = self.proxies.pop(key)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        return {"ok": True}
+
+    def op_stop_proxies(self) -> dict[str, object]:
+        for proc in self.proxies.values():
+            proc.kill()
+            proc.wait()
+        self.proxies.clear()
         return {"ok": True}
 
 
@@ -639,7 +758,7 @@ class Driver:
         self.domu2 = int(os.environ["DOMU2"]) if os.environ.get("DOMU2") else None
         self.echo_mbps = 0.0
         self.xs = xenstore()
-        self.base = f"/local/domain/{self.domu}/data/proof"
+        self.base = proof_base(self.domu)
         self.seq = 0
         self.xsockd: subprocess.Popen[bytes] | None = None
         self.passed = True
@@ -831,6 +950,10 @@ class Driver:
         ok, took = from_source(to_domu("source"), BIG)
         figure("xsockd.domu_to_dom0_MBps", BIG / took / 1e6)
         self.check("throughput-from-domu", ok, f"{BIG / took / 1e6:.1f} MB/s")
+        rtt = round_trip(to_domu("echo"))
+        figure("xsockd.rtt_p50_ms", rtt * 1000)
+        self.check("round-trip", rtt > 0, f"1-byte round trip through the link, p50 of "
+                                          f"{ROUND_TRIPS}: {rtt * 1000:.2f} ms")
         good, why = concurrent(to_domu("echo"), 100, 256 * 1024)
         self.check("concurrent-100", good == 100, f"{good} of 100 streams of 256 KiB echoed "
                                                    f"intact {why}")
@@ -870,7 +993,10 @@ class Driver:
         self.third_domain(to_domu(), first)
         # 7. The baseline: Xen's own vchan-socket-proxy between the same two guests.
         self.vchan_baseline()
-        # 8. xl destroy of the whole domU in mid-stream.
+        # 8. xsockd's vchan roles against the same proxy, and the ceiling.
+        self.unix_ceiling()
+        self.vchan_roles()
+        # 9. xl destroy of the whole domU in mid-stream.
         self.crash("destroy", {"ports": 0, "gnt_mappings": 0, "xs_nodes": 0},
                    lambda: subprocess.run(["xl", "destroy", "domu"], check=True))
         self.check("dom0-xsockd-alive", self.xsockd.poll() is None, "dom0's xsockd survived")
@@ -1013,10 +1139,13 @@ class Driver:
                    f"up by the domU) opened in {took * 1000:.0f} ms (limit {limit * 1000:.0f}"
                    f" ms; dom0's first was {first_open * 1000:.0f} ms): {r}")
 
-    def crash(self, how: str, after: dict[str, int], act: Callable[[], object]) -> None:
-        """Kills the peer in mid-stream: the application must see the end at once, and dom0's
-        xsockd must give back every port, mapping and node of the link."""
-        reader = Endless(f"{RUN}/{self.domu}/source.sock")
+    def crash(self, how: str, after: dict[str, int], act: Callable[[], object],
+              service: str = "source", owner: str = "xsockd", limit: float = 2.0,
+              grace: bool = True) -> None:
+        """Kills the peer in mid-stream: the application reading an endless source through
+        <rundir>/<domU>/SERVICE.sock must see the end at once, and dom0's xsockd must give
+        back every port, mapping and node of the link (or vchan): ``after``."""
+        reader = Endless(f"{RUN}/{self.domu}/{service}.sock")
         if not self.check(f"{how}-streaming", reader.flowing(), f"{reader.received} bytes"):
             reader.close()
             return
@@ -1025,18 +1154,26 @@ class Driver:
         act()
         t1 = time.time()
         reader.thread.join(30)
-        ended = reader.ended
+        # Within ``limit`` of asking, or with ``grace`` (xl destroy can itself take longer
+        # under emulation) within 1 s of the peer being gone.
+        self.seen_end(how, owner, reader.ended, t0, t1, limit, grace,
+                      f"{reader.how}, after {reader.received >> 20} MiB")
+        reader.close()
+        self.released(how, during, after)
+
+    def seen_end(self, how: str, owner: str, ended: float | None, t0: float, t1: float,
+                 limit: float, grace: bool, what: str) -> None:
+        """Checks and records how soon after ``t0`` (asking for the kill) the end came."""
         # Measured on dom0's clock from before dom0 asked for the kill: an upper bound (the
         # guests' clocks differ by a fraction of a second, so the domU's time is not used).
         since = (ended - t0) if ended else float("inf")
-        figure(f"xsockd.{how}_detect_s", since)
-        # Within 2 s of asking, or (xl destroy can itself take longer under emulation) within
-        # 1 s of the domain being gone.
-        prompt = ended is not None and (since < 2.0 or ended - t1 < 1.0)
+        figure(f"{owner}.{how}_detect_s", since)
+        prompt = ended is not None and (since < limit or (grace and ended - t1 < 1.0))
         self.check(f"{how}-app-sees-end", prompt,
-                   f"{reader.how} at most {since:.2f} s after the {how} (asking for it took "
-                   f"{t1 - t0:.2f} s), after {reader.received >> 20} MiB")
-        reader.close()
+                   f"{what}: at most {since:.2f} s after the {how} (limit {limit:.0f} s; "
+                   f"asking for it took {t1 - t0:.2f} s)")
+
+    def released(self, how: str, during: dict[str, int], after: dict[str, int]) -> None:
         now = self.wait_released(after)
         self.check(f"{how}-released", now == after,
                    f"dom0 held {during} during the stream, {now} after (want {after}): "
@@ -1067,14 +1204,170 @@ class Driver:
             figure("vchan.dom0_to_domu_MBps", BASELINE / t1 / 1e6)
             ok2, t2 = from_source("/run/vchan-source.sock", BASELINE)
             figure("vchan.domu_to_dom0_MBps", BASELINE / t2 / 1e6)
+            rtt = round_trip("/run/vchan-echo.sock")
+            figure("vchan.rtt_p50_ms", rtt * 1000)
             self.check("vchan-baseline", ok1 and ok2,
                        f"vchan-socket-proxy: open {first * 1000:.0f} ms, dom0->domU "
                        f"{BASELINE / t1 / 1e6:.1f} MB/s, domU->dom0 {BASELINE / t2 / 1e6:.1f} "
-                       f"MB/s ({BASELINE >> 20} MiB each, sha256 equal)")
+                       f"MB/s ({BASELINE >> 20} MiB each, sha256 equal), round trip "
+                       f"{rtt * 1000:.2f} ms")
         finally:
             for c in clients:
                 c.kill()
                 c.wait()
+
+    def unix_ceiling(self) -> None:
+        """The same applications over plain AF_UNIX inside dom0: what the emulated machine
+        allows at best."""
+        ok1, t1 = to_sink(f"{SVC}/sink.sock", BIG)
+        ok2, t2 = from_source(f"{SVC}/source.sock", BIG)
+        rtt = round_trip(f"{SVC}/echo.sock")
+        figure("unix.dom0_to_domu_MBps", BIG / t1 / 1e6)
+        figure("unix.domu_to_dom0_MBps", BIG / t2 / 1e6)
+        figure("unix.rtt_p50_ms", rtt * 1000)
+        self.check("unix-ceiling", ok1 and ok2,
+                   f"dom0's own sink and source over AF_UNIX: {BIG / t1 / 1e6:.1f} and "
+                   f"{BIG / t2 / 1e6:.1f} MB/s ({BIG >> 20} MiB, sha256 equal), round trip "
+                   f"{rtt * 1000:.3f} ms")
+
+    def restart_xsockd(self, vchans: bool) -> bool:
+        """Restarts dom0's xsockd with or without the vchans (it reads them at start only);
+        True if the old one stopped cleanly."""
+        assert self.xsockd is not None
+        self.xsockd.send_signal(signal.SIGTERM)
+        code = self.xsockd.wait(60)
+        write_config([self.domu, 7777], self.domu, self.domu if vchans else None)
+        ready = f"{RUN}/{self.domu}/vxsink.sock" if vchans else f"{RUN}/{self.domu}.sock"
+        self.xsockd = start_xsockd(ready)
+        return code == 0
+
+    def published(self, paths: list[str], timeout: float = 30) -> bool:
+        """Waits until a vchan (ring-ref and event-channel) is published at every path."""
+        deadline = time.monotonic() + timeout
+        while not all(xs_exists(self.xs, f"{p}/ring-ref") and
+                      xs_exists(self.xs, f"{p}/event-channel") for p in paths):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
+    def vchan_roles(self) -> None:
+        """Issue 13 on the hypervisor: xsockd in dom0 as vchan client of Xen's own
+        vchan-socket-proxy servers in the domU, and as vchan server of its clients there."""
+        servers = [vchan_server_path(self.domu, n) for n in VCHAN_SERVERS]
+        stopped = self.restart_xsockd(vchans=True)
+        up = self.published(servers)
+        r1 = self.call("vchan-servers", prefix="vx")
+        r2 = self.call("proxy-clients")
+        if self.check("vchan-xsockd-start", stopped and up and bool(r1.get("ok"))
+                      and bool(r2.get("ok")),
+                      f"dom0's xsockd restarted with {len(VCHAN_CLIENTS)} vchan clients and "
+                      f"{len(VCHAN_SERVERS)} servers (published: {up}); the domU's proxy "
+                      f"servers: {r1}, proxy clients: {r2}"):
+            for role in (self.vchan_client_role, self.vchan_server_role):
+                try:
+                    role()
+                except Exception as e:  # a role that blew up fails; the proof goes on
+                    self.check(role.__name__.replace("_", "-"), False, repr(e))
+        self.call("stop-proxies")
+        stopped = self.restart_xsockd(vchans=False)
+        left = [p for p in servers if xs_exists(self.xs, p)]
+        self.check("vchan-xsockd-restored", stopped and not left,
+                   f"dom0's xsockd stopped cleanly: {stopped}; vchan nodes left in dom0's "
+                   f"tree: {left}; restarted without vchans")
+
+    def vchan_client_role(self) -> None:
+        """xsockd's vchan client ([vchan.vxNAME]) against the domU's stock proxy servers."""
+        to = lambda name: f"{RUN}/{self.domu}/vx{name}.sock"  # noqa: E731
+        first = open_time(to("echo"))
+        later = sorted(open_time(to("echo")) for _ in range(3))[1]
+        rtt = round_trip(to("echo"))
+        figure("vcli.open_first_ms", first * 1000)
+        figure("vcli.open_ms", later * 1000)
+        figure("vcli.rtt_p50_ms", rtt * 1000)
+        self.check("vchan-client-open", True,
+                   f"through xsockd's vchan client to the domU's vchan-socket-proxy server: "
+                   f"first stream {first * 1000:.0f} ms, later {later * 1000:.0f} ms (median "
+                   f"of 3, each reusing the proxy's page), round trip {rtt * 1000:.2f} ms")
+        ok, took = to_sink(to("sink"), VCHAN_BIG)
+        figure("vcli.dom0_to_domu_MBps", VCHAN_BIG / took / 1e6)
+        self.check("vchan-client-to-domu", ok, f"{VCHAN_BIG >> 20} MiB dom0 app -> xsockd "
+                   f"vchan client -> proxy server -> domU sink, sha256 equal: {ok}, "
+                   f"{VCHAN_BIG / took / 1e6:.2f} MB/s")
+        ok, took = from_source(to("source"), VCHAN_BIG)
+        figure("vcli.domu_to_dom0_MBps", VCHAN_BIG / took / 1e6)
+        self.check("vchan-client-from-domu", ok, f"{VCHAN_BIG >> 20} MiB domU source -> proxy "
+                   f"server -> xsockd vchan client -> dom0 app, sha256 equal: {ok}, "
+                   f"{VCHAN_BIG / took / 1e6:.2f} MB/s")
+        # The proxy server killed while it streams: its grant's unmap notification clears
+        # srv_live; dom0's application must see EOF, and xsockd hold what it held before.
+        self.crash("vchan-client-kill9", self.held(),
+                   lambda: self.call("kill-proxy", key="vx-source"), service="vxsource",
+                   limit=1.0, grace=False)
+
+    def vchan_server_role(self) -> None:
+        """xsockd's vchan servers ([vchan.vsNAME]) against the domU's stock proxy clients."""
+        r = self.call("vchan-measure", total=VCHAN_BIG)
+        if not self.check("vchan-server-open", "open_first" in r,
+                          f"the domU's vchan-socket-proxy client to xsockd's vchan server: "
+                          f"first stream {float(r.get('open_first', 0)) * 1000:.0f} ms, later "
+                          f"{float(r.get('open', 0)) * 1000:.0f} ms (each a fresh vchan), "
+                          f"round trip {float(r.get('rtt', 0)) * 1000:.2f} ms: {r}"):
+            return
+        to_domu = VCHAN_BIG / float(r["from_dom0_s"]) / 1e6  # type: ignore[arg-type]
+        from_domu = VCHAN_BIG / float(r["to_dom0_s"]) / 1e6  # type: ignore[arg-type]
+        for key, value in (("open_first_ms", float(r["open_first"]) * 1000),  # type: ignore
+                           ("open_ms", float(r["open"]) * 1000),  # type: ignore[arg-type]
+                           ("rtt_p50_ms", float(r["rtt"]) * 1000),  # type: ignore[arg-type]
+                           ("dom0_to_domu_MBps", to_domu), ("domu_to_dom0_MBps", from_domu)):
+            figure(f"vsrv.{key}", value)
+        self.check("vchan-server-to-domu", r.get("sha_from_dom0") is True,
+                   f"{VCHAN_BIG >> 20} MiB dom0 source -> xsockd vchan server -> proxy client "
+                   f"-> domU app, sha256 equal, {to_domu:.2f} MB/s")
+        self.check("vchan-server-from-domu", r.get("sha_to_dom0") is True,
+                   f"{VCHAN_BIG >> 20} MiB domU app -> proxy client -> xsockd vchan server -> "
+                   f"dom0 sink, sha256 equal, {from_domu:.2f} MB/s")
+        self.server_kill()
+
+    def server_kill(self) -> None:
+        """The domU's proxy client killed while it streams into dom0's drain service: the
+        client's mapping's unmap notification clears cli_live; the service must see EOF, and
+        xsockd must release that vchan and publish a fresh one that a new client can use."""
+        how, path = "vchan-server-kill9", vchan_server_path(self.domu, "drain")
+        self.published([path])
+        idle = self.held()  # with the vchan published and waiting
+        streams = Drained.streams
+        self.call("push", path="/run/pc-drain.sock", total=0)
+        flowing = wait_until(lambda: Drained.streams > streams and Drained.received > MiB, 60)
+        if not self.check(f"{how}-streaming", flowing,
+                          f"{Drained.received} bytes from the domU through xsockd's server"):
+            return
+        during = self.held()
+        t0 = time.time()
+        self.call("kill-proxy", key="pc-drain")
+        t1 = time.time()
+        wait_until(lambda: Drained.ended is not None, 30)
+        self.seen_end(how, "xsockd", Drained.ended, t0, t1, 1.0, False,
+                      f"EOF at dom0's service after {Drained.received >> 20} MiB")
+        self.released(how, during, idle)
+        again = self.published([path])
+        streams = Drained.streams
+        r = self.call("proxy-clients", names=["drain"])
+        if r.get("ok"):
+            self.call("push", path="/run/pc-drain.sock", total=MiB)
+        served = wait_until(lambda: Drained.streams > streams and Drained.ended is not None, 60)
+        self.check("vchan-server-republished", again and served and Drained.received == MiB,
+                   f"a fresh vchan published at {path}: {again}; a new proxy client streamed "
+                   f"{Drained.received} bytes through it to EOF (want {MiB}): {served} {r}")
+
+
+def wait_until(cond: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def main(argv: list[str]) -> int:

@@ -100,7 +100,8 @@ class EventChannel(abc.ABC):
 
     @abc.abstractmethod
     def clear(self) -> None:
-        """Consumes pending notifications so that ``fd`` stops being readable."""
+        """Consumes pending notifications so that ``fd`` stops being readable; with none
+        pending, returns at once (``fd`` is non-blocking)."""
 
     @abc.abstractmethod
     def close(self) -> None:

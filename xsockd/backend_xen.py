@@ -138,6 +138,10 @@ class XenEventChannel(EventChannel):
         self.peer = peer
         self.port = port
         self.fd = lib.xenevtchn_fd(handle)
+        # libxenevtchn opens /dev/xen/evtchn blocking, and its pending() is a read(): with
+        # nothing pending, clear() would hang the caller.  The vchan server clears on its
+        # once-a-second poll too, which on real Xen stopped the daemon's loop for good.
+        os.set_blocking(self.fd, False)
         self.notify_fd = -1
 
     def notify(self) -> None:

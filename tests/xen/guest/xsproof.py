@@ -659,6 +659,11 @@ class Agent:
         proc.wait()
         return {"ok": True}
 
+    def op_proxy_logs(self) -> dict[str, object]:
+        """The last line each proxy wrote to stderr, and whether it still runs."""
+        return {"ok": True, **{k: f"{p.poll()}: {tail(f'/tmp/{k}.log', 1)[-120:]}"
+                               for k, p in self.proxies.items()}}
+
     def op_stop_proxies(self) -> dict[str, object]:
         for proc in self.proxies.values():
             proc.kill()
@@ -896,6 +901,22 @@ class Driver:
         health = xscorpus.raw_exchange(sock, int(xscorpus.Op.READ), b"/local\0")
         self.check("domu-set-perms-releasedomain", health.startswith(answered),
                    f"the domU's SET_PERMS @releaseDomain: {r}; then dom0's READ: {health}")
+
+    def run_vchan(self) -> None:
+        """``harness.py vchan``: only the vchan part of the proof (the baseline, the ceiling
+        and xsockd's vchan roles), in a short boot."""
+        start_services()
+        if not self.check("agent", self.wait_agent(), "the domU's agent answers in XenStore"):
+            return
+        write_config([self.domu, 7777], self.domu)
+        self.xsockd = start_xsockd(f"{RUN}/{self.domu}.sock")
+        r = self.call("start")
+        if self.check("domu-xsockd", bool(r.get("ok")), str(r)):
+            self.vchan_roles()
+            self.vchan_baseline()
+            self.unix_ceiling()
+        self.xsockd.send_signal(signal.SIGTERM)
+        self.check("dom0-xsockd-stops", self.xsockd.wait(30) == 0, tail("/tmp/xsockd.log", 3))
 
     def run(self) -> None:
         start_services()
@@ -1277,6 +1298,11 @@ class Driver:
                     role()
                 except Exception as e:  # a role that blew up fails; the proof goes on
                     self.check(role.__name__.replace("_", "-"), False, repr(e))
+            if not self.passed:  # what dom0's xsockd and the domU's proxies said
+                with open("/tmp/xsockd.log", errors="replace") as f:
+                    for line in [ln for ln in f if "vchan" in ln][-40:]:
+                        say("dom0 xsockd: " + line.rstrip())
+                say(f"the domU's proxies: {self.call('proxy-logs')}")
         self.call("stop-proxies")
         stopped = self.restart_xsockd(vchans=False)
         left = [p for p in servers if xs_exists(self.xs, p)]
@@ -1386,6 +1412,13 @@ def main(argv: list[str]) -> int:
     if role == "third":
         Third().run()
         return 0
+    if role == "vchan":
+        d = Driver()
+        try:
+            d.run_vchan()
+        except Exception as e:
+            d.check("driver", False, repr(e))
+        return 0 if d.passed else 1
     if role == "xsdiff":
         d = Driver()
         try:

@@ -197,6 +197,40 @@ def test_a_peer_that_never_consumes_stops_the_reader_without_growth(spliced):
     assert cpump.stop().end == End.STOPPED
 
 
+def test_a_peer_that_missed_our_notification_is_notified_again():
+    """Found on real Xen against vchan-socket-proxy -m server: it took the wake of our attach
+    and of our first write as one, outside its data loop, then waited for an event while our
+    bytes sat in its ring and we waited for it to consume them.  A pump whose bytes wait
+    unconsumed, the peer silent, notifies it again (after 10 ms, then less and less often)."""
+    s = Spliced(10, 11)  # the proxy's rings
+    try:
+        app, _ = s.pump("client")
+        app.sendall(os.urandom(4096))  # more than the 1 KiB left ring
+        size = 1 << s.pair.layout.left_order
+        deadline = time.monotonic() + 5
+        while (s.pair.u32(LEFT_PROD) - s.pair.u32(LEFT_CONS)) & 0xFFFFFFFF < size:
+            assert time.monotonic() < deadline, "the pump did not fill the ring"
+            time.sleep(0.01)
+        time.sleep(0.1)
+        try:  # the proxy's wake, taken; it asks for nothing more (cli_notify stays clear)
+            os.eventfd_read(s.efd["server"])
+        except BlockingIOError:
+            pass
+        ready, _, _ = select.select([s.efd["server"]], [], [], 3)
+        assert ready, "the pump never notified the silent peer again"
+        # The peer, woken, consumes; the rest of the bytes follow.
+        got = bytearray()
+        deadline = time.monotonic() + 10
+        while len(got) < 4096 and time.monotonic() < deadline:
+            got += s.pair.server.read(4096)
+            if s.pair.server.take_notify():
+                os.eventfd_write(s.efd["client"], 1)
+            time.sleep(0.01)
+        assert len(got) == 4096
+    finally:
+        s.close()
+
+
 def test_linger_bounds_the_wait_for_a_peer_that_never_consumes(spliced):
     app, cpump = spliced.pump("client", linger=0.3)
     app.sendall(b"unread")

@@ -26,6 +26,12 @@
 #include <unistd.h>
 
 #define SAFETY_TIMEOUT_MS 1000 /* wake regardless: a peer that clears our requests only delays */
+/* While our bytes wait in the ring and the peer says nothing, we notify it again after 10 ms,
+ * then 20, 40 .. up to SAFETY_TIMEOUT_MS.  Found on real Xen: vchan-socket-proxy -m server
+ * takes the wake of our attach (cli_live 1) outside its data loop; when our first write's
+ * notification reached it together with that one, it waited in select() for an event that
+ * never came, our bytes in its ring, while we waited for it to consume them. */
+#define KICK_FIRST_MS 10
 
 struct xsk_vchan_pump {
     struct xsk_vchan *v;
@@ -127,6 +133,7 @@ static void *pump(void *arg)
 {
     struct xsk_vchan_pump *p = arg;
     int sock_rd = 1, sock_wr = 1, rd_eof = 0, end = 0, rechecked = 0;
+    int kick_ms = KICK_FIRST_MS; /* the next silence after which we notify again */
     int64_t linger_end = 0;
     int64_t gone_end = 0;       /* the peer gone: when we stop waiting for the socket to take
                                    what it wrote (reset by every progress) */
@@ -178,6 +185,7 @@ static void *pump(void *arg)
             continue;
         if (progress) {
             rechecked = 0;
+            kick_ms = KICK_FIRST_MS;
             continue;
         }
         /* About to sleep: ask the peer for what we wait on, then look once more, so that an
@@ -194,7 +202,8 @@ static void *pump(void *arg)
             continue;
         }
         rechecked = 0;
-        int timeout = SAFETY_TIMEOUT_MS;
+        int unconsumed = xsk_vchan_tx_unconsumed(p->v) > 0;
+        int timeout = unconsumed ? kick_ms : SAFETY_TIMEOUT_MS;
         if (rd_eof || gone_end) {
             int64_t until = !gone_end ? linger_end : !rd_eof ? gone_end
                 : gone_end < linger_end ? gone_end : linger_end;
@@ -202,6 +211,10 @@ static void *pump(void *arg)
             timeout = left < 0 ? 0 : left < timeout ? (int)left : timeout;
         }
         int n = epoll_wait(p->epfd, evs, 8, timeout);
+        if (n == 0 && unconsumed) { /* silence with our bytes in the ring: notify again */
+            notify_peer(p);
+            kick_ms = kick_ms * 2 > SAFETY_TIMEOUT_MS ? SAFETY_TIMEOUT_MS : kick_ms * 2;
+        }
         for (int i = 0; i < n; i++) {
             uint32_t e = evs[i].events;
             switch (evs[i].data.u32) {

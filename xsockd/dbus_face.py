@@ -251,7 +251,7 @@ class DBusFace:
         self._owned = False
         self._count_sent = 0
         # One PropertiesChanged per loop turn at most, however many channels came and went;
-        # a Wakeup, not call_soon, which costs C memory per call (see loop.Wakeup).
+        # a Wakeup coalesces the arms of a turn into one call and allocates nothing (loop.Wakeup).
         self._count_wakeup = loop.wakeup(self._send_count)
         self.where = ""
 

@@ -11,7 +11,7 @@ PKG = Path(__file__).parent.parent / "xsockd"
 ALLOWED: dict[str, set[str] | None] = {
     "errors": set(),
     "constants": set(),
-    "words": set(),  # counts and sizes in messages: a leaf, as errors and constants
+    "words": set(),  # counts, sizes and --help text: a leaf, as errors and constants
     "backend": set(),
     "ring": {"_ring_core"},
     "vchan": {"_ring_core"},  # the libxenvchan endpoint: a leaf beside ring

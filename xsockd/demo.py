@@ -29,7 +29,7 @@ from xsockd.constants import DEFAULT_GRANT_LIMIT
 from xsockd.errors import ConfigError
 from xsockd.ring import MAX_RING_SIZE, MIN_RING_SIZE, link_pages
 from xsockd.sim.host import SimHost
-from xsockd.words import size_text
+from xsockd.words import plain, size_text
 
 __all__ = ["DaemonProcess", "config_text", "main", "write_config"]
 
@@ -306,7 +306,7 @@ def _mib(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="xsockd demo", description=__doc__,
+    p = argparse.ArgumentParser(prog="xsockd demo", description=plain(__doc__),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mib", type=_mib, default=256, metavar="N",
                    help="MiB to stream each way, a positive integer (default 256)")

@@ -53,6 +53,7 @@ from xsockd.sim.hypervisor import (
 )
 from xsockd.sim.xenstored import MAX_CONNECTIONS as XS_CONNECTIONS
 from xsockd.sim.xenstored import XenStoreServer
+from xsockd.words import plain
 from xsockd.xenstore_client import XenStoreClient
 
 __all__ = ["SimHost", "leak_report", "main", "sim_accounting"]
@@ -314,7 +315,7 @@ class SimHost:
 def main(argv: Sequence[str] | None = None) -> int:
     installed = os.path.basename(sys.argv[0]) == "xsockd-simhost"
     p = argparse.ArgumentParser(prog="xsockd-simhost" if installed else "python -m xsockd.sim.host",
-                                description=__doc__,
+                                description=plain(__doc__),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", required=True, help="directory for the domains' sockets")
     p.add_argument("--domains", default="0,1,2", help="comma-separated domain ids (default 0,1,2)")

@@ -28,6 +28,7 @@ from xsockd.config import parse_config, parse_size
 from xsockd.constants import DEFAULT_GRANT_LIMIT
 from xsockd.errors import ConfigError
 from xsockd.ring import MAX_RING_SIZE, MIN_RING_SIZE, link_pages
+from xsockd.sim.child import terminate
 from xsockd.sim.host import SimHost
 from xsockd.words import plain, size_text
 
@@ -134,13 +135,7 @@ class DaemonProcess:
         """Returns the exit status after SIGTERM (killing it if it does not stop in time)."""
         if self.proc is None:
             return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, timeout)
         if self._pump:
             self._pump.join(5)
         if self.proc.stderr:

@@ -42,6 +42,7 @@ from xsockd.sim.budget import (
     event_channel_budget,
     raise_nofile,
 )
+from xsockd.sim.child import terminate
 from xsockd.sim.hypervisor import (
     DOMID_FIRST_RESERVED,
     Hypervisor,
@@ -300,13 +301,7 @@ class SimHost:
     def stop(self) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 10)
         if self.proc.stdout:
             self.proc.stdout.close()
         self.proc = None

@@ -208,3 +208,24 @@ def test_cancelled_timers_do_not_pile_up() -> None:
     for timer in live:
         timer.cancel()
     loop.close()
+
+
+def test_a_timer_may_cancel_many_others_while_timers_run() -> None:
+    """Cancelling enough to rebuild the heap from inside a timer leaves the due ones to run
+    and the cancelled ones not."""
+    loop = Loop()
+    ran: list[int] = []
+    many = 3 * loop._timers.COMPACT_AT
+    timers = [loop.call_later(0.0, lambda i=i: ran.append(i)) for i in range(1, many + 1)]
+
+    def cancel_three_in_four() -> None:  # enough to rebuild the heap once
+        for i, timer in enumerate(timers, start=1):
+            if i % 4:
+                timer.cancel()
+
+    loop._timers.add(0.0, cancel_three_in_four)  # deadline 0: first of all
+    loop.call_later(0.02, loop.stop)
+    loop.run()
+    assert ran == list(range(4, many + 1, 4))
+    # The heap's books balance: nothing left, no cancelled entry counted twice.
+    assert (loop._timers.pending(), loop._timers._dead) == (0, 0)

@@ -120,7 +120,8 @@ class _Timers:
     def cancelled(self) -> None:
         self._dead += 1
         if self._dead >= self.COMPACT_AT and 2 * self._dead > len(self._heap):
-            self._heap = [e for e in self._heap if e[2]._callback is not None]
+            # In place: _run_due may be walking this list (a callback cancelling timers).
+            self._heap[:] = [e for e in self._heap if e[2]._callback is not None]
             heapq.heapify(self._heap)
             self._dead = 0
             self._arm()

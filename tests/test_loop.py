@@ -170,9 +170,11 @@ def test_close_drops_pending_timers() -> None:
     ran: list[str] = []
     timer = loop.call_later(0.0, lambda: ran.append("x"))
     loop.close()
+    late = loop.call_later(0.0, lambda: ran.append("after close"))
     _turn(loop)
     timer.cancel()
-    assert ran == []
+    late.cancel()
+    assert ran == [] and loop._timers.pending() == 0
 
 
 def test_timers_cost_no_memory() -> None:

@@ -111,6 +111,9 @@ class _Timers:
 
     def add(self, deadline: float, callback: Callable[[], object]) -> Timer:
         timer = Timer(self, callback)
+        if self._source is None:  # closed: it would never run, so it is not kept either
+            timer._callback = None
+            return timer
         entry = (deadline, next(self._seq), timer)
         heapq.heappush(self._heap, entry)
         if self._heap[0] is entry:

@@ -1,8 +1,10 @@
-"""The loop's Wakeup: coalesces arms, runs on the loop, and costs no memory per run.
+"""The loop's Wakeup and timers: Wakeup coalesces arms; call_later keeps deadline order and
+cancels; neither costs memory per run.
 
-The memory test is why Wakeup exists: PyGObject 3.42 (GLib 2.74) leaks about 27 bytes of C
-memory for every GLib source made from Python, so a ``call_soon`` per burst of a peer's
-activity grew the daemon without bound (tests/test_churn.py, docs/PERFORMANCE.md).
+The memory tests are why both sit on one long-lived GLib source each: PyGObject 3.42 (GLib 2.74)
+leaks about 27 bytes of C memory for every GLib source made from Python, so a ``call_soon`` per
+burst of a peer's activity, or a ``call_later`` per retry, grew the daemon without bound
+(tests/test_churn.py, docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations

@@ -26,7 +26,16 @@ from xsockd.config import VchanConfig
 from xsockd.errors import ProtocolError
 from xsockd.peerlog import PeerLog, escape
 from xsockd.rendezvous import canonical_int
-from xsockd.vchan import Role, VchanEndpoint, VchanHeld, VchanPump, client_probe, lib, split_rings
+from xsockd.vchan import (
+    Role,
+    StreamTotals,
+    VchanEndpoint,
+    VchanHeld,
+    VchanPump,
+    client_probe,
+    lib,
+    split_rings,
+)
 from xsockd.xenstore_client import transact
 
 if TYPE_CHECKING:  # the daemon's loop is GLib's; the manager runs on any (tests/fakeloop.py)
@@ -119,6 +128,7 @@ class VchanClient:
         self.state = "idle"
         self.streams = 0
         self.last_result: object = None
+        self.totals = StreamTotals()
         self._closed = False
 
     def __repr__(self) -> str:
@@ -228,6 +238,7 @@ class VchanClient:
         if self.vchan is not None:
             if self.vchan.pump is not None:
                 self.loop.remove_reader(self.vchan.pump.fileno())
+            self.totals.ended(self.vchan)
             self.vchan.close()
             self.vchan = None
         if self.waiting is not None:
@@ -260,5 +271,7 @@ class VchanClient:
         self.state = "closed"
 
     def describe(self) -> dict[str, object]:
+        bytes_in, bytes_out = self.totals.now(self.vchan)
         return {"kind": "vchan-client", "name": self.cfg.name, "path": self.cfg.path,
-                "peer": self.cfg.domain, "state": self.state, "streams": self.streams}
+                "peer": self.cfg.domain, "state": self.state, "streams": self.streams,
+                "bytes_in": bytes_in, "bytes_out": bytes_out}

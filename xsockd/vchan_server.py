@@ -24,6 +24,7 @@ from xsockd.config import VchanConfig
 from xsockd.vchan import (
     Live,
     Role,
+    StreamTotals,
     VchanEndpoint,
     VchanHeld,
     VchanPump,
@@ -103,6 +104,7 @@ class VchanServer:
         self.state = "idle"
         self.streams = 0
         self.last_result: object = None
+        self.totals = StreamTotals()
         self._timer: Timer | None = None
         self._tokens = float(REPUBLISH_BURST)
         self._last = loop.time()
@@ -279,7 +281,8 @@ class VchanServer:
                 self.loop.remove_reader(v.pump.fileno())
             if v.evtchn is not None:
                 self.loop.remove_reader(v.evtchn.fd)
-            self.vchan.close()
+            self.totals.ended(v)
+            v.close()
             self.vchan = None
         self._remove_nodes()
 
@@ -304,5 +307,7 @@ class VchanServer:
         self.state = "closed"
 
     def describe(self) -> dict[str, object]:
+        bytes_in, bytes_out = self.totals.now(self.vchan)
         return {"kind": "vchan-server", "name": self.cfg.name, "path": self.path,
-                "peer": self.cfg.domain, "state": self.state, "streams": self.streams}
+                "peer": self.cfg.domain, "state": self.state, "streams": self.streams,
+                "bytes_in": bytes_in, "bytes_out": bytes_out}

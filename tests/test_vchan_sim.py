@@ -14,12 +14,15 @@ import struct
 import threading
 import time
 
+import pydbus
 import pytest
 
+from tests.privatebus import PrivateBus
 from tests.simworld import SimWorld
 from tests.vchanpair import CLI_LIVE, LEFT_CONS, LEFT_PROD
 from xsockd.backend import XenStorePerm
 from xsockd.backend_sim import SimBackend
+from xsockd.constants import DBUS_NAME, DBUS_PATH
 from xsockd.vchan_client import _Opened, read_published
 
 SERVER_PATH = "/local/domain/2/data/vchan/1/echo1"
@@ -361,3 +364,89 @@ def test_a_client_that_never_consumes_costs_only_its_rings(server_only):
     world.wait_for("the server to end that vchan and publish a fresh one",
                    lambda: "ended (undelivered" in world.logs() and published(world))
     assert time.monotonic() - t0 < 4
+
+
+def fill_backlog(listener: socket.socket, path: str) -> list[socket.socket]:
+    """Returns connections queued on ``listener`` (never accepted) until its backlog is full."""
+    queued = []
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            s.connect(path)
+        except BlockingIOError:
+            s.close()
+            return queued
+        queued.append(s)
+        assert len(queued) < 1000, "the backlog never filled"
+
+
+def test_a_slow_service_does_not_block_the_daemon(tmp_path):
+    # The service's backlog is full: xsockd retries its connect on the loop, and meanwhile
+    # domain 2's control plane answers at once.  Once the service accepts, the client is served.
+    path = str(tmp_path / "slow.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(0)
+    queued = fill_backlog(listener, path)
+    bus = PrivateBus()
+    extra = (f'\n[services.slow]\nsocket = "{path}"\n'
+             + SERVER.replace('service = "echo"', 'service = "slow"'))
+    w = SimWorld(tmp_path, extra={1: CLIENT, 2: extra}, dbus={2: bus.address})
+    try:
+        w.start(1, 2, echo=False)
+        w.wait_for("domain 2's vchan published", lambda: published(w))
+        with pydbus.connect(bus.address) as b:
+            proxy = b.get(DBUS_NAME, DBUS_PATH)
+            s = vchan_connect(w)
+            w.wait_for("the server connecting to its service",
+                       lambda: proxy.ListVchans()[0]["state"] == "connecting")
+            t0 = time.monotonic()
+            slowest = 0.0
+            while time.monotonic() - t0 < 1.5:  # the old blocking connect held the loop 2 s
+                t = time.monotonic()
+                assert proxy.ListVchans()[0]["state"] == "connecting"
+                slowest = max(slowest, time.monotonic() - t)
+                time.sleep(0.05)
+            assert slowest < 0.5, f"a D-Bus call took {slowest:.2f} s while connecting"
+            for q in queued:
+                q.close()
+            for _ in queued:  # the closed ones still take their places until accepted
+                listener.accept()[0].close()
+            listener.settimeout(10)
+            conn, _ = listener.accept()
+            with conn:
+                s.sendall(b"ping")
+                assert conn.recv(100) == b"ping"
+                conn.sendall(b"pong")
+                assert s.recv(100) == b"pong"
+                assert proxy.ListVchans()[0]["state"] == "serving"
+            s.close()
+    finally:
+        w.close()
+        bus.close()
+        listener.close()
+    assert "Traceback" not in w.logs()
+
+
+def test_a_missing_service_ends_that_vchan_and_republishes(tmp_path):
+    extra = (f'\n[services.gone]\nsocket = "{tmp_path / "nothing.sock"}"\n'
+             + SERVER.replace('service = "echo"', 'service = "gone"'))
+    w = SimWorld(tmp_path, extra={1: CLIENT, 2: extra})
+    try:
+        w.start(1, 2, echo=False)
+        w.wait_for("domain 2's vchan published", lambda: published(w))
+        with w.host.xenstore(0) as xs:
+            ref = xs.read(f"{SERVER_PATH}/ring-ref")
+        s = vchan_connect(w)
+        s.settimeout(10)
+        t0 = time.monotonic()
+        assert s.recv(100) == b""  # after the service's patience (2 s), EOF
+        assert time.monotonic() - t0 >= 1.5
+        s.close()
+        w.wait_for("the failure logged and a fresh vchan published", lambda: (
+            "vchan echo1: domain 1: the service 'gone'" in w.logs() and published(w)))
+        with w.host.xenstore(0) as xs:
+            assert xs.read(f"{SERVER_PATH}/ring-ref") != ref
+    finally:
+        w.close()

@@ -46,7 +46,14 @@ PAGE = 4096
 REPUBLISH_BURST = 5
 REPUBLISH_INTERVAL = 1.0
 POLL = 1.0  # seconds: look at the page regardless of notifications, as links do
-CONNECT_TIMEOUT = 2.0  # the local service, a socket of ours: answers at once or is down
+# The local service is connected to without blocking the loop, as the manager does for a
+# link's stream: a full backlog (EAGAIN) is retried for CONNECT_PATIENCE seconds, a missing
+# socket or one nobody listens on (ENOENT, ECONNREFUSED: a service restarting) for
+# SERVICE_START_PATIENCE, with a delay doubling from CONNECT_RETRY to CONNECT_RETRY_MAX.
+CONNECT_PATIENCE = 5.0
+SERVICE_START_PATIENCE = 2.0
+CONNECT_RETRY = 0.005
+CONNECT_RETRY_MAX = 0.2
 
 
 def vchan_perms(me: int, peer: int) -> list[XenStorePerm]:
@@ -217,19 +224,41 @@ class VchanServer:
             return
         self.loop.remove_reader(v.evtchn.fd)
         self._remove_nodes()  # no second client may map the page in use
+        # The client waits meanwhile: a pump that starts late finds it gone if it left.
+        self.state = "connecting"
+        now = self.loop.time()
+        self._connect(now + CONNECT_PATIENCE, now + SERVICE_START_PATIENCE, CONNECT_RETRY)
+
+    def _connect(self, deadline: float, absent_until: float, delay: float) -> None:
+        """Connects the attached client to the local service without blocking the loop;
+        retries while the service cannot take us yet, then gives that vchan up."""
+        self._timer = None
+        v = self.vchan
+        if v is None or v.endpoint is None or v.evtchn is None or self.state != "connecting":
+            return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.settimeout(CONNECT_TIMEOUT)
-                sock.connect(self.service_socket)
-                sock.sendall(self.header)  # a line, into an empty socket buffer
-                sock.setblocking(False)
-            except OSError:
-                sock.close()
-                raise
+            sock.setblocking(False)
+            sock.connect(self.service_socket)
+            # A line into a fresh socket's empty buffer: all of it goes, or the service is
+            # not one we can serve.
+            if self.header and sock.send(self.header) != len(self.header):
+                raise OSError(errno.EMSGSIZE, "the caller header did not fit")
+        except OSError as e:
+            sock.close()
+            until = deadline if e.errno == errno.EAGAIN else absent_until \
+                if e.errno in (errno.ENOENT, errno.ECONNREFUSED) else 0.0
+            if self.loop.time() < until:
+                self._later(delay, lambda: self._connect(deadline, absent_until,
+                                                         min(delay * 2, CONNECT_RETRY_MAX)))
+                return
+            self._end(f"the service {self.cfg.service!r} at {self.service_socket}: "
+                      f"{e.strerror or e}")
+            return
+        try:
             v.pump = VchanPump(v.endpoint, sock, v.evtchn, self.cfg.linger)
         except OSError as e:
-            self._end(f"the service {self.cfg.service!r} at {self.service_socket}: {e}")
+            self._end(f"starting the stream: {e}")
             return
         self.state = "serving"
         self.streams += 1
@@ -269,7 +298,7 @@ class VchanServer:
     def peer_destroyed(self) -> None:
         """The peer's domain is gone (``@releaseDomain``): it ran no unmap notification.
         A vchan still waiting stays published: only that domain id may ever map it."""
-        if self.state == "serving":
+        if self.state in ("connecting", "serving"):
             self._end(f"domain {self.cfg.domain} was destroyed")
 
     def _release(self) -> None:

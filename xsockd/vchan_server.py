@@ -17,6 +17,7 @@ import errno
 import logging
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from xsockd.backend import Backend, UnmapNotify, XenStorePerm
@@ -46,6 +47,14 @@ PAGE = 4096
 REPUBLISH_BURST = 5
 REPUBLISH_INTERVAL = 1.0
 POLL = 1.0  # seconds: look at the page regardless of notifications, as links do
+# A publication that fails (grants or ports exhausted, our XenStore path not writable) is
+# retried after PUBLISH_RETRY seconds, doubling to PUBLISH_RETRY_MAX; each distinct error is
+# logged once, a lasting failure again every PUBLISH_REMIND seconds: no flood, still
+# findable.
+PUBLISH_RETRY = 1.0
+PUBLISH_RETRY_MAX = 60.0
+PUBLISH_REMIND = 600.0
+PUBLISH_ERRORS = 8  # distinct errors logged while failing (messages may carry numbers)
 # The local service is connected to without blocking the loop, as the manager does for a
 # link's stream: a full backlog (EAGAIN) is retried for CONNECT_PATIENCE seconds, a missing
 # socket or one nobody listens on (ENOENT, ECONNREFUSED: a service restarting) for
@@ -93,6 +102,17 @@ class _Published(VchanHeld):
         return self.shared.refs[0]
 
 
+@dataclass
+class _Failing:
+    """Publications failing since ``since`` (until one succeeds)."""
+
+    since: float
+    reminded: float  # when a failure was last logged as a warning
+    delay: float  # before the next try
+    tries: int = 0
+    seen: set[str] = field(default_factory=set)  # the errors logged, at most PUBLISH_ERRORS
+
+
 class VchanServer:
     def __init__(self, cfg: VchanConfig, service_socket: str, backend: Backend,
                  loop: Loop, header: bytes = b"") -> None:
@@ -117,6 +137,7 @@ class VchanServer:
         self._last = loop.time()
         self._closed = False
         self._made: list[str] = []
+        self._failing: _Failing | None = None
 
     def __repr__(self) -> str:
         return f"<VchanServer {self.cfg.name} for domain {self.cfg.domain} {self.state}>"
@@ -162,17 +183,39 @@ class VchanServer:
                                     self.cfg.right_order)
             self._write_nodes(self.vchan)
         except Exception as e:  # the boundary of this vchan: try again later
-            log.warning("vchan %s: cannot publish for domain %d at %s: %s", self.cfg.name,
-                        self.cfg.domain, self.path, e)
             self._release()
-            self._later(REPUBLISH_INTERVAL * 5, self._publish)
+            self._later(self._publish_failed(str(e)), self._publish)
             return
         assert self.vchan.evtchn is not None
         self.loop.add_reader(self.vchan.evtchn.fd, self._guarded(self._on_event))
         self.state = "published"
-        log.info("vchan %s: published for domain %d at %s", self.cfg.name, self.cfg.domain,
-                 self.path)
+        failed, self._failing = self._failing, None
+        log.info("vchan %s: published for domain %d at %s%s", self.cfg.name, self.cfg.domain,
+                 self.path, f" after {failed.tries} failed tries" if failed else "")
         self._later(POLL, self._poll)
+
+    def _publish_failed(self, why: str) -> float:
+        """Logs a failed publication (each distinct error once, then a rare reminder) and
+        returns the seconds until the next try."""
+        now = self.loop.time()
+        f = self._failing
+        if f is None:
+            f = self._failing = _Failing(now, now, PUBLISH_RETRY)
+        if why not in f.seen and len(f.seen) < PUBLISH_ERRORS:
+            f.seen.add(why)
+            log.warning("vchan %s: cannot publish for domain %d at %s: %s (retrying, "
+                        "from every %g s up to every %g s)", self.cfg.name, self.cfg.domain,
+                        self.path, why, PUBLISH_RETRY, PUBLISH_RETRY_MAX)
+        elif now - f.reminded >= PUBLISH_REMIND:
+            f.reminded = now
+            log.warning("vchan %s: still cannot publish for domain %d at %s after %d tries "
+                        "in %d s: %s", self.cfg.name, self.cfg.domain, self.path, f.tries + 1,
+                        now - f.since, why)
+        else:
+            log.debug("vchan %s: cannot publish: %s", self.cfg.name, why)
+        f.tries += 1
+        delay, f.delay = f.delay, min(f.delay * 2, PUBLISH_RETRY_MAX)
+        return delay
 
     def _write_nodes(self, v: _Published) -> None:
         assert v.evtchn is not None

@@ -314,9 +314,8 @@ class Manager:
             for peer, service in sorted(old - new):
                 self._unlisten(peer, service)
         changes += describe_changes(self.config, config)
-        if config.vchans != self.config.vchans:
-            config = dataclasses.replace(config, vchans=self.config.vchans)
-            changes.append("[vchan] tables kept (changes take effect at restart)")
+        if self._started:
+            changes += self._reload_vchans(self.config, config)
         old_config = self.config
         now = self.loop.time()
         for budget in self._budgets.values():
@@ -389,25 +388,66 @@ class Manager:
 
     def _start_vchans(self) -> None:
         """Starts every [vchan.NAME]; one that cannot start is logged and left out."""
+        for name in sorted(self.config.vchans):
+            self._start_vchan(name, self.config)
+
+    def _start_vchan(self, name: str, config: Config) -> None:
         assert self._rundir is not None
-        for name, cfg in sorted(self.config.vchans.items()):
-            try:
-                if cfg.role == "server":
-                    assert cfg.service is not None
-                    svc = self.config.services[cfg.service]
-                    # The caller is the vchan client's domain; the "service" its vchan's name.
-                    header = caller_header(cfg.domain, name) if svc.caller_header else b""
-                    server = VchanServer(cfg, svc.socket, self.backend, self.loop, header)
-                    self.vchans[name] = server
-                    server.start()
-                else:
-                    listener = self._rundir.listen(cfg.domain, name)
-                    client = VchanClient(cfg, listener, self.backend, self.loop, self.peerlog)
-                    self.vchans[name] = client
-                    client.start()
-            except Exception as e:  # the boundary: this vchan only
-                log.error("vchan %s: cannot start: %s", name, escape(str(e)))
-                self._stop_vchan(name)
+        cfg = config.vchans[name]
+        try:
+            if cfg.role == "server":
+                assert cfg.service is not None
+                svc = config.services[cfg.service]
+                # The caller is the vchan client's domain; the "service" its vchan's name.
+                header = caller_header(cfg.domain, name) if svc.caller_header else b""
+                server = VchanServer(cfg, svc.socket, self.backend, self.loop, header)
+                self.vchans[name] = server
+                server.start()
+            else:
+                listener = self._rundir.listen(cfg.domain, name)
+                client = VchanClient(cfg, listener, self.backend, self.loop, self.peerlog)
+                self.vchans[name] = client
+                client.start()
+        except Exception as e:  # the boundary: this vchan only
+            log.error("vchan %s: cannot start: %s", name, escape(str(e)))
+            self._stop_vchan(name)
+
+    @staticmethod
+    def _vchan_setup(config: Config, name: str) -> object:
+        """Returns what a running [vchan.NAME] was made from: its table and, for a server,
+        its service's socket and caller_header; None if there is no such table."""
+        cfg = config.vchans.get(name)
+        if cfg is None:
+            return None
+        svc = config.services.get(cfg.service) if cfg.service is not None else None
+        return cfg, svc.socket if svc else None, svc.caller_header if svc else None
+
+    def _reload_vchans(self, old: Config, new: Config) -> list[str]:
+        """Applies the [vchan.NAME] tables of ``new``: a removed one stops (its stream ends,
+        everything released), an added one starts, a changed one restarts; an unchanged one
+        is left alone, its stream with it.  One that could not start before is tried again.
+        Returns what changed, one phrase each.  Stopping: nothing starts."""
+        changes: list[str] = []
+        names = sorted(old.vchans.keys() | new.vchans.keys())
+        changed = [n for n in names if self._vchan_setup(old, n) != self._vchan_setup(new, n)]
+        for name in changed:  # all stopped first: a path or socket may pass to another name
+            if name in self.vchans:
+                try:
+                    self._stop_vchan(name)
+                except Exception as e:  # stopping: release what we can
+                    log.error("vchan %s: stopping: %s", name, escape(str(e)))
+        for name in names:
+            if name not in new.vchans:
+                changes.append(f"vchan {name} removed")
+                continue
+            if name in changed:
+                what = "changed, restarted" if name in old.vchans else "added"
+                changes.append(f"vchan {name} {what}")
+            elif name in self.vchans:
+                continue
+            if not self._draining:
+                self._start_vchan(name, new)
+        return changes
 
     def _stop_vchan(self, name: str) -> None:
         v = self.vchans.pop(name, None)

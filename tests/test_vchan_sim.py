@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import socket
 import struct
 import threading
@@ -19,7 +20,7 @@ import pytest
 
 from tests.privatebus import PrivateBus
 from tests.simworld import SimWorld
-from tests.vchanpair import CLI_LIVE, LEFT_CONS, LEFT_PROD
+from tests.vchanpair import CLI_LIVE, LEFT_CONS, LEFT_PROD, SRV_LIVE
 from xsockd.backend import XenStorePerm
 from xsockd.backend_sim import SimBackend
 from xsockd.constants import DBUS_NAME, DBUS_PATH
@@ -448,5 +449,51 @@ def test_a_missing_service_ends_that_vchan_and_republishes(tmp_path):
             "vchan echo1: domain 1: the service 'gone'" in w.logs() and published(w)))
         with w.host.xenstore(0) as xs:
             assert xs.read(f"{SERVER_PATH}/ring-ref") != ref
+    finally:
+        w.close()
+
+
+def test_stopping_waits_for_the_bytes_the_client_has_not_read(tmp_path):
+    # A libxenvchan peer drops what is left in the ring once it sees us gone: a stopping
+    # daemon keeps the vchan until the client consumed what the service wrote (stop_timeout).
+    w = SimWorld(tmp_path, extra={1: CLIENT, 2: SERVER})
+    conf = w.daemons[2].config
+    conf.write_text(conf.read_text().replace("[daemon]\n", "[daemon]\nstop_timeout = 20\n", 1))
+    try:
+        w.start(2)
+        w.wait_for("domain 2's vchan published", lambda: published(w))
+        hostile = HostileClient(w)
+        v = _Opened(hostile.backend, 2, hostile.pub)
+        try:
+            assert v.endpoint is not None and v.evtchn is not None and v.shared is not None
+            data = os.urandom(48 << 10)  # fits the left ring (64 KiB); the echo fills the
+            assert v.endpoint.write(data) == len(data)  # right one (16 KiB) and waits
+            v.evtchn.notify()
+            w.wait_for("the echo to fill the right ring",
+                       lambda: v.endpoint.status()["rx_ready"] == 16 << 10)
+            w.daemons[2].signal(signal.SIGTERM)
+            w.wait_for("the drain to begin", lambda: "may drain" in w.daemons[2].log())
+            time.sleep(1.5)
+            proc = w.daemons[2].proc
+            assert proc is not None and proc.poll() is None, "domain 2 stopped with bytes unread"
+            assert v.shared.buffer[SRV_LIVE] == 1
+            # Nothing more is published meanwhile: the nodes stay removed.
+            assert w.xs_tree(SERVER_PATH) == []
+            got = b""
+            deadline = time.monotonic() + 10
+            while len(got) < len(data) and time.monotonic() < deadline:
+                chunk = v.endpoint.read(1 << 16)
+                if v.endpoint.take_notify():
+                    v.evtchn.notify()
+                got += chunk
+                if not chunk:
+                    time.sleep(0.01)
+            assert got == data
+            assert proc.wait(10) == 0  # drained: it stops at once, not at stop_timeout
+            assert v.shared.buffer[SRV_LIVE] == 0
+        finally:
+            v.close()
+            hostile.close()
+        assert "drained: closing 1 idle stream" in w.daemons[2].log()
     finally:
         w.close()

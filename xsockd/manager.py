@@ -254,6 +254,7 @@ class Manager:
         for peer, service in list(self._listeners):
             self._on_connect(peer, service)  # clients whose connect() already succeeded
             self._unlisten(peer, service)
+        self._drain_vchans()
         deadline = self.loop.time() + timeout
         log.info("stopping: no new streams; %s may drain for up to %g s",
                  count(len(self.channels), "channel"), timeout)
@@ -278,11 +279,13 @@ class Manager:
         check()
 
     def held(self) -> Counter[str]:
-        """Returns the bytes all links still hold on their way, by kind (see RingLink.held)."""
+        """Returns the bytes all links still hold on their way, by kind (see RingLink.held),
+        and the vchans' (``vchan``: in their rings, either way; their streams count too)."""
         total: Counter[str] = Counter()
         for link in self.links.values():
             if not link.closed:
                 total.update(link.ring.held())
+        total.update(self._vchans_held())
         return total
 
     def reload(self, config: Config) -> list[str]:
@@ -462,6 +465,23 @@ class Manager:
                 self._stop_vchan(name)
             except Exception as e:  # stopping: release what we can
                 log.error("vchan %s: stopping: %s", name, escape(str(e)))
+
+    def _drain_vchans(self) -> None:
+        """Stopping: no vchan takes a new stream; the running ones go on until stop."""
+        for name, v in list(self.vchans.items()):
+            try:
+                v.drain()
+            except Exception as e:  # the boundary: this vchan only
+                log.error("vchan %s: %s", name, escape(str(e)))
+                self._stop_vchan(name)
+
+    def _vchans_held(self) -> Counter[str]:
+        held: Counter[str] = Counter()
+        for v in self.vchans.values():
+            if v.vchan is not None and v.vchan.pump is not None:
+                held["streams"] += 1
+                held["vchan"] += v.vchan.in_flight()
+        return held
 
     def list_vchans(self) -> list[dict[str, object]]:
         """Returns each vchan endpoint's kind, name, XenStore path, peer, state, streams."""

@@ -130,6 +130,7 @@ class VchanClient:
         self.last_result: object = None
         self.totals = StreamTotals()
         self._closed = False
+        self._draining = False
 
     def __repr__(self) -> str:
         return f"<VchanClient {self.cfg.name} of domain {self.cfg.domain} {self.state}>"
@@ -153,7 +154,7 @@ class VchanClient:
     # ---- a connection -------------------------------------------------------------------
 
     def _on_accept(self) -> None:
-        if self.state != "idle":
+        if self.state != "idle" or self._draining:
             return
         try:
             conn, _ = self.listener.accept()
@@ -248,8 +249,19 @@ class VchanClient:
         if self._closed:
             return
         self.state = "idle"
+        if self._draining:
+            return
         self.loop.add_reader(self.listener.fileno(), self._guarded(self._on_accept))
         self.loop.call_soon(self._guarded(self._on_accept))  # one may wait in the backlog
+
+    def drain(self) -> None:
+        """The daemon is stopping: no connection is taken any more (those queued see EOF at
+        close), one still waiting for the server ends now; a connected stream goes on until
+        ``close``."""
+        self._draining = True
+        self.loop.remove_reader(self.listener.fileno())
+        if self.state == "waiting":
+            self._finish()
 
     def peer_destroyed(self) -> None:
         """The server's domain is gone (``@releaseDomain``): it ran no unmap notification."""

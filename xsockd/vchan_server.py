@@ -138,6 +138,7 @@ class VchanServer:
         self._closed = False
         self._made: list[str] = []
         self._failing: _Failing | None = None
+        self._draining = False
 
     def __repr__(self) -> str:
         return f"<VchanServer {self.cfg.name} for domain {self.cfg.domain} {self.state}>"
@@ -176,7 +177,7 @@ class VchanServer:
 
     def _publish(self) -> None:
         self._timer = None
-        if self._closed:
+        if self._closed or self._draining:
             return
         try:
             self.vchan = _Published(self.backend, self.cfg.domain, self.cfg.left_order,
@@ -337,6 +338,17 @@ class VchanServer:
             self._later(0, self._publish)
         else:
             self._later(REPUBLISH_INTERVAL, self._publish)
+
+    def drain(self) -> None:
+        """The daemon is stopping: a vchan no client took is withdrawn, none is published
+        again; a client being served keeps its stream until ``close``."""
+        self._draining = True
+        if self.state in ("idle", "published"):
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._release()
+            self.state = "idle"
 
     def peer_destroyed(self) -> None:
         """The peer's domain is gone (``@releaseDomain``): it ran no unmap notification.

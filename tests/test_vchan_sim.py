@@ -20,11 +20,12 @@ import pytest
 
 from tests.privatebus import PrivateBus
 from tests.simworld import SimWorld
-from tests.vchanpair import CLI_LIVE, LEFT_CONS, LEFT_PROD, SRV_LIVE
+from tests.vchanpair import CLI_LIVE, LEFT_CONS, LEFT_PROD, RIGHT_CONS, RIGHT_PROD, SRV_LIVE
 from xsockd.backend import XenStorePerm
 from xsockd.backend_sim import SimBackend
 from xsockd.constants import DBUS_NAME, DBUS_PATH
 from xsockd.vchan_client import _Opened, read_published
+from xsockd.vchan_server import _Published
 
 SERVER_PATH = "/local/domain/2/data/vchan/1/echo1"
 SERVER = """
@@ -497,3 +498,111 @@ def test_stopping_waits_for_the_bytes_the_client_has_not_read(tmp_path):
         assert "drained: closing 1 idle stream" in w.daemons[2].log()
     finally:
         w.close()
+
+
+# ---- xsockd's vchan client against a hostile server (a test process acting as domain 2) ------
+
+class HostileServer:
+    """Domain 2 without xsockd: publishes a vchan for domain 1 itself (orders 16 and 14)."""
+
+    def __init__(self, world: SimWorld) -> None:
+        self.backend = SimBackend(2, world.sim_dir)
+        self.v = _Published(self.backend, 1, 16, 14)
+        assert self.v.evtchn is not None and self.v.shared is not None
+        self.page = self.v.shared.buffer
+        publish_as(world, 2, str(self.v.ring_ref), str(self.v.evtchn.port))
+
+    def close(self) -> None:
+        self.v.close()
+        self.backend.close()
+
+
+@pytest.fixture
+def hostile_server(world):
+    world.start(1, echo=False)
+    server = HostileServer(world)
+    yield world, server
+    server.close()
+
+
+def test_a_server_breaking_the_ring_ends_the_clients_vchan_only(hostile_server):
+    world, server = hostile_server
+    s = vchan_connect(world)
+    world.wait_for("domain 1 attached", lambda: server.page[CLI_LIVE] == 1)
+    assert server.v.endpoint is not None and server.v.evtchn is not None
+    assert server.v.endpoint.write(b"hello") == 5
+    server.v.evtchn.notify()
+    assert s.recv(100) == b"hello"
+    cons = struct.unpack_from("<I", server.page, RIGHT_CONS)[0]
+    struct.pack_into("<I", server.page, RIGHT_PROD, (cons + (1 << 20)) & 0xFFFFFFFF)
+    server.v.evtchn.notify()
+    s.settimeout(5)
+    try:
+        assert s.recv(100) == b""
+    except ConnectionResetError:
+        pass
+    s.close()
+    world.wait_for("domain 1 to end that vchan and release it", lambda: (
+        "ended (proto" in world.logs() and not any(
+            world.accounting(1).get(k) for k in ("mapped", "ports"))))
+    # Domain 1 left (its live byte 0); its daemon takes the next connection as usual.
+    assert server.page[CLI_LIVE] == 0
+    fresh = HostileServer(world)
+    try:
+        s = vchan_connect(world)
+        world.wait_for("domain 1 attached again", lambda: fresh.page[CLI_LIVE] == 1)
+        s.close()
+    finally:
+        fresh.close()
+
+
+def test_a_server_that_never_consumes_costs_the_client_only_its_rings(hostile_server):
+    world, server = hostile_server
+    s = vchan_connect(world)
+    world.wait_for("domain 1 attached", lambda: server.page[CLI_LIVE] == 1)
+    assert server.v.endpoint is not None
+    # The left ring (64 KiB) fills and stays full; then the socket's buffers; then the
+    # application's writes would block: nothing is buffered in xsockd.
+    s.setblocking(False)
+    sent = 0
+    stalled = 0.0
+    while stalled < 1.0 and sent < 64 << 20:
+        try:
+            sent += s.send(os.urandom(16 << 10))
+            stalled = 0.0
+        except BlockingIOError:
+            time.sleep(0.05)
+            stalled += 0.05
+    assert sent < 64 << 20, "the writes never stopped"
+    assert server.v.endpoint.status()["rx_ready"] == 64 << 10
+    assert world.accounting(1).get("mapped") == 1 + 16 + 4  # the shared page and the rings
+    # The application leaves: after linger (5 s) with its bytes unconsumed, domain 1 leaves
+    # too and releases everything.
+    s.close()
+    t0 = time.monotonic()
+    world.wait_for("domain 1 to give up after linger", lambda: (
+        "ended (linger" in world.logs() and not any(
+            world.accounting(1).get(k) for k in ("mapped", "ports"))), timeout=15)
+    assert 4 < time.monotonic() - t0 < 10
+    assert server.page[CLI_LIVE] == 0
+
+
+def test_an_unconfigured_domain_cannot_reach_a_servers_vchan(world):
+    world.start(1, 2)
+    world.wait_for("domain 2's vchan published", lambda: published(world))
+    with world.host.xenstore(0) as xs:
+        pub = read_published(xs, SERVER_PATH, 2)
+    with SimBackend(3, world.sim_dir) as b3:
+        with b3.open_xenstore() as xs3, pytest.raises(OSError):
+            xs3.read(f"{SERVER_PATH}/ring-ref")  # r1 only: domain 3 may not even read it
+        with pytest.raises(OSError):
+            b3.bind_interdomain(2, pub.port)
+        with pytest.raises(OSError):
+            b3.map(2, [pub.ring_ref])
+    # Untouched: the same vchan is still published, and domain 1 is served on it.
+    with world.host.xenstore(0) as xs:
+        assert read_published(xs, SERVER_PATH, 2) == pub
+    s = vchan_connect(world)
+    sent, got = echo_hashes(s, 1 << 16)
+    assert sent == got
+    s.close()

@@ -606,3 +606,40 @@ def test_an_unconfigured_domain_cannot_reach_a_servers_vchan(world):
     sent, got = echo_hashes(s, 1 << 16)
     assert sent == got
     s.close()
+
+
+def test_a_stopping_client_finishes_its_stream_and_takes_no_new_one(world):
+    conf = world.daemons[1].config
+    conf.write_text(conf.read_text().replace("[daemon]\n", "[daemon]\nstop_timeout = 20\n", 1))
+    world.start(1, 2)
+    world.wait_for("domain 2's vchan published", lambda: published(world))
+    s = vchan_connect(world)
+    data = os.urandom(1 << 20)
+    writer = threading.Thread(target=s.sendall, args=(data,))
+    writer.start()  # nobody reads yet: the echo's bytes fill our socket and the right ring
+    time.sleep(1)
+    assert writer.is_alive(), "1 MiB went through with nobody reading: nothing stalled"
+    world.daemons[1].signal(signal.SIGTERM)
+    world.wait_for("the drain to begin", lambda: "may drain" in world.daemons[1].log())
+    late = vchan_connect(world)  # queued in the backlog, never served
+    time.sleep(1.5)
+    proc = world.daemons[1].proc
+    assert proc is not None and proc.poll() is None, "domain 1 stopped with bytes in flight"
+    got = hashlib.sha256()
+    n = 0
+    while n < len(data):
+        chunk = s.recv(1 << 16)
+        assert chunk, f"EOF after {n} of {len(data)} bytes"
+        got.update(chunk)
+        n += len(chunk)
+    writer.join(10)
+    assert got.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert proc.wait(10) == 0
+    late.settimeout(5)
+    try:
+        assert late.recv(100) == b""
+    except ConnectionResetError:
+        pass
+    late.close()
+    s.close()
+    assert world.daemons[1].log().count("vchan echo2: connected to domain 2") == 1

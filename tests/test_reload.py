@@ -10,6 +10,7 @@ from simworld import SimWorld, assert_ended, echo_roundtrip
 from xsockd.admission import OpenBudget
 from xsockd.confdiff import describe_changes
 from xsockd.config import parse_config
+from xsockd.manager import Manager
 
 BASE = """[daemon]
 peers = [1, 3]
@@ -183,3 +184,16 @@ def test_sighup_applies_vchan_tables_and_keeps_unchanged_ones_streams(tmp_path):
     finally:
         world.close()
     assert "Traceback" not in world.logs()
+
+
+def test_a_vchan_server_restarts_when_its_service_changes_not_when_others_do():
+    base = BASE + vchan_table("v", "server", 1, "data/vchan/1/v")
+    setup = Manager._vchan_setup
+    old = parse_config(base)
+    assert setup(old, "v") == setup(parse_config(base.replace("open_rate = 100",
+                                                               "open_rate = 5")), "v")
+    assert setup(old, "v") != setup(parse_config(base.replace("/run/e.sock", "/run/f.sock")), "v")
+    assert setup(old, "v") != setup(parse_config(base.replace(
+        'socket = "/run/e.sock"', 'socket = "/run/e.sock"\ncaller_header = true')), "v")
+    assert setup(old, "v") != setup(parse_config(base + "linger = 1\n"), "v")
+    assert setup(old, "gone") is None

@@ -643,3 +643,14 @@ def test_a_stopping_client_finishes_its_stream_and_takes_no_new_one(world):
     late.close()
     s.close()
     assert world.daemons[1].log().count("vchan echo2: connected to domain 2") == 1
+
+
+def test_sigusr1_logs_the_vchans_with_the_channels(world):
+    world.start(1, 2)
+    world.wait_for("domain 2's vchan published", lambda: published(world))
+    for dom in (1, 2):
+        world.daemons[dom].signal(signal.SIGUSR1)
+    world.wait_for("both tables logged", lambda: (
+        f"vchan-server echo1 peer 1 at {SERVER_PATH}: published, streams 0, in 0 out 0 bytes"
+        in world.logs() and f"vchan-client echo2 peer 2 at {SERVER_PATH}: idle, streams 0"
+        in world.logs()))

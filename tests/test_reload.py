@@ -197,3 +197,25 @@ def test_a_vchan_server_restarts_when_its_service_changes_not_when_others_do():
         'socket = "/run/e.sock"', 'socket = "/run/e.sock"\ncaller_header = true')), "v")
     assert setup(old, "v") != setup(parse_config(base + "linger = 1\n"), "v")
     assert setup(old, "gone") is None
+
+
+def test_a_vchan_clients_socket_passed_to_a_peers_service_by_a_reload_stays(tmp_path):
+    # <rundir>/2/x.sock is a vchan client's, then (one reload) domain 2's named service x's:
+    # stopping the vchan must not remove the socket the service's listener is bound at now.
+    vchan = vchan_table("x", "client", 2, "/local/domain/2/data/vchan/1/x")
+    world = SimWorld(tmp_path, extra={1: vchan})
+    try:
+        world.start(1)
+        sock = world.rundir(1) / "2" / "x.sock"
+        assert sock.exists()
+        conf = world.daemons[1].config
+        conf.write_text(conf.read_text().replace(vchan, '\n[remote.2]\nservices = ["x"]\n'))
+        world.daemons[1].signal(signal.SIGHUP)
+        log1 = world.daemons[1].log
+        world.wait_for("the reload's line", lambda: "configuration reloaded" in log1())
+        line = next(ln for ln in log1().splitlines() if "configuration reloaded" in ln)
+        assert "vchan x removed" in line and "service x of domain 2 added" in line, line
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(sock))  # the service's listener, at its path
+    finally:
+        world.close()

@@ -433,10 +433,12 @@ class Manager:
         changes: list[str] = []
         names = sorted(old.vchans.keys() | new.vchans.keys())
         changed = [n for n in names if self._vchan_setup(old, n) != self._vchan_setup(new, n)]
+        taken = set(self._listeners)  # bound already: the listeners are reloaded first
         for name in changed:  # all stopped first: a path or socket may pass to another name
-            if name in self.vchans:
+            v = self.vchans.get(name)
+            if v is not None:
                 try:
-                    self._stop_vchan(name)
+                    self._stop_vchan(name, keep_socket=(v.cfg.domain, name) in taken)
                 except Exception as e:  # stopping: release what we can
                     log.error("vchan %s: stopping: %s", name, escape(str(e)))
         for name in names:
@@ -452,11 +454,13 @@ class Manager:
                 self._start_vchan(name, new)
         return changes
 
-    def _stop_vchan(self, name: str) -> None:
+    def _stop_vchan(self, name: str, keep_socket: bool = False) -> None:
+        """Stops [vchan.NAME]; a client's socket file is removed unless ``keep_socket`` (a
+        reload gave its path to a peer's named service, whose listener is bound there now)."""
         v = self.vchans.pop(name, None)
         if v is not None:
             v.close()
-            if isinstance(v, VchanClient) and self._rundir is not None:
+            if isinstance(v, VchanClient) and self._rundir is not None and not keep_socket:
                 self._rundir.unlink(v.cfg.domain, name)
 
     def _stop_vchans(self) -> None:

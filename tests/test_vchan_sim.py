@@ -654,3 +654,25 @@ def test_sigusr1_logs_the_vchans_with_the_channels(world):
         f"vchan-server echo1 peer 1 at {SERVER_PATH}: published, streams 0, in 0 out 0 bytes"
         in world.logs() and f"vchan-client echo2 peer 2 at {SERVER_PATH}: idle, streams 0"
         in world.logs()))
+
+
+def test_a_client_attaching_and_leaving_in_a_loop_costs_its_log_budget_only(server_only):
+    world, hostile = server_only
+    log2 = world.daemons[2].log
+    cycles = 0
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 11:  # a publication each time: 5 at once, then 1 a second
+        pub = read_published(hostile.xs, SERVER_PATH, 2)
+        v = _Opened(hostile.backend, 2, pub)
+        world.wait_for("the service spliced in", lambda: world.xs_tree(SERVER_PATH) == [])
+        v.close()
+        cycles += 1
+        world.wait_for("a fresh vchan", lambda old=pub: published(world) and read_published(
+            hostile.xs, SERVER_PATH, 2) != old, timeout=15)
+    assert cycles >= 12, cycles
+    # Two lines a stream (connected, ended) would be 24 and more: the peer's budget is 10
+    # lines in 10 s, and the rest is counted once its window ends.
+    world.wait_for("the left-out lines counted", lambda: "more messages like the above were "
+                   "left out" in log2())
+    connected = log2().count("vchan echo1: domain 1 connected")
+    assert connected < cycles, (connected, cycles)

@@ -403,7 +403,8 @@ class Manager:
                 svc = config.services[cfg.service]
                 # The caller is the vchan client's domain; the "service" its vchan's name.
                 header = caller_header(cfg.domain, name) if svc.caller_header else b""
-                server = VchanServer(cfg, svc.socket, self.backend, self.loop, header)
+                server = VchanServer(cfg, svc.socket, self.backend, self.loop, header,
+                                     self.peerlog)
                 self.vchans[name] = server
                 server.start()
             else:

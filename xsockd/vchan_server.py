@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from xsockd.backend import Backend, UnmapNotify, XenStorePerm
 from xsockd.config import VchanConfig
+from xsockd.peerlog import PeerLog
 from xsockd.vchan import (
     Live,
     Role,
@@ -115,8 +116,11 @@ class _Failing:
 
 class VchanServer:
     def __init__(self, cfg: VchanConfig, service_socket: str, backend: Backend,
-                 loop: Loop, header: bytes = b"") -> None:
+                 loop: Loop, header: bytes = b"", peerlog: PeerLog | None = None) -> None:
         self.cfg = cfg
+        # What a client's coming and going logs goes through the per-peer rate limit: one
+        # attaching and leaving in a loop costs lines up to its budget, not a line each time.
+        self.peerlog = peerlog if peerlog is not None else PeerLog(log, loop.time)
         self.service_socket = service_socket
         self.header = header  # the service's caller header, if it asked for one
         self.backend = backend
@@ -191,8 +195,12 @@ class VchanServer:
         self.loop.add_reader(self.vchan.evtchn.fd, self._guarded(self._on_event))
         self.state = "published"
         failed, self._failing = self._failing, None
-        log.info("vchan %s: published for domain %d at %s%s", self.cfg.name, self.cfg.domain,
-                 self.path, f" after {failed.tries} failed tries" if failed else "")
+        if failed or not self.streams:  # a republication after each stream is routine
+            log.info("vchan %s: published for domain %d at %s%s", self.cfg.name,
+                     self.cfg.domain, self.path,
+                     f" after {failed.tries} failed tries" if failed else "")
+        else:
+            log.debug("vchan %s: published again at %s", self.cfg.name, self.path)
         self._later(POLL, self._poll)
 
     def _publish_failed(self, why: str) -> float:
@@ -306,8 +314,8 @@ class VchanServer:
             return
         self.state = "serving"
         self.streams += 1
-        log.info("vchan %s: domain %d connected, spliced into service %s", self.cfg.name,
-                 self.cfg.domain, self.cfg.service)
+        self.peerlog.info(self.cfg.domain, "vchan %s: domain %d connected, spliced into "
+                          "service %s", self.cfg.name, self.cfg.domain, self.cfg.service)
         self.loop.add_reader(v.pump.fileno(), self._guarded(self._on_pump_end))
 
     def _on_pump_end(self) -> None:
@@ -319,15 +327,16 @@ class VchanServer:
             return
         self.loop.remove_reader(v.pump.fileno())
         self.last_result = result
-        log.info("vchan %s: stream with domain %d ended (%s, %d bytes in, %d out)",
-                 self.cfg.name, self.cfg.domain, result.end.name.lower(), result.bytes_in,
-                 result.bytes_out)
+        self.peerlog.info(self.cfg.domain, "vchan %s: stream with domain %d ended (%s, %d "
+                          "bytes in, %d out)", self.cfg.name, self.cfg.domain,
+                          result.end.name.lower(), result.bytes_in, result.bytes_out)
         self._end(None)
 
     def _end(self, why: str | None) -> None:
         """Releases this vchan and publishes a fresh one, within the republishing budget."""
         if why is not None:
-            log.warning("vchan %s: domain %d: %s", self.cfg.name, self.cfg.domain, why)
+            self.peerlog.warning(self.cfg.domain, "vchan %s: domain %d: %s", self.cfg.name,
+                                 self.cfg.domain, why)
         self._release()
         self.state = "idle"
         now = self.loop.time()

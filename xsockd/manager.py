@@ -293,8 +293,9 @@ class Manager:
 
         Open links and channels survive; a removed peer may open no new streams or links.
         New [link] budgets (open_rate, max_connecting) apply to every peer at once, the other
-        [link] settings to links made from now on.  Returns what changed, one phrase each
-        (``confdiff``); [] for nothing.  rundir changes need a restart.
+        [link] settings to links made from now on; [vchan.NAME] tables added start, removed
+        ones stop, changed ones restart (``_reload_vchans``).  Returns what changed, one phrase
+        each (``confdiff``); [] for nothing.  rundir changes need a restart.
         """
         self._check_peers(config)
         changes: list[str] = []
@@ -489,7 +490,8 @@ class Manager:
         return held
 
     def list_vchans(self) -> list[dict[str, object]]:
-        """Returns each vchan endpoint's kind, name, XenStore path, peer, state, streams."""
+        """Returns each vchan endpoint's kind, name, XenStore path, peer, state, streams and
+        bytes each way (``ListVchans`` in org.xsockd.Xsockd1.xml)."""
         return [v.describe() for _, v in sorted(self.vchans.items())]
 
     # ---- local sockets ------------------------------------------------------------------

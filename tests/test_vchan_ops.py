@@ -8,6 +8,7 @@ import logging
 import pytest
 
 from tests.fakeloop import FakeLoop
+from xsockd.backend import XenStorePerm
 from xsockd.backend_sim import SimBackend
 from xsockd.config import VchanConfig
 from xsockd.sim.host import SimHost
@@ -59,6 +60,36 @@ def test_a_failing_publication_backs_off_and_warns_once(host, tmp_path, caplog):
             assert ok.endswith(f"after {len(failures)} failed tries"), ok
             with host.xenstore(0) as xs:
                 assert sorted(xs.directory(PATH)) == ["event-channel", "ring-ref"]
+        finally:
+            server.close()
+    assert host.leftovers() == {}
+
+
+def test_each_distinct_publication_error_is_warned_once(host, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG, logger="xsockd.vchan")
+    loop = FakeLoop()
+    parent = PATH.rsplit("/", 1)[0]
+    with SimBackend(2, host.dir) as backend, SimBackend(2, host.dir) as hog:
+        held = hog.grant(1, host.grant_limit - RINGS)
+        server = VchanServer(CFG, str(tmp_path / "echo.sock"), backend, loop)
+        try:
+            server.start()
+            loop.advance(120)
+            # Grants back, but dom0 made our path's parent one we may not write: another error.
+            with host.xenstore(0) as xs:
+                xs.write(parent, "")
+                xs.set_perms(parent, [XenStorePerm(0, "n")])
+            held.close()
+            for _ in range(240):
+                loop.advance(1.0)
+            warned = [r.getMessage() for r in caplog.records
+                      if r.levelno == logging.WARNING and "cannot publish" in r.getMessage()]
+            assert len(warned) == 2, warned
+            assert "would grant" in warned[0] and "EACCES" in warned[1], warned
+            with host.xenstore(0) as xs:
+                xs.rm(parent)
+            loop.advance(PUBLISH_RETRY_MAX)
+            assert server.state == "published"
         finally:
             server.close()
     assert host.leftovers() == {}

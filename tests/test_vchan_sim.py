@@ -410,7 +410,7 @@ def test_a_slow_service_does_not_block_the_daemon(tmp_path):
                 assert proxy.ListVchans()[0]["state"] == "connecting"
                 slowest = max(slowest, time.monotonic() - t)
                 time.sleep(0.05)
-            assert slowest < 0.5, f"a D-Bus call took {slowest:.2f} s while connecting"
+            assert slowest < 1.0, f"a D-Bus call took {slowest:.2f} s while connecting"
             for q in queued:
                 q.close()
             for _ in queued:  # the closed ones still take their places until accepted

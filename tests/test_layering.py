@@ -29,7 +29,7 @@ ALLOWED: dict[str, set[str] | None] = {
                 "link", "listeners", "loop", "peerlog", "rendezvous", "ring", "vchan_client",
                 "vchan_server", "words"},
     # The vchan roles (docs/VCHAN.md): the endpoint and pump driven through the backend.
-    "vchan_server": {"backend", "config", "loop", "vchan", "xenstore_client"},
+    "vchan_server": {"backend", "config", "loop", "peerlog", "vchan", "xenstore_client"},
     "vchan_client": {"backend", "config", "errors", "loop", "peerlog", "rendezvous", "vchan",
                      "xenstore_client"},
     "backend_sim": {"backend", "errors", "sim.hypervisor", "xenstore_client"},

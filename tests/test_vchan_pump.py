@@ -206,6 +206,31 @@ def test_linger_bounds_the_wait_for_a_peer_that_never_consumes(spliced):
     assert 0.25 < time.monotonic() - start < 3
 
 
+def test_an_application_gone_with_bytes_queued_is_bounded_by_linger_too(spliced):
+    """The application wrote more than the ring and the socket's buffers hold, then closed:
+    its EOF waits behind bytes a peer that never consumes never makes room for.  The pump
+    stops waiting linger after the last progress (it held the vchan forever before)."""
+    app, cpump = spliced.pump("client", linger=0.3)
+    app.setblocking(False)
+    chunk = os.urandom(65536)
+    try:
+        while True:
+            app.send(chunk)
+    except BlockingIOError:
+        pass
+    size = 1 << spliced.pair.layout.left_order
+    deadline = time.monotonic() + 5
+    while (spliced.pair.u32(LEFT_PROD) - spliced.pair.u32(LEFT_CONS)) & 0xFFFFFFFF < size:
+        assert time.monotonic() < deadline, "the ring never filled"
+        time.sleep(0.01)
+    start = time.monotonic()
+    app.close()
+    result = wait_end(cpump, timeout=5)
+    assert result.end == End.LINGER
+    assert 0.25 < time.monotonic() - start < 3
+    assert result.bytes_out == size  # what went into the ring; the rest never could
+
+
 def test_a_gone_peers_data_the_socket_never_takes_is_dropped_after_linger(spliced):
     """The server wrote more than the socket's buffers hold, then left; the application
     never reads (it waits to write, say): the pump stops waiting after linger, not never."""

@@ -26,7 +26,16 @@ from xsockd.config import VchanConfig
 from xsockd.errors import ProtocolError
 from xsockd.peerlog import PeerLog, escape
 from xsockd.rendezvous import canonical_int
-from xsockd.vchan import Role, VchanEndpoint, VchanHeld, VchanPump, client_probe, lib, split_rings
+from xsockd.vchan import (
+    Role,
+    StreamTotals,
+    VchanEndpoint,
+    VchanHeld,
+    VchanPump,
+    client_probe,
+    lib,
+    split_rings,
+)
 from xsockd.xenstore_client import transact
 
 if TYPE_CHECKING:  # the daemon's loop is GLib's; the manager runs on any (tests/fakeloop.py)
@@ -119,7 +128,9 @@ class VchanClient:
         self.state = "idle"
         self.streams = 0
         self.last_result: object = None
+        self.totals = StreamTotals()
         self._closed = False
+        self._draining = False
 
     def __repr__(self) -> str:
         return f"<VchanClient {self.cfg.name} of domain {self.cfg.domain} {self.state}>"
@@ -143,7 +154,7 @@ class VchanClient:
     # ---- a connection -------------------------------------------------------------------
 
     def _on_accept(self) -> None:
-        if self.state != "idle":
+        if self.state != "idle" or self._draining:
             return
         try:
             conn, _ = self.listener.accept()
@@ -228,6 +239,7 @@ class VchanClient:
         if self.vchan is not None:
             if self.vchan.pump is not None:
                 self.loop.remove_reader(self.vchan.pump.fileno())
+            self.totals.ended(self.vchan)
             self.vchan.close()
             self.vchan = None
         if self.waiting is not None:
@@ -237,8 +249,19 @@ class VchanClient:
         if self._closed:
             return
         self.state = "idle"
+        if self._draining:
+            return
         self.loop.add_reader(self.listener.fileno(), self._guarded(self._on_accept))
         self.loop.call_soon(self._guarded(self._on_accept))  # one may wait in the backlog
+
+    def drain(self) -> None:
+        """The daemon is stopping: no connection is taken any more (those queued see EOF at
+        close), one still waiting for the server ends now; a connected stream goes on until
+        ``close``."""
+        self._draining = True
+        self.loop.remove_reader(self.listener.fileno())
+        if self.state == "waiting":
+            self._finish()
 
     def peer_destroyed(self) -> None:
         """The server's domain is gone (``@releaseDomain``): it ran no unmap notification."""
@@ -260,5 +283,7 @@ class VchanClient:
         self.state = "closed"
 
     def describe(self) -> dict[str, object]:
+        bytes_in, bytes_out = self.totals.now(self.vchan)
         return {"kind": "vchan-client", "name": self.cfg.name, "path": self.cfg.path,
-                "peer": self.cfg.domain, "state": self.state, "streams": self.streams}
+                "peer": self.cfg.domain, "state": self.state, "streams": self.streams,
+                "bytes_in": bytes_in, "bytes_out": bytes_out}

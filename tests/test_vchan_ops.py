@@ -4,6 +4,8 @@ test moves (tests/fakeloop.py): how a failing publication is retried and logged.
 from __future__ import annotations
 
 import logging
+import socket
+import time
 
 import pytest
 
@@ -11,8 +13,10 @@ from tests.fakeloop import FakeLoop
 from xsockd.backend import XenStorePerm
 from xsockd.backend_sim import SimBackend
 from xsockd.config import VchanConfig
+from xsockd.peerlog import PeerLog
 from xsockd.sim.host import SimHost
-from xsockd.vchan_server import PUBLISH_REMIND, PUBLISH_RETRY_MAX, VchanServer
+from xsockd.vchan_client import VchanClient
+from xsockd.vchan_server import PUBLISH_REMIND, PUBLISH_RETRY_MAX, VchanServer, _Published
 
 PATH = "/local/domain/2/data/vchan/1/echo1"
 CFG = VchanConfig("echo1", "server", 1, "data/vchan/1/echo1", "echo", 16, 14)
@@ -93,3 +97,88 @@ def test_each_distinct_publication_error_is_warned_once(host, tmp_path, caplog):
         finally:
             server.close()
     assert host.leftovers() == {}
+
+
+# ---- the client (xsockd as vchan client of domain 2, in domain 1) -----------------------------
+
+CLIENT_CFG = VchanConfig("qmp", "client", 2, PATH)
+
+
+@pytest.fixture
+def client(host, tmp_path):
+    """A started VchanClient in domain 1 for domain 2's PATH, and its listener's path."""
+    loop = FakeLoop()
+    listen_path = str(tmp_path / "qmp.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    listener.bind(listen_path)
+    listener.listen(8)
+    with SimBackend(1, host.dir) as backend:
+        c = VchanClient(CLIENT_CFG, listener, backend, loop, PeerLog(
+            logging.getLogger("xsockd.vchan"), loop.time))
+        c.start()
+        try:
+            yield c, loop, listen_path
+        finally:
+            c.close()
+
+
+def connect(path: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    s.settimeout(10)
+    return s
+
+
+def test_a_watch_storm_costs_the_waiting_client_one_read_per_batch(host, client):
+    c, loop, listen_path = client
+    reads = []
+    real = c.xs.transaction_start
+    c.xs.transaction_start = lambda: reads.append(1) or real()  # type: ignore[method-assign]
+    with host.xenstore(2) as xs2:
+        # Domain 2's own tree, readable by domain 1 (so its writes fire domain 1's watch).
+        xs2.write(PATH, b"")
+        xs2.set_perms(PATH, [XenStorePerm(2, "n"), XenStorePerm(1, "r")])
+        app = connect(listen_path)
+        loop.run_until(lambda: c.state == "waiting" and reads, what="the first try")
+        reads.clear()
+        storm = 300
+        for i in range(storm):  # not a publication: a node the client does not look for
+            xs2.write(f"{PATH}/junk", str(i).encode())
+        time.sleep(0.2)  # every event queued on domain 1's connection
+        while loop.run_once(0.05):
+            pass
+        xs2.rm(PATH)
+    # A transaction (4 round trips) per event would let domain 2 make us spend 4 requests
+    # and a pass of the loop for each of its writes; what it wrote is read once per batch.
+    assert c.state == "waiting"
+    assert 1 <= len(reads) <= storm // 10, len(reads)
+    app.close()
+
+
+def test_a_server_ending_every_stream_costs_the_client_its_log_budget_only(host, client,
+                                                                            caplog):
+    caplog.set_level(logging.INFO, logger="xsockd.vchan")
+    c, loop, listen_path = client
+    cycles = 15
+    with SimBackend(2, host.dir) as b2, host.xenstore(2) as xs2:
+        for _ in range(cycles):
+            # A server (domain 2, no xsockd) that ends each stream as soon as it begins.
+            v = _Published(b2, 1, 16, 14)
+            try:
+                assert v.evtchn is not None
+                for name, value in (("ring-ref", v.ring_ref), ("event-channel", v.evtchn.port)):
+                    xs2.write(f"{PATH}/{name}", str(value).encode())
+                    xs2.set_perms(f"{PATH}/{name}", [XenStorePerm(2, "n"), XenStorePerm(1, "r")])
+                app = connect(listen_path)
+                loop.run_until(lambda: c.state == "connected", what="the client connected")
+            finally:
+                v.close()  # srv_live 0, everything released
+            assert app.recv(10) == b""
+            app.close()
+            loop.run_until(lambda: c.state == "idle", what="the stream's end")
+        xs2.rm(PATH)
+    lines = [r.getMessage() for r in caplog.records if "domain 2" in r.getMessage()]
+    # Two lines a stream (connected, ended) would be 30: the peer's budget is 10 in 10 s.
+    assert c.streams == cycles
+    assert len(lines) <= 10, lines
+    assert host.accounting()[1].get("mapped", 0) == 0

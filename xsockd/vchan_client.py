@@ -172,9 +172,12 @@ class VchanClient:
         self._wait_timer = self.loop.call_later(WAIT, self._guarded(self._timed_out))
 
     def _on_xenstore(self) -> None:
-        for ev in self.xs.read_events():
-            if ev.token == self.token and self.state == "waiting":
-                self._try_open()
+        # One read per batch, however many events it holds: the server's domain fires our
+        # watch with each of its writes under the path, and must not make us spend a
+        # transaction (and a pass of the loop) on each one.
+        events = self.xs.read_events()
+        if self.state == "waiting" and any(ev.token == self.token for ev in events):
+            self._try_open()
 
     def _timed_out(self) -> None:
         self._wait_timer = None
@@ -211,8 +214,10 @@ class VchanClient:
             return
         self.state = "connected"
         self.streams += 1
-        log.info("vchan %s: connected to domain %d at %s", self.cfg.name, self.cfg.domain,
-                 self.cfg.path)
+        # The server decides how long a stream lasts: one ending each at once, with an
+        # application connecting in a loop, costs lines up to its domain's budget only.
+        self.peerlog.info(self.cfg.domain, "vchan %s: connected to domain %d at %s",
+                          self.cfg.name, self.cfg.domain, self.cfg.path)
         self.loop.add_reader(self.vchan.pump.fileno(), self._guarded(self._on_pump_end))
 
     def _stop_waiting(self) -> None:
@@ -229,9 +234,9 @@ class VchanClient:
         if v is None or v.pump is None or (result := v.pump.result()) is None:
             return
         self.last_result = result
-        log.info("vchan %s: stream with domain %d ended (%s, %d bytes in, %d out)",
-                 self.cfg.name, self.cfg.domain, result.end.name.lower(), result.bytes_in,
-                 result.bytes_out)
+        self.peerlog.info(self.cfg.domain, "vchan %s: stream with domain %d ended (%s, %d "
+                          "bytes in, %d out)", self.cfg.name, self.cfg.domain,
+                          result.end.name.lower(), result.bytes_in, result.bytes_out)
         self._finish()
 
     def _finish(self) -> None:

@@ -4,6 +4,7 @@ test moves (tests/fakeloop.py): how a failing publication is retried and logged.
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import time
 
@@ -96,6 +97,34 @@ def test_each_distinct_publication_error_is_warned_once(host, tmp_path, caplog):
             assert server.state == "published"
         finally:
             server.close()
+    assert host.leftovers() == {}
+
+
+def test_the_poll_of_a_published_vchan_never_clears_a_quiet_event_channel(host, tmp_path):
+    # On Xen, clearing is libxenevtchn's xenevtchn_pending: a read() of a blocking
+    # /dev/xen/evtchn handle, which waits until the peer signals.  Cleared with nothing
+    # pending, the daemon's loop would hang there until the client came (or forever).
+    loop = FakeLoop()
+    quiet_clears = []
+    with SimBackend(2, host.dir) as backend:
+        server = VchanServer(CFG, str(tmp_path / "echo.sock"), backend, loop)
+        try:
+            server.start()
+            assert server.state == "published" and server.vchan is not None
+            evtchn = server.vchan.evtchn
+            real = evtchn.clear
+
+            def clear() -> None:
+                if not select.select([evtchn.fd], [], [], 0)[0]:
+                    quiet_clears.append(loop.time())
+                real()
+            evtchn.clear = clear  # type: ignore[method-assign]
+            for _ in range(5):  # the once-a-second look at the page, nobody signalling
+                loop.advance(1.0)
+            assert server.state == "published"
+        finally:
+            server.close()
+    assert quiet_clears == []
     assert host.leftovers() == {}
 
 

@@ -100,7 +100,8 @@ class EventChannel(abc.ABC):
 
     @abc.abstractmethod
     def clear(self) -> None:
-        """Consumes pending notifications so that ``fd`` stops being readable."""
+        """Consumes pending notifications so that ``fd`` stops being readable.  Call it only
+        once ``fd`` is readable: on Xen it waits for a notification when none is pending."""
 
     @abc.abstractmethod
     def close(self) -> None:

@@ -192,7 +192,7 @@ class VchanServer:
             self._later(self._publish_failed(str(e)), self._publish)
             return
         assert self.vchan.evtchn is not None
-        self.loop.add_reader(self.vchan.evtchn.fd, self._guarded(self._on_event))
+        self.loop.add_reader(self.vchan.evtchn.fd, self._guarded(self._on_signal))
         self.state = "published"
         failed, self._failing = self._failing, None
         if failed or not self.streams:  # a republication after each stream is routine
@@ -255,15 +255,26 @@ class VchanServer:
     def _poll(self) -> None:
         self._timer = None
         if self.state == "published":
-            self._on_event()
+            self._look()
             if self.state == "published":
                 self._later(POLL, self._poll)
 
-    def _on_event(self) -> None:
+    def _on_signal(self) -> None:
+        """The event channel is readable: consume its notification, then look at the page.
+        Only here: on Xen, clearing a channel with nothing pending blocks until the peer
+        signals (libxenevtchn's pending is a read of a blocking handle), so the poll must
+        never clear."""
+        v = self.vchan
+        if v is None or v.evtchn is None or self.state != "published":
+            return
+        v.evtchn.clear()
+        self._look()
+
+    def _look(self) -> None:
+        """Reads the client's live byte: attached (serve it), gone, or still to come."""
         v = self.vchan
         if v is None or v.evtchn is None or v.endpoint is None or self.state != "published":
             return
-        v.evtchn.clear()
         try:
             live = v.endpoint.peer_live()
         except OSError as e:  # a live byte the protocol lacks: this vchan only

@@ -6,11 +6,13 @@ from __future__ import annotations
 import logging
 import select
 import socket
+import struct
 import time
 
 import pytest
 
 from tests.fakeloop import FakeLoop
+from tests.vchanpair import CLI_LIVE, GRANTS
 from xsockd.backend import XenStorePerm
 from xsockd.backend_sim import SimBackend
 from xsockd.config import VchanConfig
@@ -211,3 +213,62 @@ def test_a_server_ending_every_stream_costs_the_client_its_log_budget_only(host,
     assert c.streams == cycles
     assert len(lines) <= 10, lines
     assert host.accounting()[1].get("mapped", 0) == 0
+
+
+def test_ring_grants_that_do_not_map_release_the_page_and_port_taken(host, client, caplog):
+    # The server's page is fine but its grant list names pages it never granted: the client
+    # fails at its deepest point of set-up (port bound, shared page mapped, probed).
+    c, loop, listen_path = client
+    with SimBackend(2, host.dir) as b2, host.xenstore(2) as xs2:
+        v = _Published(b2, 1, 16, 14)
+        try:
+            assert v.evtchn is not None and v.shared is not None
+            for i in range(16 + 4):
+                struct.pack_into("<I", v.shared.buffer, GRANTS + 4 * i, 0xFFFFFF00 + i)
+            for name, value in (("ring-ref", v.ring_ref), ("event-channel", v.evtchn.port)):
+                xs2.write(f"{PATH}/{name}", str(value).encode())
+                xs2.set_perms(f"{PATH}/{name}", [XenStorePerm(2, "n"), XenStorePerm(1, "r")])
+            app = connect(listen_path)
+            loop.run_until(lambda: c.state == "idle" and c.streams == 0 and any(
+                "opening domain 2's vchan" in r.getMessage() for r in caplog.records),
+                what="the failed open")
+            assert app.recv(10) == b""  # the application sees EOF
+            app.close()
+            acct = host.accounting()[1]
+            assert not acct.get("mapped") and not acct.get("ports"), acct
+            # Never attached; our unmap notification ran all the same: the server (whose
+            # page was wrong) sees a client come and go.
+            assert v.shared.buffer[CLI_LIVE] == 0
+        finally:
+            v.close()
+        xs2.rm(PATH)
+
+
+def test_a_page_another_client_holds_is_refused_without_touching_it(host, client, caplog):
+    # A libxenvchan server keeps its nodes while it serves: a second client finds them.
+    # Refusing it (EBUSY) must not cost the first client its stream, as unmapping a page
+    # mapped with our unmap notification would (it clears cli_live: the server sees its
+    # client gone).
+    c, loop, listen_path = client
+    with SimBackend(2, host.dir) as b2, host.xenstore(2) as xs2:
+        v = _Published(b2, 1, 16, 14)
+        try:
+            assert v.evtchn is not None and v.shared is not None
+            v.shared.buffer[CLI_LIVE] = 1  # another client of domain 1 is connected
+            for name, value in (("ring-ref", v.ring_ref), ("event-channel", v.evtchn.port)):
+                xs2.write(f"{PATH}/{name}", str(value).encode())
+                xs2.set_perms(f"{PATH}/{name}", [XenStorePerm(2, "n"), XenStorePerm(1, "r")])
+            app = connect(listen_path)
+            loop.run_until(lambda: c.state == "idle" and any(
+                "opening domain 2's vchan" in r.getMessage() for r in caplog.records),
+                what="the refusal")
+            assert app.recv(10) == b""
+            app.close()
+            assert any("busy" in r.getMessage() for r in caplog.records), \
+                [r.getMessage() for r in caplog.records]
+            assert v.shared.buffer[CLI_LIVE] == 1  # the other client's stream goes on
+            acct = host.accounting()[1]
+            assert not acct.get("mapped") and not acct.get("ports"), acct
+        finally:
+            v.close()
+        xs2.rm(PATH)

@@ -2,7 +2,8 @@
 
 Every connection to ``<rundir>/<domain>/<name>.sock`` opens the vchan that the configured
 domain's server published at the configured path: both nodes read in one transaction, each
-required canonical decimal and owned by that domain, the port bound, the shared page mapped
+required canonical decimal and owned by that domain, a page another client holds refused
+(without disturbing it), the port bound, the shared page mapped
 (our unmap notification clearing ``cli_live``), probed once, exactly the probed grants
 mapped, the endpoint attached and the connection spliced in with a ``VchanPump``.  Any failure
 undoes in reverse and closes the connection (the application sees EOF).  One vchan at a time
@@ -90,12 +91,29 @@ def read_published(xs: XenStore, path: str, server: int) -> Published:
     return Published(ref, port)
 
 
+def refuse_if_held(backend: Backend, server: int, ring_ref: int) -> None:
+    """Raises OSError(EBUSY) if another client is connected to the page at ``ring_ref``.
+
+    Looked at through a mapping of its own, without our unmap notification: the mapping we
+    attach through clears ``cli_live`` when it goes, refused or not, and the server would
+    take that for its client leaving.  The endpoint checks again at attach.
+    """
+    peek = backend.map(server, [ring_ref])
+    try:
+        held = peek.buffer[lib.XSK_VCHAN_OFF_CLI_LIVE] == lib.XSK_VCHAN_CONNECTED
+    finally:
+        peek.close()
+    if held:
+        raise OSError(errno.EBUSY, "another client is connected to it (busy)")
+
+
 class _Opened(VchanHeld):
     """One vchan as a client: port, shared page, rings, endpoint; closed in reverse."""
 
     def __init__(self, backend: Backend, server: int, pub: Published) -> None:
         super().__init__()
         try:
+            refuse_if_held(backend, server, pub.ring_ref)
             self.evtchn = backend.bind_interdomain(server, pub.port)
             self.shared = backend.map(server, [pub.ring_ref],
                                     UnmapNotify(lib.XSK_VCHAN_OFF_CLI_LIVE, self.evtchn.port))

@@ -198,7 +198,8 @@ class VchanEndpoint:
         self._notify = role == Role.CLIENT
         self._pump: VchanPump | None = None
         self._closed = False
-        self._rbuf = ffi.new("uint8_t[]", 1 << max(lay.left_order, lay.right_order))
+        self._rbuf: Any = None  # read()'s buffer, made at its first call: a pumped endpoint
+        # never reads through Python, and a ring may be 1 MiB
 
     def _attach(self, role: Role, lay: Layout, left: Any, right: Any) -> None:
         params = ffi.new("struct xsk_vchan_params *")
@@ -260,6 +261,9 @@ class VchanEndpoint:
         """Returns up to ``limit`` bytes from the ring (b"": none yet); BrokenPipeError at the
         end of the stream (the peer gone and everything it wrote read)."""
         flag = ffi.new("int *")
+        if self._rbuf is None:
+            self._rbuf = ffi.new("uint8_t[]", 1 << max(self.layout.left_order,
+                                                        self.layout.right_order))
         want = max(0, min(limit, len(self._rbuf)))
         n = _check(lib.xsk_vchan_read(self._handle(), self._rbuf, want, flag), "vchan read")
         self._notify |= bool(flag[0])

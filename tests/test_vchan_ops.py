@@ -13,12 +13,12 @@ import pytest
 
 from tests.fakeloop import FakeLoop
 from tests.vchanpair import CLI_LIVE, GRANTS
-from xsockd.backend import XenStorePerm
+from xsockd.backend import UnmapNotify, XenStorePerm
 from xsockd.backend_sim import SimBackend
 from xsockd.config import VchanConfig
 from xsockd.peerlog import PeerLog
 from xsockd.sim.host import SimHost
-from xsockd.vchan_client import VchanClient
+from xsockd.vchan_client import VchanClient, read_published
 from xsockd.vchan_server import PUBLISH_REMIND, PUBLISH_RETRY_MAX, VchanServer, _Published
 
 PATH = "/local/domain/2/data/vchan/1/echo1"
@@ -272,3 +272,29 @@ def test_a_page_another_client_holds_is_refused_without_touching_it(host, client
         finally:
             v.close()
         xs2.rm(PATH)
+
+
+def test_a_client_gone_during_set_up_costs_the_server_that_vchan_only(host, tmp_path, caplog):
+    # Domain 1 maps the page with its unmap notification, as a libxenvchan client does first,
+    # and dies before it marks itself connected: the notification clears cli_live (2 -> 0).
+    caplog.set_level(logging.INFO, logger="xsockd.vchan")
+    loop = FakeLoop()
+    with SimBackend(2, host.dir) as backend, SimBackend(1, host.dir) as b1:
+        server = VchanServer(CFG, str(tmp_path / "echo.sock"), backend, loop)
+        try:
+            server.start()
+            with b1.open_xenstore() as xs1:
+                pub = read_published(xs1, PATH, 2)
+                evtchn = b1.bind_interdomain(2, pub.port)
+                page = b1.map(2, [pub.ring_ref], UnmapNotify(CLI_LIVE, evtchn.port))
+                page.close()
+                evtchn.close()
+                loop.run_until(lambda: server.state == "published" and read_published(
+                    xs1, PATH, 2) != pub, what="a fresh vchan")
+            assert any("left before it was served" in r.getMessage() for r in caplog.records)
+            assert server.streams == 0
+            acct = host.accounting()[2]
+            assert acct["granted"] == 1 + RINGS and acct["ports"] == 1, acct  # the old freed
+        finally:
+            server.close()
+    assert host.leftovers() == {}

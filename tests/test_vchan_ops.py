@@ -3,6 +3,7 @@ test moves (tests/fakeloop.py): how a failing publication is retried and logged.
 
 from __future__ import annotations
 
+import errno
 import logging
 import select
 import socket
@@ -15,7 +16,9 @@ from tests.fakeloop import FakeLoop
 from tests.vchanpair import CLI_LIVE, GRANTS
 from xsockd.backend import UnmapNotify, XenStorePerm
 from xsockd.backend_sim import SimBackend
-from xsockd.config import VchanConfig
+from xsockd.config import VchanConfig, parse_config
+from xsockd.errors import XenStoreError
+from xsockd.manager import Manager
 from xsockd.peerlog import PeerLog
 from xsockd.sim.host import SimHost
 from xsockd.vchan_client import VchanClient, read_published
@@ -298,3 +301,35 @@ def test_a_client_gone_during_set_up_costs_the_server_that_vchan_only(host, tmp_
         finally:
             server.close()
     assert host.leftovers() == {}
+
+
+class _NoSecondXenStore(SimBackend):
+    """Domain 1 whose XenStore connections after the first (the manager's) are refused: as
+    when the daemon is out of descriptors."""
+
+    opened = 0
+
+    def open_xenstore(self):  # type: ignore[no-untyped-def]
+        self.opened += 1
+        if self.opened > 1:
+            raise XenStoreError(errno.EMFILE, "no descriptor for a XenStore connection")
+        return super().open_xenstore()
+
+
+def test_a_client_that_cannot_start_leaves_no_socket_behind(host, tmp_path, caplog):
+    rundir = tmp_path / "run1"
+    text = (f'[daemon]\nrundir = "{rundir}"\npeers = [2]\nsim_dir = "{host.dir}"\n'
+            f'backend = "sim"\n[vchan.qmp]\nrole = "client"\ndomain = 2\npath = "{PATH}"\n')
+    loop = FakeLoop()
+    with _NoSecondXenStore(1, host.dir) as backend:
+        m = Manager(parse_config(text), backend, loop)
+        m.start()
+        try:
+            assert any("vchan qmp: cannot start" in r.getMessage() for r in caplog.records)
+            assert m.list_vchans() == []
+            # Bound before the failure: an application would connect to a socket nobody
+            # serves (ECONNREFUSED), and the file would outlive the daemon.
+            assert not (rundir / "2" / "qmp.sock").exists()
+        finally:
+            m.stop()
+    assert not (rundir / "2" / "qmp.sock").exists()

@@ -410,7 +410,12 @@ class Manager:
                 server.start()
             else:
                 listener = self._rundir.listen(cfg.domain, name)
-                client = VchanClient(cfg, listener, self.backend, self.loop, self.peerlog)
+                try:
+                    client = VchanClient(cfg, listener, self.backend, self.loop, self.peerlog)
+                except BaseException:  # not ours yet to stop: nobody would serve the socket
+                    listener.close()
+                    self._rundir.unlink(cfg.domain, name)
+                    raise
                 self.vchans[name] = client
                 client.start()
         except Exception as e:  # the boundary: this vchan only

@@ -42,17 +42,6 @@ from xsockd.sim.host import SimHost
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 PATHS = ("direct", "socat", "xsockd")
 BASELINE = "xsockd-base"  # --baseline: another tree's xsockd, for a before/after in one run
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int, children: bool = False) -> float:
-    """CPU time (user + system) of ``pid``; with ``children``, also of its reaped children."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    used = int(fields[11]) + int(fields[12])  # utime, stime
-    if children:
-        used += int(fields[13]) + int(fields[14])  # cutime, cstime
-    return used / TICK
 
 
 def thread_cpu_seconds(pid: int) -> float:
@@ -88,20 +77,34 @@ class Direct(Path_):
 
 
 class Socat(Path_):
-    """One socat process relaying Unix to Unix, forking a child per connection."""
+    """One socat process relaying Unix to Unix, forking a child per connection.
+
+    Its CPU counts its children, which end with their connection: the kernel adds a reaped
+    child's time to its parent, but /proc shows that sum (cutime, cstime) only in clock ticks,
+    10 ms, so a quick run read 0.  ``cpu()`` therefore retires the socat that served the
+    connections so far (once its children are gone), takes its exact total (itself and its
+    reaped children, microseconds) from ``wait4``, and starts a fresh one on the same socket;
+    a socat's start-up, read from its schedstat once it listens, is not counted.
+    """
 
     name = "socat"
 
     def __init__(self, work: Path, server: str, buffer: int, listen: str = "socat.sock") -> None:
         super().__init__(str(work / listen))
         # -b: socat's buffer, larger than its default 8 KiB, which would cap large writes.
-        self.proc = subprocess.Popen(
-            ["socat", "-b", str(buffer), f"UNIX-LISTEN:{self.connect},fork,backlog=4096",
-             f"UNIX-CONNECT:{server}"])
+        self._argv = ["socat", "-b", str(buffer), f"UNIX-LISTEN:{self.connect},fork,backlog=4096",
+                      f"UNIX-CONNECT:{server}"]
+        self._retired = 0.0  # CPU seconds of the socats cpu() retired
+        self._start()
+
+    def _start(self) -> None:
+        Path(self.connect).unlink(missing_ok=True)
+        self.proc = subprocess.Popen(self._argv)
         wait_for_socket(self.connect)
+        self._startup = thread_cpu_seconds(self.proc.pid)
 
     def cpu(self) -> float:
-        # Forked children count once reaped: wait (briefly) until socat has none left.
+        # Children count once reaped: wait (briefly) until socat has none left.
         deadline = time.monotonic() + 5
         kids = f"/proc/{self.proc.pid}/task/{self.proc.pid}/children"
         while time.monotonic() < deadline:
@@ -109,7 +112,16 @@ class Socat(Path_):
                 if not f.read().strip():
                     break
             time.sleep(0.01)
-        return cpu_seconds(self.proc.pid, children=True)
+        self._retired += self._stop() - self._startup
+        self._start()
+        return self._retired
+
+    def _stop(self) -> float:
+        """Ends socat; returns its CPU seconds and its reaped children's, exactly."""
+        self.proc.terminate()
+        _, status, usage = os.wait4(self.proc.pid, 0)
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        return usage.ru_utime + usage.ru_stime
 
     def close(self) -> None:
         self.proc.kill()

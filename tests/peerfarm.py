@@ -25,6 +25,8 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from xsockd.sim.child import terminate
+
 __all__ = ["HubWorld", "PeerFarm", "QuietEcho", "echo_time", "fd_count", "rss_kib"]
 
 
@@ -100,13 +102,7 @@ class PeerFarm:
     def stop(self) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 30)  # a hundred peers say goodbye: more than SimHost's 10 s
         if self.proc.stdout:
             self.proc.stdout.close()
         self.proc = None

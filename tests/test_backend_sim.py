@@ -155,3 +155,42 @@ def test_no_simulated_host_gives_a_clear_error(tmp_path):
     with pytest.raises(BackendError) as e:
         SimBackend(1, tmp_path)
     assert "xsockd.sim.host" in str(e.value)
+
+
+def test_a_port_and_grant_for_a_domain_that_does_not_exist_are_made_as_on_xen(host):
+    # Xen (xen/common/event_channel.c, evtchn_alloc_unbound) looks up only the allocating
+    # domain: remote_dom is stored as a number, and the default (dummy) XSM policy checks the
+    # caller against the allocating domain only (with FLASK it would be EPERM).  A grant is an
+    # entry the granting domain writes in its own table, domid included, never checked.  So
+    # both succeed for domain 9, which does not exist; only a domain 9 created later may bind
+    # the port and map the page.
+    with SimBackend(1, host.dir) as b1:
+        assert 9 not in host.accounting()
+        evtchn = b1.alloc_unbound(9)
+        pages = b1.grant(9, 1)
+        pages.buffer[0] = 0x5A
+        assert evtchn.port > 0 and len(pages.refs) == 1
+        other = in_domain(host, 2, f"""
+            try:
+                b.bind_interdomain(1, {evtchn.port})
+                print("bound")
+            except OSError as e:
+                print("refused", e.errno)
+        """)
+        assert other.stdout.read().split() == ["refused", str(errno.EINVAL)]
+        assert other.wait(10) == 0
+        other.stdout.close()
+        other.stdin.close()
+        host.create_domain(9)
+        child = in_domain(host, 9, f"""
+            e = b.bind_interdomain(1, {evtchn.port})
+            m = b.map(1, {list(pages.refs)})
+            print(m.buffer[0], flush=True)
+            m.close(); e.close(); b.close()
+        """)
+        assert child.stdout.read().strip() == str(0x5A)
+        assert child.wait(10) == 0
+        child.stdout.close()
+        child.stdin.close()
+        pages.close()
+        evtchn.close()

@@ -31,9 +31,27 @@ def test_quick_suite_writes_every_figure_and_the_plots(tmp_path):
     assert set(res["open"]) == PATHS
     assert all(v["p50"] > 0 and v["per_s"] > 0 for v in res["open"].values())
     cpu = res["cpu_s_per_gib"]
-    assert cpu["direct"] is None and cpu["socat"] >= 0 and cpu["xsockd"] >= 0
+    assert cpu["direct"] is None and cpu["socat"] > 0 and cpu["xsockd"] > 0, cpu
+    for relay in ("socat", "xsockd"):
+        assert all(v[relay]["cpu_us"] > 0 for v in res["round_trip_us"].values()), relay
+        assert res["open"][relay]["cpu_us"] > 0, relay
     for png in ("throughput.png", "latency.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     # The table names every figure, with xsockd's ratios.
     assert "| round trip, 1 byte, p50 (us) |" in r.stdout
     assert "| opens per second" in r.stdout and "xsockd/socat" in r.stdout
+    assert_no_zero_cpu(r.stdout)
+
+
+def assert_no_zero_cpu(table: str) -> None:
+    """Every relay moved data, so no relay CPU figure may read 0: a 0 is a clock too coarse
+    for the run (socat's reaped children were once counted in 10 ms ticks)."""
+    lines = [line for line in table.splitlines() if line.startswith("| case |")]
+    assert lines, "no table header in the output"
+    names = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [line for line in table.splitlines() if line.startswith("| relay CPU")]
+    assert len(rows) == 4, rows
+    for row in rows:
+        cells = dict(zip(names, (c.strip() for c in row.strip("|").split("|")), strict=False))
+        for relay in ("socat", "xsockd"):
+            assert cells[relay] not in ("-", "") and float(cells[relay]) > 0, row

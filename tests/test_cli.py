@@ -90,6 +90,20 @@ def test_demo_shows_the_tables_with_the_stream_open_and_dir_keeps_the_logs(tmp_p
     assert "ring 16384 bytes/direction" in r.stdout
     assert f"kept in {work}" in r.stdout
     assert (work / "xsockd-1.log").stat().st_size and (work / "xsockd-2.log").stat().st_size
+    # The directory is the demo's now: a second run may overwrite it.
+    r = xsockd("demo", "--mib", "1", "--ring-size", "16KiB", "--dir", str(work))
+    assert r.returncode == 0 and "demo passed" in r.stdout, r.stdout + r.stderr
+
+
+def test_demo_refuses_a_directory_that_is_not_its_own(tmp_path):
+    """--dir /tmp once overwrote dom1.conf, echo.sock, run1/ and sim/ there silently."""
+    (tmp_path / "dom1.conf").write_text("someone else's\n")
+    r = xsockd("demo", "--mib", "1", "--dir", str(tmp_path))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"{tmp_path} is not empty" in r.stderr and "new or empty directory" in r.stderr
+    assert r.stdout == ""  # nothing started
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dom1.conf"]
+    assert (tmp_path / "dom1.conf").read_text() == "someone else's\n"
 
 
 @pytest.mark.parametrize("argv", [

@@ -11,12 +11,16 @@ import pytest
 SCRIPT = Path(__file__).resolve().parent.parent / "conf" / "completion" / "xsockctl"
 
 
-# Stands in for xsockctl on PATH: its list of two open channels.
+# Stands in for xsockctl on PATH: its list of two open channels, then a vchan (whose rows
+# are no channel ids).
 FAKE_XSOCKCTL = """#!/bin/sh
 [ "$1" = list ] || exit 2
 echo "   ID PEER DIR SERVICE  STATE"
 echo "    3    2 out (default) open"
 echo "   12    2 in  web       open"
+echo ""
+echo "KIND          NAME  PEER  STATE      STREAMS"
+echo "vchan-server  qmp      7  published        0"
 """
 
 

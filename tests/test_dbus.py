@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import shutil
 import socket
 import subprocess
@@ -27,9 +28,16 @@ from gi.repository import Gio, GLib
 from privatebus import PrivateBus
 from simworld import SimWorld, stream_hashes
 
+from tests.test_vchan_sim import CLIENT, SERVER, SERVER_PATH, echo_hashes, published, vchan_connect
 from xsockd import __version__
 from xsockd.constants import DBUS_INTERFACE, DBUS_NAME, DBUS_PATH
-from xsockd.dbus_face import CHANNEL_TYPES, INTERFACE_XML, STATISTICS_TYPES, XsockdObject
+from xsockd.dbus_face import (
+    CHANNEL_TYPES,
+    INTERFACE_XML,
+    STATISTICS_TYPES,
+    VCHAN_TYPES,
+    XsockdObject,
+)
 from xsockd.errors import DBUS_ERRORS
 from xsockd.ring import link_pages
 
@@ -209,14 +217,15 @@ def test_introspection_xml_matches_the_object_and_the_tables():
     methods = {m.get("name") for m in iface.findall("method")}
     signals = {s.get("name") for s in iface.findall("signal")}
     props = {p.get("name"): p.get("type") for p in iface.findall("property")}
-    assert methods == {"ListChannels", "GetChannel", "CloseChannel", "GetStatistics"}
+    assert methods == {"ListChannels", "ListVchans", "GetChannel", "CloseChannel",
+                       "GetStatistics"}
     assert signals == {"ChannelOpened", "ChannelClosed"}
     assert props == {"Domid": "u", "Backend": "s", "Version": "s", "ChannelCount": "u"}
     for name in methods | signals | set(props):
         assert hasattr(XsockdObject, name), name
     # Every channel field and error name is documented in the XML's comment.
-    for key, sig in CHANNEL_TYPES.items():
-        assert f"{key} " in INTERFACE_XML and f" {sig} " in INTERFACE_XML, key
+    for key, sig in (*CHANNEL_TYPES.items(), *VCHAN_TYPES.items()):
+        assert re.search(rf"^ +{key} +{re.escape(sig)} ", INTERFACE_XML, re.M), key
     for name in DBUS_ERRORS.values():
         assert name.startswith(DBUS_INTERFACE + ".Error.") and name in INTERFACE_XML
     assert len(set(DBUS_ERRORS.values())) == len(DBUS_ERRORS)
@@ -228,8 +237,8 @@ def test_policy_file_names_our_bus_name_and_group():
                 for p in root.findall("policy")}
     assert ("root", None, None) in policies and (None, "xsock", None) in policies
     members = {a.get("send_member") for a in policies[(None, "xsock", None)]}
-    assert members == {"ListChannels", "GetChannel", "GetStatistics", "Get", "GetAll",
-                       "Introspect"}
+    assert members == {"ListChannels", "ListVchans", "GetChannel", "GetStatistics", "Get",
+                       "GetAll", "Introspect"}
     default = policies[(None, None, "default")]
     assert {(d.tag, d.get("own"), d.get("send_destination")) for d in default} == {
         ("deny", DBUS_NAME, None), ("deny", None, DBUS_NAME)}
@@ -275,7 +284,9 @@ def test_busctl_and_xsockctl_see_the_same_channel(world, bus):
         assert row.split()[:7] == [str(ident), "2", "out", "(default)", "open", "777", "777"]
 
         r = xsockctl(bus.address, "list", "--json")
-        assert r.returncode == 0 and json.loads(r.stdout)[0]["id"] == ident
+        assert r.returncode == 0 and json.loads(r.stdout) == {
+            "channels": [json.loads(r.stdout)["channels"][0]], "vchans": []}
+        assert json.loads(r.stdout)["channels"][0]["id"] == ident
 
         r = xsockctl(bus.address, "show", str(ident))
         assert r.returncode == 0, r.stderr
@@ -296,7 +307,7 @@ def test_global_options_work_before_or_after_the_command(world, bus):
                      ["--json", "list", "--address", bus.address]):
             r = subprocess.run([XSOCKCTL, *argv], capture_output=True, text=True, timeout=60)
             assert r.returncode == 0, (argv, r.stderr)
-            outputs.append([(c["id"], c["bytes_in"]) for c in json.loads(r.stdout)])
+            outputs.append([(c["id"], c["bytes_in"]) for c in json.loads(r.stdout)["channels"]])
         assert outputs[0] == [(outputs[0][0][0], 300)] and all(o == outputs[0] for o in outputs)
         ident = str(outputs[0][0][0])
         for argv in (["--json", "show", ident], ["show", ident, "--json"]):
@@ -562,3 +573,60 @@ def test_list_answers_while_streams_move_data(world, proxy):
         for s in socks:
             s.close()
     assert len(results) == n and all(a == b for a, b in results)
+
+
+# ---- vchans beside the channels --------------------------------------------------------------
+
+def test_vchans_are_listed_beside_the_channels(tmp_path):
+    bus1, bus2 = PrivateBus(), PrivateBus()
+    w = SimWorld(tmp_path, extra={1: CLIENT, 2: SERVER},
+                 dbus={1: bus1.address, 2: bus2.address})
+    try:
+        w.start(1, 2)
+        w.wait_for("domain 2's vchan published", lambda: published(w))
+        with pydbus.connect(bus1.address) as b1, pydbus.connect(bus2.address) as b2:
+            client, server = b1.get(DBUS_NAME, DBUS_PATH), b2.get(DBUS_NAME, DBUS_PATH)
+            entry = {"path": SERVER_PATH, "streams": 0, "bytes_in": 0, "bytes_out": 0}
+            assert client.ListVchans() == [{**entry, "kind": "vchan-client", "name": "echo2",
+                                            "peer": 2, "state": "idle"}]
+            assert server.ListVchans() == [{**entry, "kind": "vchan-server", "name": "echo1",
+                                            "peer": 1, "state": "published"}]
+            s = vchan_connect(w)
+            sent, got = echo_hashes(s, 1 << 20)
+            assert sent == got
+            # While the stream runs: the counts come from its pump, without stopping it.
+            (v,) = client.ListVchans()
+            assert (v["state"], v["streams"], v["bytes_in"], v["bytes_out"]) == (
+                "connected", 1, 1 << 20, 1 << 20)
+            (v,) = server.ListVchans()
+            assert (v["state"], v["streams"], v["bytes_in"], v["bytes_out"]) == (
+                "serving", 1, 1 << 20, 1 << 20)
+            r = xsockctl(bus1.address, "list")
+            assert r.returncode == 0, r.stderr
+            lines = r.stdout.splitlines()
+            assert lines[:2] == ["no channels", ""], r.stdout
+            assert lines[2].split() == ["KIND", "NAME", "PEER", "STATE", "STREAMS", "BYTES",
+                                        "IN", "BYTES", "OUT", "PATH"]
+            assert lines[3].split() == ["vchan-client", "echo2", "2", "connected", "1",
+                                        str(1 << 20), str(1 << 20), SERVER_PATH]
+            listed = json.loads(xsockctl(bus1.address, "list", "--json").stdout)
+            assert listed["channels"] == [] and listed["vchans"] == client.ListVchans()
+            s.close()
+            # The ended stream's bytes stay in the totals; the next stream's add to them.
+            w.wait_for("the client idle again",
+                       lambda: client.ListVchans()[0]["state"] == "idle")
+            w.wait_for("the server republished", lambda: published(w))
+            s = vchan_connect(w)
+            sent, got = echo_hashes(s, 1000)
+            assert sent == got
+            s.close()
+            w.wait_for("the second stream ended",
+                       lambda: client.ListVchans()[0]["state"] == "idle")
+            (v,) = client.ListVchans()
+            assert (v["streams"], v["bytes_in"], v["bytes_out"]) == (
+                2, (1 << 20) + 1000, (1 << 20) + 1000)
+    finally:
+        w.close()
+        bus1.close()
+        bus2.close()
+    assert "Traceback" not in w.logs()

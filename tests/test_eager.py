@@ -1,7 +1,7 @@
 """Eager links: ``[remote.N] eager = true`` sets the link with N up at start and keeps it up.
 
 The hub (domain 0) has peers 1 (eager) and 2 (not); they run in ``peerfarm``.  The link with
-1 is up before any stream, and its first stream opens about as fast as later ones, unlike
+1 is up before any stream and its first stream uses it (timings printed, not judged), unlike
 2's, which waits for the link set-up.  When peer 1 restarts (stopped cleanly, or killed), the
 hub sets the link up again by itself.
 """
@@ -52,7 +52,10 @@ def test_eager_link_is_up_before_any_stream_and_comes_back(world: HubWorld) -> N
     later = statistics.median(echo_time(w.hub_socket(1)) for _ in range(20))
     print(f"\nfirst open: eager {eager_first * 1e3:.2f} ms, lazy {lazy_first * 1e3:.2f} ms; "
           f"later opens {later * 1e3:.2f} ms")
-    assert eager_first < lazy_first, "the eager peer's first stream waited like a lazy one's"
+    # Judged by what happened, not by time (the machine is shared): the eager peer's first
+    # stream used the link already there; the lazy peer's made one.
+    assert w.daemon.log().count(UP) == 1, "the eager peer's first stream set a link up again"
+    assert "link with domain 2 up" in w.daemon.log(), "the lazy peer's first stream made no link"
 
     # Peer 1 restarts cleanly, then is killed and started again: each time, the hub sets
     # the link up again without any stream asking.

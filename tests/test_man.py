@@ -69,3 +69,13 @@ def test_page_builds_without_a_warning(page, tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and not r.stderr, r.stderr
     assert (tmp_path / "out").read_text().startswith(".\\\" Man page generated from")
+
+
+@pytest.mark.parametrize("argv", [("xsockd",), ("xsockd", "demo"), ("xsockd-simhost",),
+                                  ("xsockctl",), ("xsockctl", "list"), ("xsockctl", "show"),
+                                  ("xsockctl", "close"), ("xsockctl", "stats")])
+def test_help_shows_no_rest_markup(argv):
+    """Descriptions come from docstrings written in reST; --help shows their literals plainly
+    (the man pages keep the markup, rendered by rst2man)."""
+    text = help_text(*argv)
+    assert "``" not in text, [line for line in text.splitlines() if "``" in line]

@@ -158,6 +158,7 @@ def deb() -> Path:
     r = subprocess.run([str(ROOT / "run"), "deb"], cwd=ROOT, capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 0, f"./run deb failed:\n{r.stdout}{r.stderr}"
+    assert "root privileges" not in r.stderr, r.stderr  # lintian as nobody, or told it is meant
     path = Path(r.stdout.split()[-1])
     assert path.is_file() and path.name.startswith("xsockd_") and path.suffix == ".deb", r.stdout
     return path
@@ -704,6 +705,7 @@ def newer_build(deb: Path, tmp: Path) -> Path:
     r = subprocess.run([str(src / "run"), "deb"], cwd=src, capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 0, f"./run deb of the newer version failed:\n{r.stdout}{r.stderr}"
+    assert "root privileges" not in r.stderr, r.stderr  # a tree nobody cannot read: --allow-root
     out = Path(r.stdout.split()[-1])
     assert out.name == deb.name.replace(f"_{version}_", f"_{version}+1_"), out
     return out

@@ -18,7 +18,15 @@ import time
 import pytest
 
 from tests.ringpair import FakeChannel
-from tests.vchanpair import LEFT_CONS, LEFT_PROD, RIGHT_PROD, SRV_LIVE, VchanPair
+from tests.vchanpair import (
+    CLI_NOTIFY,
+    LEFT_CONS,
+    LEFT_PROD,
+    PAGE,
+    RIGHT_PROD,
+    SRV_LIVE,
+    VchanPair,
+)
 from xsockd.vchan import End, PumpResult, VchanEndpoint, VchanPump
 
 
@@ -240,6 +248,31 @@ def test_linger_bounds_the_wait_for_a_peer_that_never_consumes(spliced):
     assert 0.25 < time.monotonic() - start < 3
 
 
+def test_an_application_gone_with_bytes_queued_is_bounded_by_linger_too(spliced):
+    """The application wrote more than the ring and the socket's buffers hold, then closed:
+    its EOF waits behind bytes a peer that never consumes never makes room for.  The pump
+    stops waiting linger after the last progress (it held the vchan forever before)."""
+    app, cpump = spliced.pump("client", linger=0.3)
+    app.setblocking(False)
+    chunk = os.urandom(65536)
+    try:
+        while True:
+            app.send(chunk)
+    except BlockingIOError:
+        pass
+    size = 1 << spliced.pair.layout.left_order
+    deadline = time.monotonic() + 5
+    while (spliced.pair.u32(LEFT_PROD) - spliced.pair.u32(LEFT_CONS)) & 0xFFFFFFFF < size:
+        assert time.monotonic() < deadline, "the ring never filled"
+        time.sleep(0.01)
+    start = time.monotonic()
+    app.close()
+    result = wait_end(cpump, timeout=5)
+    assert result.end == End.LINGER
+    assert 0.25 < time.monotonic() - start < 3
+    assert result.bytes_out == size  # what went into the ring; the rest never could
+
+
 def test_a_gone_peers_data_the_socket_never_takes_is_dropped_after_linger(spliced):
     """The server wrote more than the socket's buffers hold, then left; the application
     never reads (it waits to write, say): the pump stops waiting after linger, not never."""
@@ -293,3 +326,36 @@ def test_unclosed_pump_warns():
             pump.__del__()
     finally:
         s.close()
+
+
+WRITE, READ = 1, 2  # VCHAN_NOTIFY_WRITE, VCHAN_NOTIFY_READ
+
+
+def _until(cond, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def test_a_sleeping_pump_asked_the_peer_for_what_it_waits_on(spliced):
+    # The once-a-second wake hides a missing request from any test that only moves data:
+    # here the request itself is checked, as a libxenvchan peer reads it (the server's pump
+    # sets bits in cli_notify, the byte the client honours).
+    app, pump = spliced.pump("server")
+    client, u8 = spliced.client, spliced.pair.u8
+    client.take_notify()
+    # Nothing either way: it waits for data, so it asked for the client's writes...
+    _until(lambda: u8(CLI_NOTIFY) & WRITE, "the pump to ask for writes")
+    assert client.write(b"ping") == 4 and client.take_notify()  # ...which owe a notification
+    os.eventfd_write(spliced.efd["server"], 1)
+    assert recv_all(app, 4) == b"ping"
+    # The right ring full (the client reads nothing): it waits for space, so it asked for the
+    # client's reads, and a read owes a notification.
+    app.sendall(b"x" * (3 * PAGE))
+    _until(lambda: pump.status()["tx_space"] == 0 and u8(CLI_NOTIFY) & READ,
+           "the pump to fill the ring and ask for reads")
+    assert client.read(PAGE) == b"x" * PAGE and client.take_notify()
+    os.eventfd_write(spliced.efd["server"], 1)
+    _until(lambda: pump.status()["tx_space"] == 0, "the pump to fill the room made")
+    assert pump.result() is None

@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import socket
 import struct
 import threading
 import time
 
+import pydbus
 import pytest
 
+from tests.privatebus import PrivateBus
 from tests.simworld import SimWorld
-from tests.vchanpair import CLI_LIVE, LEFT_CONS, LEFT_PROD
+from tests.vchanpair import CLI_LIVE, LEFT_CONS, LEFT_PROD, RIGHT_CONS, RIGHT_PROD, SRV_LIVE
 from xsockd.backend import XenStorePerm
 from xsockd.backend_sim import SimBackend
+from xsockd.constants import DBUS_NAME, DBUS_PATH
 from xsockd.vchan_client import _Opened, read_published
+from xsockd.vchan_server import _Published
 
 SERVER_PATH = "/local/domain/2/data/vchan/1/echo1"
 SERVER = """
@@ -361,3 +366,313 @@ def test_a_client_that_never_consumes_costs_only_its_rings(server_only):
     world.wait_for("the server to end that vchan and publish a fresh one",
                    lambda: "ended (undelivered" in world.logs() and published(world))
     assert time.monotonic() - t0 < 4
+
+
+def fill_backlog(listener: socket.socket, path: str) -> list[socket.socket]:
+    """Returns connections queued on ``listener`` (never accepted) until its backlog is full."""
+    queued = []
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            s.connect(path)
+        except BlockingIOError:
+            s.close()
+            return queued
+        queued.append(s)
+        assert len(queued) < 1000, "the backlog never filled"
+
+
+def test_a_slow_service_does_not_block_the_daemon(tmp_path):
+    # The service's backlog is full: xsockd retries its connect on the loop, and meanwhile
+    # domain 2's control plane answers at once.  Once the service accepts, the client is served.
+    path = str(tmp_path / "slow.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(0)
+    queued = fill_backlog(listener, path)
+    bus = PrivateBus()
+    extra = (f'\n[services.slow]\nsocket = "{path}"\n'
+             + SERVER.replace('service = "echo"', 'service = "slow"'))
+    w = SimWorld(tmp_path, extra={1: CLIENT, 2: extra}, dbus={2: bus.address})
+    try:
+        w.start(1, 2, echo=False)
+        w.wait_for("domain 2's vchan published", lambda: published(w))
+        with pydbus.connect(bus.address) as b:
+            proxy = b.get(DBUS_NAME, DBUS_PATH)
+            s = vchan_connect(w)
+            w.wait_for("the server connecting to its service",
+                       lambda: proxy.ListVchans()[0]["state"] == "connecting")
+            t0 = time.monotonic()
+            slowest = 0.0
+            while time.monotonic() - t0 < 1.5:  # the old blocking connect held the loop 2 s
+                t = time.monotonic()
+                assert proxy.ListVchans()[0]["state"] == "connecting"
+                slowest = max(slowest, time.monotonic() - t)
+                time.sleep(0.05)
+            assert slowest < 1.0, f"a D-Bus call took {slowest:.2f} s while connecting"
+            for q in queued:
+                q.close()
+            for _ in queued:  # the closed ones still take their places until accepted
+                listener.accept()[0].close()
+            listener.settimeout(10)
+            conn, _ = listener.accept()
+            with conn:
+                s.sendall(b"ping")
+                assert conn.recv(100) == b"ping"
+                conn.sendall(b"pong")
+                assert s.recv(100) == b"pong"
+                assert proxy.ListVchans()[0]["state"] == "serving"
+            s.close()
+    finally:
+        w.close()
+        bus.close()
+        listener.close()
+    assert "Traceback" not in w.logs()
+
+
+def test_a_missing_service_ends_that_vchan_and_republishes(tmp_path):
+    extra = (f'\n[services.gone]\nsocket = "{tmp_path / "nothing.sock"}"\n'
+             + SERVER.replace('service = "echo"', 'service = "gone"'))
+    w = SimWorld(tmp_path, extra={1: CLIENT, 2: extra})
+    try:
+        w.start(1, 2, echo=False)
+        w.wait_for("domain 2's vchan published", lambda: published(w))
+        with w.host.xenstore(0) as xs:
+            ref = xs.read(f"{SERVER_PATH}/ring-ref")
+        s = vchan_connect(w)
+        s.settimeout(10)
+        t0 = time.monotonic()
+        assert s.recv(100) == b""  # after the service's patience (2 s), EOF
+        assert time.monotonic() - t0 >= 1.5
+        s.close()
+        w.wait_for("the failure logged and a fresh vchan published", lambda: (
+            "vchan echo1: domain 1: the service 'gone'" in w.logs() and published(w)))
+        with w.host.xenstore(0) as xs:
+            assert xs.read(f"{SERVER_PATH}/ring-ref") != ref
+    finally:
+        w.close()
+
+
+def test_stopping_waits_for_the_bytes_the_client_has_not_read(tmp_path):
+    # A libxenvchan peer drops what is left in the ring once it sees us gone: a stopping
+    # daemon keeps the vchan until the client consumed what the service wrote (stop_timeout).
+    w = SimWorld(tmp_path, extra={1: CLIENT, 2: SERVER})
+    conf = w.daemons[2].config
+    conf.write_text(conf.read_text().replace("[daemon]\n", "[daemon]\nstop_timeout = 20\n", 1))
+    try:
+        w.start(2)
+        w.wait_for("domain 2's vchan published", lambda: published(w))
+        hostile = HostileClient(w)
+        v = _Opened(hostile.backend, 2, hostile.pub)
+        try:
+            assert v.endpoint is not None and v.evtchn is not None and v.shared is not None
+            data = os.urandom(48 << 10)  # fits the left ring (64 KiB); the echo fills the
+            assert v.endpoint.write(data) == len(data)  # right one (16 KiB) and waits
+            v.evtchn.notify()
+            w.wait_for("the echo to fill the right ring",
+                       lambda: v.endpoint.status()["rx_ready"] == 16 << 10)
+            w.daemons[2].signal(signal.SIGTERM)
+            w.wait_for("the drain to begin", lambda: "may drain" in w.daemons[2].log())
+            time.sleep(1.5)
+            proc = w.daemons[2].proc
+            assert proc is not None and proc.poll() is None, "domain 2 stopped with bytes unread"
+            assert v.shared.buffer[SRV_LIVE] == 1
+            # Nothing more is published meanwhile: the nodes stay removed.
+            assert w.xs_tree(SERVER_PATH) == []
+            got = b""
+            deadline = time.monotonic() + 10
+            while len(got) < len(data) and time.monotonic() < deadline:
+                chunk = v.endpoint.read(1 << 16)
+                if v.endpoint.take_notify():
+                    v.evtchn.notify()
+                got += chunk
+                if not chunk:
+                    time.sleep(0.01)
+            assert got == data
+            assert proc.wait(10) == 0  # drained: it stops at once, not at stop_timeout
+            assert v.shared.buffer[SRV_LIVE] == 0
+        finally:
+            v.close()
+            hostile.close()
+        assert "drained: closing 1 idle stream" in w.daemons[2].log()
+    finally:
+        w.close()
+
+
+# ---- xsockd's vchan client against a hostile server (a test process acting as domain 2) ------
+
+class HostileServer:
+    """Domain 2 without xsockd: publishes a vchan for domain 1 itself (orders 16 and 14)."""
+
+    def __init__(self, world: SimWorld) -> None:
+        self.backend = SimBackend(2, world.sim_dir)
+        self.v = _Published(self.backend, 1, 16, 14)
+        assert self.v.evtchn is not None and self.v.shared is not None
+        self.page = self.v.shared.buffer
+        publish_as(world, 2, str(self.v.ring_ref), str(self.v.evtchn.port))
+
+    def close(self) -> None:
+        self.v.close()
+        self.backend.close()
+
+
+@pytest.fixture
+def hostile_server(world):
+    world.start(1, echo=False)
+    server = HostileServer(world)
+    yield world, server
+    server.close()
+
+
+def test_a_server_breaking_the_ring_ends_the_clients_vchan_only(hostile_server):
+    world, server = hostile_server
+    s = vchan_connect(world)
+    world.wait_for("domain 1 attached", lambda: server.page[CLI_LIVE] == 1)
+    assert server.v.endpoint is not None and server.v.evtchn is not None
+    assert server.v.endpoint.write(b"hello") == 5
+    server.v.evtchn.notify()
+    assert s.recv(100) == b"hello"
+    cons = struct.unpack_from("<I", server.page, RIGHT_CONS)[0]
+    struct.pack_into("<I", server.page, RIGHT_PROD, (cons + (1 << 20)) & 0xFFFFFFFF)
+    server.v.evtchn.notify()
+    s.settimeout(5)
+    try:
+        assert s.recv(100) == b""
+    except ConnectionResetError:
+        pass
+    s.close()
+    world.wait_for("domain 1 to end that vchan and release it", lambda: (
+        "ended (proto" in world.logs() and not any(
+            world.accounting(1).get(k) for k in ("mapped", "ports"))))
+    # Domain 1 left (its live byte 0); its daemon takes the next connection as usual.
+    assert server.page[CLI_LIVE] == 0
+    fresh = HostileServer(world)
+    try:
+        s = vchan_connect(world)
+        world.wait_for("domain 1 attached again", lambda: fresh.page[CLI_LIVE] == 1)
+        s.close()
+    finally:
+        fresh.close()
+
+
+def test_a_server_that_never_consumes_costs_the_client_only_its_rings(hostile_server):
+    world, server = hostile_server
+    s = vchan_connect(world)
+    world.wait_for("domain 1 attached", lambda: server.page[CLI_LIVE] == 1)
+    assert server.v.endpoint is not None
+    # The left ring (64 KiB) fills and stays full; then the socket's buffers; then the
+    # application's writes would block: nothing is buffered in xsockd.
+    s.setblocking(False)
+    sent = 0
+    stalled = 0.0
+    while stalled < 1.0 and sent < 64 << 20:
+        try:
+            sent += s.send(os.urandom(16 << 10))
+            stalled = 0.0
+        except BlockingIOError:
+            time.sleep(0.05)
+            stalled += 0.05
+    assert sent < 64 << 20, "the writes never stopped"
+    assert server.v.endpoint.status()["rx_ready"] == 64 << 10
+    assert world.accounting(1).get("mapped") == 1 + 16 + 4  # the shared page and the rings
+    # The application leaves: after linger (5 s) with its bytes unconsumed, domain 1 leaves
+    # too and releases everything.
+    s.close()
+    t0 = time.monotonic()
+    world.wait_for("domain 1 to give up after linger", lambda: (
+        "ended (linger" in world.logs() and not any(
+            world.accounting(1).get(k) for k in ("mapped", "ports"))), timeout=15)
+    assert 4 < time.monotonic() - t0 < 10
+    assert server.page[CLI_LIVE] == 0
+
+
+def test_an_unconfigured_domain_cannot_reach_a_servers_vchan(world):
+    world.start(1, 2)
+    world.wait_for("domain 2's vchan published", lambda: published(world))
+    with world.host.xenstore(0) as xs:
+        pub = read_published(xs, SERVER_PATH, 2)
+    with SimBackend(3, world.sim_dir) as b3:
+        with b3.open_xenstore() as xs3, pytest.raises(OSError):
+            xs3.read(f"{SERVER_PATH}/ring-ref")  # r1 only: domain 3 may not even read it
+        with pytest.raises(OSError):
+            b3.bind_interdomain(2, pub.port)
+        with pytest.raises(OSError):
+            b3.map(2, [pub.ring_ref])
+    # Untouched: the same vchan is still published, and domain 1 is served on it.
+    with world.host.xenstore(0) as xs:
+        assert read_published(xs, SERVER_PATH, 2) == pub
+    s = vchan_connect(world)
+    sent, got = echo_hashes(s, 1 << 16)
+    assert sent == got
+    s.close()
+
+
+def test_a_stopping_client_finishes_its_stream_and_takes_no_new_one(world):
+    conf = world.daemons[1].config
+    conf.write_text(conf.read_text().replace("[daemon]\n", "[daemon]\nstop_timeout = 20\n", 1))
+    world.start(1, 2)
+    world.wait_for("domain 2's vchan published", lambda: published(world))
+    s = vchan_connect(world)
+    data = os.urandom(1 << 20)
+    writer = threading.Thread(target=s.sendall, args=(data,))
+    writer.start()  # nobody reads yet: the echo's bytes fill our socket and the right ring
+    time.sleep(1)
+    assert writer.is_alive(), "1 MiB went through with nobody reading: nothing stalled"
+    world.daemons[1].signal(signal.SIGTERM)
+    world.wait_for("the drain to begin", lambda: "may drain" in world.daemons[1].log())
+    late = vchan_connect(world)  # queued in the backlog, never served
+    time.sleep(1.5)
+    proc = world.daemons[1].proc
+    assert proc is not None and proc.poll() is None, "domain 1 stopped with bytes in flight"
+    got = hashlib.sha256()
+    n = 0
+    while n < len(data):
+        chunk = s.recv(1 << 16)
+        assert chunk, f"EOF after {n} of {len(data)} bytes"
+        got.update(chunk)
+        n += len(chunk)
+    writer.join(10)
+    assert got.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert proc.wait(10) == 0
+    late.settimeout(5)
+    try:
+        assert late.recv(100) == b""
+    except ConnectionResetError:
+        pass
+    late.close()
+    s.close()
+    assert world.daemons[1].log().count("vchan echo2: connected to domain 2") == 1
+
+
+def test_sigusr1_logs_the_vchans_with_the_channels(world):
+    world.start(1, 2)
+    world.wait_for("domain 2's vchan published", lambda: published(world))
+    for dom in (1, 2):
+        world.daemons[dom].signal(signal.SIGUSR1)
+    world.wait_for("both tables logged", lambda: (
+        f"vchan-server echo1 peer 1 at {SERVER_PATH}: published, streams 0, in 0 out 0 bytes"
+        in world.logs() and f"vchan-client echo2 peer 2 at {SERVER_PATH}: idle, streams 0"
+        in world.logs()))
+
+
+def test_a_client_attaching_and_leaving_in_a_loop_costs_its_log_budget_only(server_only):
+    world, hostile = server_only
+    log2 = world.daemons[2].log
+    cycles = 0
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 11:  # a publication each time: 5 at once, then 1 a second
+        pub = read_published(hostile.xs, SERVER_PATH, 2)
+        v = _Opened(hostile.backend, 2, pub)
+        world.wait_for("the service spliced in", lambda: world.xs_tree(SERVER_PATH) == [])
+        v.close()
+        cycles += 1
+        world.wait_for("a fresh vchan", lambda old=pub: published(world) and read_published(
+            hostile.xs, SERVER_PATH, 2) != old, timeout=15)
+    assert cycles >= 12, cycles
+    # Two lines a stream (connected, ended) would be 24 and more: the peer's budget is 10
+    # lines in 10 s, and the rest is counted once its window ends.
+    world.wait_for("the left-out lines counted", lambda: "more messages like the above were "
+                   "left out" in log2())
+    connected = log2().count("vchan echo1: domain 1 connected")
+    assert connected < cycles, (connected, cycles)

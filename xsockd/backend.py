@@ -101,7 +101,8 @@ class EventChannel(abc.ABC):
     @abc.abstractmethod
     def clear(self) -> None:
         """Consumes pending notifications so that ``fd`` stops being readable; with none
-        pending, returns at once (``fd`` is non-blocking)."""
+        pending, returns at once (``fd`` is non-blocking; the xen backend's was not, and a
+        clear with nothing pending hung the caller)."""
 
     @abc.abstractmethod
     def close(self) -> None:

@@ -28,7 +28,8 @@ DESCRIPTION = f"""\
 Inspect and control the xsockd of this domain over D-Bus ({DBUS_NAME}).
 
 Commands:
-  list          the open channels, one line each
+  list          the open channels, one line each; then the [vchan.NAME] endpoints
+                (libxenvchan), if any: kind, name, peer, state, streams, bytes, path
   show ID       every field of channel ID (grant refs, event channel, ring sizes...)
   close ID      abort channel ID: both applications see the stream end (root only)
   stats         the daemon's domain, backend, version and counters
@@ -48,6 +49,8 @@ Exit status:
 COLUMNS = [("ID", ">"), ("PEER", ">"), ("DIR", "<"), ("SERVICE", "<"), ("STATE", "<"),
            ("BYTES IN", ">"), ("BYTES OUT", ">"), ("RING", ">"), ("AGE", ">"), ("EVTCHN", ">"),
            ("GRANTS", ">")]
+VCHAN_COLUMNS = [("KIND", "<"), ("NAME", "<"), ("PEER", ">"), ("STATE", "<"), ("STREAMS", ">"),
+                 ("BYTES IN", ">"), ("BYTES OUT", ">"), ("PATH", "<")]
 
 
 def _global_options() -> argparse.ArgumentParser:
@@ -73,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"xsockctl {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("list", parents=[common], help="list the open channels")
+    sub.add_parser("list", parents=[common], help="list the open channels and vchans")
     for name, what in (("show", "show every field of channel ID"),
                        ("close", "abort channel ID (root only)")):
         sp = sub.add_parser(name, parents=[common], help=what)
@@ -107,18 +110,31 @@ def _ring(size: int) -> str:
         f"{size // 1024}K" if size % 1024 == 0 else str(size)
 
 
+def _table(columns: list[tuple[str, str]], rows: list[list[str]]) -> str:
+    """Returns ``rows`` under a header line of ``columns`` (name, alignment)."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, (h, _) in enumerate(columns)]
+    lines = []
+    for cells in [[h for h, _ in columns], *rows]:
+        lines.append("  ".join(f"{cell:{align}{w}}" for cell, (_, align), w
+                               in zip(cells, columns, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
 def format_table(channels: list[dict[str, Any]]) -> str:
     """Returns the channels as a table with a header line."""
-    rows = [[str(c["id"]), str(c["peer"]), c["direction"], c["service"] or "(default)",
-             c["state"], str(c["bytes_in"]), str(c["bytes_out"]), _ring(c["ring_size_tx"]),
-             _age(c["created"]), str(c["event_channel"]), str(len(c["grant_refs"]))]
-            for c in channels]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, (h, _) in enumerate(COLUMNS)]
-    lines = []
-    for cells in [[h for h, _ in COLUMNS], *rows]:
-        lines.append("  ".join(f"{cell:{align}{w}}" for cell, (_, align), w
-                               in zip(cells, COLUMNS, widths, strict=True)).rstrip())
-    return "\n".join(lines)
+    return _table(COLUMNS, [
+        [str(c["id"]), str(c["peer"]), c["direction"], c["service"] or "(default)",
+         c["state"], str(c["bytes_in"]), str(c["bytes_out"]), _ring(c["ring_size_tx"]),
+         _age(c["created"]), str(c["event_channel"]), str(len(c["grant_refs"]))]
+        for c in channels])
+
+
+def format_vchans(vchans: list[dict[str, Any]]) -> str:
+    """Returns the vchan endpoints as a table with a header line.  Its rows start with a
+    word, never a number: what reads channel ids from ``list`` (the completion) skips them."""
+    return _table(VCHAN_COLUMNS, [
+        [v["kind"], v["name"], str(v["peer"]), v["state"], str(v["streams"]),
+         str(v["bytes_in"]), str(v["bytes_out"]), v["path"]] for v in vchans])
 
 
 def _ranges(numbers: list[int]) -> str:
@@ -163,12 +179,13 @@ def _run(args: argparse.Namespace) -> int:
     with Client(args.address) as client:
         if args.command == "list":
             channels = client.list_channels()
+            vchans = client.list_vchans()
             if args.json:
-                print(json.dumps(channels, indent=2))
-            elif channels:
-                print(format_table(channels))
-            else:
-                print("no channels")
+                print(json.dumps({"channels": channels, "vchans": vchans}, indent=2))
+                return EXIT_OK
+            print(format_table(channels) if channels else "no channels")
+            if vchans:
+                print(f"\n{format_vchans(vchans)}")
         elif args.command == "show":
             channel = client.get_channel(args.id)
             print(json.dumps(channel, indent=2) if args.json else format_fields(channel))

@@ -142,6 +142,10 @@ def _log_channels(manager: Manager) -> None:
                     f"bytes/direction, {len(link.grant_refs)} grants, event channel {link.port}, "
                     f"{'up' if link.up else 'attaching'}, in {st['bytes_in']} out "
                     f"{st['bytes_out']} bytes, {st['notify_sent']} notifications")
+    for v in manager.list_vchans():
+        rows.append(f"{v['kind']} {v['name']} peer {v['peer']} at {v['path']}: {v['state']}, "
+                    f"streams {v['streams']}, in {v['bytes_in']} out "
+                    f"{v['bytes_out']} bytes")
     st = manager.statistics()
     rows.append(f"tables: {count(st['channels'], 'channel')}, {st['admitting']} being admitted, "
                 f"{count(st['core_streams'], 'stream')} in the data plane")

@@ -39,8 +39,8 @@ if TYPE_CHECKING:
     from xsockd.loop import Loop
     from xsockd.manager import Channel, Manager
 
-__all__ = ["CHANNEL_TYPES", "INTERFACE_XML", "STATISTICS_TYPES", "Client", "DBusFace",
-           "XsockdObject"]
+__all__ = ["CHANNEL_TYPES", "INTERFACE_XML", "STATISTICS_TYPES", "VCHAN_TYPES", "Client",
+           "DBusFace", "XsockdObject"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,10 @@ CHANNEL_TYPES = {
     "id": "u", "peer": "u", "service": "s", "direction": "s", "state": "s", "stream": "u",
     "ring_size_rx": "u", "ring_size_tx": "u", "bytes_in": "t", "bytes_out": "t",
     "created": "d", "grant_refs": "au", "event_channel": "u", "link_role": "s",
+}
+VCHAN_TYPES = {
+    "kind": "s", "name": "s", "path": "s", "peer": "u", "state": "s", "streams": "t",
+    "bytes_in": "t", "bytes_out": "t",
 }
 STATISTICS_TYPES = {
     "domid": "u", "channels": "u", "links": "u", "links_up": "u", "peers": "u",
@@ -205,6 +209,11 @@ class XsockdObject:
         return GLib.Variant.new_tuple(GLib.Variant.new_array(_DICT, channels))
 
     @_method(prebuilt=True)
+    def ListVchans(self, dbus_context: Any = None) -> GLib.Variant:
+        vchans = [_vardict(v, VCHAN_TYPES) for v in self._manager.list_vchans()]
+        return GLib.Variant.new_tuple(GLib.Variant.new_array(_DICT, vchans))
+
+    @_method(prebuilt=True)
     def GetChannel(self, channel_id: int, dbus_context: Any = None) -> GLib.Variant:
         channel = self._manager.channel_info(channel_id)
         return GLib.Variant.new_tuple(_vardict(channel, CHANNEL_TYPES))
@@ -251,7 +260,7 @@ class DBusFace:
         self._owned = False
         self._count_sent = 0
         # One PropertiesChanged per loop turn at most, however many channels came and went;
-        # a Wakeup, not call_soon, which costs C memory per call (see loop.Wakeup).
+        # a Wakeup coalesces the arms of a turn into one call and allocates nothing (loop.Wakeup).
         self._count_wakeup = loop.wakeup(self._send_count)
         self.where = ""
 
@@ -411,6 +420,9 @@ class Client:
 
     def list_channels(self) -> list[dict[str, Any]]:
         return self._call(DBUS_INTERFACE, "ListChannels", None, "(aa{sv})")[0]
+
+    def list_vchans(self) -> list[dict[str, Any]]:
+        return self._call(DBUS_INTERFACE, "ListVchans", None, "(aa{sv})")[0]
 
     def get_channel(self, channel_id: int) -> dict[str, Any]:
         return self._call(DBUS_INTERFACE, "GetChannel", GLib.Variant("(u)", (channel_id,)),

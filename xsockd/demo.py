@@ -28,8 +28,9 @@ from xsockd.config import parse_config, parse_size
 from xsockd.constants import DEFAULT_GRANT_LIMIT
 from xsockd.errors import ConfigError
 from xsockd.ring import MAX_RING_SIZE, MIN_RING_SIZE, link_pages
+from xsockd.sim.child import terminate
 from xsockd.sim.host import SimHost
-from xsockd.words import size_text
+from xsockd.words import plain, size_text
 
 __all__ = ["DaemonProcess", "config_text", "main", "write_config"]
 
@@ -134,13 +135,7 @@ class DaemonProcess:
         """Returns the exit status after SIGTERM (killing it if it does not stop in time)."""
         if self.proc is None:
             return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, timeout)
         if self._pump:
             self._pump.join(5)
         if self.proc.stderr:
@@ -306,7 +301,7 @@ def _mib(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="xsockd demo", description=__doc__,
+    p = argparse.ArgumentParser(prog="xsockd demo", description=plain(__doc__),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mib", type=_mib, default=256, metavar="N",
                    help="MiB to stream each way, a positive integer (default 256)")
@@ -315,7 +310,9 @@ def _parser() -> argparse.ArgumentParser:
                         f"{RING_RANGE} (default 256KiB)")
     p.add_argument("--dir", metavar="DIR",
                    help="working directory (configurations, the daemons' logs, sockets), kept "
-                        "afterwards (default: a new temporary one, removed at the end)")
+                        "afterwards; it must be new, empty or one an earlier demo used, since "
+                        "the demo overwrites its files (default: a new temporary one, removed "
+                        "at the end)")
     p.add_argument("--serve-echo", metavar="SOCKET", help=argparse.SUPPRESS)
     return p
 
@@ -332,6 +329,28 @@ def _configs(work: Path, ring_size: int) -> dict[int, str]:
     }
 
 
+# Left in a --dir the demo used: a later run may overwrite what is there, as its own.
+MARKER = ".xsockd-demo"
+
+
+def _claim(parser: argparse.ArgumentParser, work: Path) -> None:
+    """Creates ``work`` or takes it if empty or already the demo's; refuses anything else,
+    whose files (dom1.conf, echo.sock, run1/, sim/ ...) the demo would overwrite."""
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        mine = (work / MARKER).exists() or not any(work.iterdir())
+        if mine:
+            (work / MARKER).write_text("a working directory of xsockd demo; its files are "
+                                       "overwritten by the next demo run here\n")
+    except OSError as e:
+        parser.error(f"argument --dir: cannot use {work}: {e.strerror}")
+    if not mine:
+        parser.error(f"argument --dir: {work} is not empty and no earlier demo used it; the "
+                     "demo would overwrite files there (dom1.conf, dom2.conf, echo.sock, run1/, "
+                     "run2/, sim/, xsockd-*.log): name a new or empty directory, such as "
+                     f"{work / 'xsockd-demo'}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -345,10 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parse_config(text, f"dom{dom}.conf")
             except ConfigError as e:
                 parser.error(f"the demo's configuration would be invalid: {e}")
-        try:
-            work.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            parser.error(f"argument --dir: cannot create {work}: {e.strerror}")
+        if args.dir:
+            _claim(parser, work)
         ok = _demo(work, args.mib * MiB, args.ring_size)
         if args.dir:
             print(f"(configurations and the daemons' logs are kept in {work})")

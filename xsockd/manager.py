@@ -254,6 +254,7 @@ class Manager:
         for peer, service in list(self._listeners):
             self._on_connect(peer, service)  # clients whose connect() already succeeded
             self._unlisten(peer, service)
+        self._drain_vchans()
         deadline = self.loop.time() + timeout
         log.info("stopping: no new streams; %s may drain for up to %g s",
                  count(len(self.channels), "channel"), timeout)
@@ -278,11 +279,13 @@ class Manager:
         check()
 
     def held(self) -> Counter[str]:
-        """Returns the bytes all links still hold on their way, by kind (see RingLink.held)."""
+        """Returns the bytes all links still hold on their way, by kind (see RingLink.held),
+        and the vchans' (``vchan``: in their rings, either way; their streams count too)."""
         total: Counter[str] = Counter()
         for link in self.links.values():
             if not link.closed:
                 total.update(link.ring.held())
+        total.update(self._vchans_held())
         return total
 
     def reload(self, config: Config) -> list[str]:
@@ -290,8 +293,9 @@ class Manager:
 
         Open links and channels survive; a removed peer may open no new streams or links.
         New [link] budgets (open_rate, max_connecting) apply to every peer at once, the other
-        [link] settings to links made from now on.  Returns what changed, one phrase each
-        (``confdiff``); [] for nothing.  rundir changes need a restart.
+        [link] settings to links made from now on; [vchan.NAME] tables added start, removed
+        ones stop, changed ones restart (``_reload_vchans``).  Returns what changed, one phrase
+        each (``confdiff``); [] for nothing.  rundir changes need a restart.
         """
         self._check_peers(config)
         changes: list[str] = []
@@ -314,9 +318,8 @@ class Manager:
             for peer, service in sorted(old - new):
                 self._unlisten(peer, service)
         changes += describe_changes(self.config, config)
-        if config.vchans != self.config.vchans:
-            config = dataclasses.replace(config, vchans=self.config.vchans)
-            changes.append("[vchan] tables kept (changes take effect at restart)")
+        if self._started:
+            changes += self._reload_vchans(self.config, config)
         old_config = self.config
         now = self.loop.time()
         for budget in self._budgets.values():
@@ -389,31 +392,82 @@ class Manager:
 
     def _start_vchans(self) -> None:
         """Starts every [vchan.NAME]; one that cannot start is logged and left out."""
-        assert self._rundir is not None
-        for name, cfg in sorted(self.config.vchans.items()):
-            try:
-                if cfg.role == "server":
-                    assert cfg.service is not None
-                    svc = self.config.services[cfg.service]
-                    # The caller is the vchan client's domain; the "service" its vchan's name.
-                    header = caller_header(cfg.domain, name) if svc.caller_header else b""
-                    server = VchanServer(cfg, svc.socket, self.backend, self.loop, header)
-                    self.vchans[name] = server
-                    server.start()
-                else:
-                    listener = self._rundir.listen(cfg.domain, name)
-                    client = VchanClient(cfg, listener, self.backend, self.loop, self.peerlog)
-                    self.vchans[name] = client
-                    client.start()
-            except Exception as e:  # the boundary: this vchan only
-                log.error("vchan %s: cannot start: %s", name, escape(str(e)))
-                self._stop_vchan(name)
+        for name in sorted(self.config.vchans):
+            self._start_vchan(name, self.config)
 
-    def _stop_vchan(self, name: str) -> None:
+    def _start_vchan(self, name: str, config: Config) -> None:
+        assert self._rundir is not None
+        cfg = config.vchans[name]
+        try:
+            if cfg.role == "server":
+                assert cfg.service is not None
+                svc = config.services[cfg.service]
+                # The caller is the vchan client's domain; the "service" its vchan's name.
+                header = caller_header(cfg.domain, name) if svc.caller_header else b""
+                server = VchanServer(cfg, svc.socket, self.backend, self.loop, header,
+                                     self.peerlog)
+                self.vchans[name] = server
+                server.start()
+            else:
+                listener = self._rundir.listen(cfg.domain, name)
+                try:
+                    client = VchanClient(cfg, listener, self.backend, self.loop, self.peerlog)
+                except BaseException:  # not ours yet to stop: nobody would serve the socket
+                    listener.close()
+                    self._rundir.unlink(cfg.domain, name)
+                    raise
+                self.vchans[name] = client
+                client.start()
+        except Exception as e:  # the boundary: this vchan only
+            log.error("vchan %s: cannot start: %s", name, escape(str(e)))
+            self._stop_vchan(name)
+
+    @staticmethod
+    def _vchan_setup(config: Config, name: str) -> object:
+        """Returns what a running [vchan.NAME] was made from: its table and, for a server,
+        its service's socket and caller_header; None if there is no such table."""
+        cfg = config.vchans.get(name)
+        if cfg is None:
+            return None
+        svc = config.services.get(cfg.service) if cfg.service is not None else None
+        return cfg, svc.socket if svc else None, svc.caller_header if svc else None
+
+    def _reload_vchans(self, old: Config, new: Config) -> list[str]:
+        """Applies the [vchan.NAME] tables of ``new``: a removed one stops (its stream ends,
+        everything released), an added one starts, a changed one restarts; an unchanged one
+        is left alone, its stream with it.  One that could not start before is tried again.
+        Returns what changed, one phrase each.  Stopping: nothing starts."""
+        changes: list[str] = []
+        names = sorted(old.vchans.keys() | new.vchans.keys())
+        changed = [n for n in names if self._vchan_setup(old, n) != self._vchan_setup(new, n)]
+        taken = set(self._listeners)  # bound already: the listeners are reloaded first
+        for name in changed:  # all stopped first: a path or socket may pass to another name
+            v = self.vchans.get(name)
+            if v is not None:
+                try:
+                    self._stop_vchan(name, keep_socket=(v.cfg.domain, name) in taken)
+                except Exception as e:  # stopping: release what we can
+                    log.error("vchan %s: stopping: %s", name, escape(str(e)))
+        for name in names:
+            if name not in new.vchans:
+                changes.append(f"vchan {name} removed")
+                continue
+            if name in changed:
+                what = "changed, restarted" if name in old.vchans else "added"
+                changes.append(f"vchan {name} {what}")
+            elif name in self.vchans:
+                continue
+            if not self._draining:
+                self._start_vchan(name, new)
+        return changes
+
+    def _stop_vchan(self, name: str, keep_socket: bool = False) -> None:
+        """Stops [vchan.NAME]; a client's socket file is removed unless ``keep_socket`` (a
+        reload gave its path to a peer's named service, whose listener is bound there now)."""
         v = self.vchans.pop(name, None)
         if v is not None:
             v.close()
-            if isinstance(v, VchanClient) and self._rundir is not None:
+            if isinstance(v, VchanClient) and self._rundir is not None and not keep_socket:
                 self._rundir.unlink(v.cfg.domain, name)
 
     def _stop_vchans(self) -> None:
@@ -423,8 +477,26 @@ class Manager:
             except Exception as e:  # stopping: release what we can
                 log.error("vchan %s: stopping: %s", name, escape(str(e)))
 
+    def _drain_vchans(self) -> None:
+        """Stopping: no vchan takes a new stream; the running ones go on until stop."""
+        for name, v in list(self.vchans.items()):
+            try:
+                v.drain()
+            except Exception as e:  # the boundary: this vchan only
+                log.error("vchan %s: %s", name, escape(str(e)))
+                self._stop_vchan(name)
+
+    def _vchans_held(self) -> Counter[str]:
+        held: Counter[str] = Counter()
+        for v in self.vchans.values():
+            if v.vchan is not None and v.vchan.pump is not None:
+                held["streams"] += 1
+                held["vchan"] += v.vchan.in_flight()
+        return held
+
     def list_vchans(self) -> list[dict[str, object]]:
-        """Returns each vchan endpoint's kind, name, XenStore path, peer, state, streams."""
+        """Returns each vchan endpoint's kind, name, XenStore path, peer, state, streams and
+        bytes each way (``ListVchans`` in org.xsockd.Xsockd1.xml)."""
         return [v.describe() for _, v in sorted(self.vchans.items())]
 
     # ---- local sockets ------------------------------------------------------------------

@@ -36,6 +36,7 @@ __all__ = [
     "Live",
     "PumpResult",
     "Role",
+    "StreamTotals",
     "VchanEndpoint",
     "VchanHeld",
     "VchanPump",
@@ -147,6 +148,15 @@ def server_init(page: Any, left_order: int, right_order: int, grants: list[int])
     return lay
 
 
+def _status(v: Any) -> dict[str, int]:
+    """Returns a C endpoint's status (``VchanEndpoint.status``).  Safe beside its pump's
+    thread: the core keeps the counters as atomics, the rest is a snapshot."""
+    out = ffi.new("struct xsk_vchan_status *")
+    lib.xsk_vchan_status(v, out)
+    return {k: getattr(out, k) for k in ("bytes_in", "bytes_out", "rx_ready", "tx_space",
+                                         "tx_size", "rx_size", "peer_live", "broken")}
+
+
 def split_rings(lay: Layout, ring_pages: Any) -> tuple[Any, Any]:
     """Returns the left and right rings' memory in ``ring_pages`` (the granted ring pages, the
     left ring's first); None for a ring that lives in the shared page."""
@@ -188,7 +198,8 @@ class VchanEndpoint:
         self._notify = role == Role.CLIENT
         self._pump: VchanPump | None = None
         self._closed = False
-        self._rbuf = ffi.new("uint8_t[]", 1 << max(lay.left_order, lay.right_order))
+        self._rbuf: Any = None  # read()'s buffer, made at its first call: a pumped endpoint
+        # never reads through Python, and a ring may be 1 MiB
 
     def _attach(self, role: Role, lay: Layout, left: Any, right: Any) -> None:
         params = ffi.new("struct xsk_vchan_params *")
@@ -250,6 +261,9 @@ class VchanEndpoint:
         """Returns up to ``limit`` bytes from the ring (b"": none yet); BrokenPipeError at the
         end of the stream (the peer gone and everything it wrote read)."""
         flag = ffi.new("int *")
+        if self._rbuf is None:
+            self._rbuf = ffi.new("uint8_t[]", 1 << max(self.layout.left_order,
+                                                        self.layout.right_order))
         want = max(0, min(limit, len(self._rbuf)))
         n = _check(lib.xsk_vchan_read(self._handle(), self._rbuf, want, flag), "vchan read")
         self._notify |= bool(flag[0])
@@ -268,10 +282,7 @@ class VchanEndpoint:
     def status(self) -> dict[str, int]:
         """Returns counters and ring fill: bytes_in/out, rx_ready, tx_space, sizes, peer_live
         (a -errno if invalid), broken (0 or the -errno that ended the endpoint)."""
-        out = ffi.new("struct xsk_vchan_status *")
-        lib.xsk_vchan_status(self._handle(), out)
-        return {k: getattr(out, k) for k in ("bytes_in", "bytes_out", "rx_ready", "tx_space",
-                                             "tx_size", "rx_size", "peer_live", "broken")}
+        return _status(self._handle())
 
     def close(self) -> bool:
         """Marks us gone in the shared page; returns True if the peer must be notified (the
@@ -351,6 +362,13 @@ class VchanPump:
                                           out.bytes_out)
         return self._result
 
+    def status(self) -> dict[str, int]:
+        """Returns the endpoint's status (``VchanEndpoint.status``) while the pump drives it,
+        without stopping it: byte counts for the faces, ring fill for a drain."""
+        if self._p == ffi.NULL:
+            raise OSError(errno.EBADF, "the vchan pump is closed")
+        return _status(self._endpoint._v)
+
     def stop(self) -> PumpResult:
         """Returns how the pump ended, ending it (STOPPED) if it still runs; blocks until its
         thread is gone."""
@@ -385,6 +403,27 @@ class VchanHeld:
         self.endpoint: VchanEndpoint | None = None
         self.pump: VchanPump | None = None
 
+    def counts(self) -> tuple[int, int]:
+        """Returns the bytes (in, out) of this vchan's stream so far; (0, 0) before one."""
+        if self.pump is None:
+            return 0, 0
+        result = self.pump.result()
+        if result is not None:
+            return result.bytes_in, result.bytes_out
+        st = self.pump.status()
+        return st["bytes_in"], st["bytes_out"]
+
+    def in_flight(self) -> int:
+        """Returns the bytes of a running stream still on their way: written into our ring
+        and not yet consumed by the peer, or in the peer's ring and not yet given to our
+        socket (what a drain waits for); 0 with no stream running."""
+        if self.pump is None or self.pump.result() is not None:
+            return 0
+        st = self.pump.status()
+        if st["broken"]:
+            return 0
+        return st["rx_ready"] + st["tx_size"] - st["tx_space"]
+
     def close(self) -> None:
         if self.pump is not None:
             self.pump.close()
@@ -395,3 +434,23 @@ class VchanHeld:
             if res is not None:
                 res.close()
         self.pump = self.endpoint = self.rings = self.shared = self.evtchn = None
+
+
+class StreamTotals:
+    """The bytes of a vchan's streams since the daemon started: the ended ones' plus the
+    running one's (for the faces' listing)."""
+
+    def __init__(self) -> None:
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    def ended(self, held: VchanHeld) -> None:
+        """Adds the stream of ``held``, about to be closed."""
+        i, o = held.counts()
+        self.bytes_in += i
+        self.bytes_out += o
+
+    def now(self, held: VchanHeld | None) -> tuple[int, int]:
+        """Returns the totals with the running stream of ``held`` (if any) included."""
+        i, o = held.counts() if held is not None else (0, 0)
+        return self.bytes_in + i, self.bytes_out + o

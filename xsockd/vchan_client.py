@@ -2,7 +2,8 @@
 
 Every connection to ``<rundir>/<domain>/<name>.sock`` opens the vchan that the configured
 domain's server published at the configured path: both nodes read in one transaction, each
-required canonical decimal and owned by that domain, the port bound, the shared page mapped
+required canonical decimal and owned by that domain, a page another client holds refused
+(without disturbing it), the port bound, the shared page mapped
 (our unmap notification clearing ``cli_live``), probed once, exactly the probed grants
 mapped, the endpoint attached and the connection spliced in with a ``VchanPump``.  Any failure
 undoes in reverse and closes the connection (the application sees EOF).  One vchan at a time
@@ -26,7 +27,16 @@ from xsockd.config import VchanConfig
 from xsockd.errors import ProtocolError
 from xsockd.peerlog import PeerLog, escape
 from xsockd.rendezvous import canonical_int
-from xsockd.vchan import Role, VchanEndpoint, VchanHeld, VchanPump, client_probe, lib, split_rings
+from xsockd.vchan import (
+    Role,
+    StreamTotals,
+    VchanEndpoint,
+    VchanHeld,
+    VchanPump,
+    client_probe,
+    lib,
+    split_rings,
+)
 from xsockd.xenstore_client import transact
 
 if TYPE_CHECKING:  # the daemon's loop is GLib's; the manager runs on any (tests/fakeloop.py)
@@ -81,12 +91,29 @@ def read_published(xs: XenStore, path: str, server: int) -> Published:
     return Published(ref, port)
 
 
+def refuse_if_held(backend: Backend, server: int, ring_ref: int) -> None:
+    """Raises OSError(EBUSY) if another client is connected to the page at ``ring_ref``.
+
+    Looked at through a mapping of its own, without our unmap notification: the mapping we
+    attach through clears ``cli_live`` when it goes, refused or not, and the server would
+    take that for its client leaving.  The endpoint checks again at attach.
+    """
+    peek = backend.map(server, [ring_ref])
+    try:
+        held = peek.buffer[lib.XSK_VCHAN_OFF_CLI_LIVE] == lib.XSK_VCHAN_CONNECTED
+    finally:
+        peek.close()
+    if held:
+        raise OSError(errno.EBUSY, "another client is connected to it (busy)")
+
+
 class _Opened(VchanHeld):
     """One vchan as a client: port, shared page, rings, endpoint; closed in reverse."""
 
     def __init__(self, backend: Backend, server: int, pub: Published) -> None:
         super().__init__()
         try:
+            refuse_if_held(backend, server, pub.ring_ref)
             self.evtchn = backend.bind_interdomain(server, pub.port)
             self.shared = backend.map(server, [pub.ring_ref],
                                     UnmapNotify(lib.XSK_VCHAN_OFF_CLI_LIVE, self.evtchn.port))
@@ -119,7 +146,9 @@ class VchanClient:
         self.state = "idle"
         self.streams = 0
         self.last_result: object = None
+        self.totals = StreamTotals()
         self._closed = False
+        self._draining = False
 
     def __repr__(self) -> str:
         return f"<VchanClient {self.cfg.name} of domain {self.cfg.domain} {self.state}>"
@@ -143,7 +172,7 @@ class VchanClient:
     # ---- a connection -------------------------------------------------------------------
 
     def _on_accept(self) -> None:
-        if self.state != "idle":
+        if self.state != "idle" or self._draining:
             return
         try:
             conn, _ = self.listener.accept()
@@ -161,9 +190,12 @@ class VchanClient:
         self._wait_timer = self.loop.call_later(WAIT, self._guarded(self._timed_out))
 
     def _on_xenstore(self) -> None:
-        for ev in self.xs.read_events():
-            if ev.token == self.token and self.state == "waiting":
-                self._try_open()
+        # One read per batch, however many events it holds: the server's domain fires our
+        # watch with each of its writes under the path, and must not make us spend a
+        # transaction (and a pass of the loop) on each one.
+        events = self.xs.read_events()
+        if self.state == "waiting" and any(ev.token == self.token for ev in events):
+            self._try_open()
 
     def _timed_out(self) -> None:
         self._wait_timer = None
@@ -200,8 +232,10 @@ class VchanClient:
             return
         self.state = "connected"
         self.streams += 1
-        log.info("vchan %s: connected to domain %d at %s", self.cfg.name, self.cfg.domain,
-                 self.cfg.path)
+        # The server decides how long a stream lasts: one ending each at once, with an
+        # application connecting in a loop, costs lines up to its domain's budget only.
+        self.peerlog.info(self.cfg.domain, "vchan %s: connected to domain %d at %s",
+                          self.cfg.name, self.cfg.domain, self.cfg.path)
         self.loop.add_reader(self.vchan.pump.fileno(), self._guarded(self._on_pump_end))
 
     def _stop_waiting(self) -> None:
@@ -218,9 +252,9 @@ class VchanClient:
         if v is None or v.pump is None or (result := v.pump.result()) is None:
             return
         self.last_result = result
-        log.info("vchan %s: stream with domain %d ended (%s, %d bytes in, %d out)",
-                 self.cfg.name, self.cfg.domain, result.end.name.lower(), result.bytes_in,
-                 result.bytes_out)
+        self.peerlog.info(self.cfg.domain, "vchan %s: stream with domain %d ended (%s, %d "
+                          "bytes in, %d out)", self.cfg.name, self.cfg.domain,
+                          result.end.name.lower(), result.bytes_in, result.bytes_out)
         self._finish()
 
     def _finish(self) -> None:
@@ -228,6 +262,7 @@ class VchanClient:
         if self.vchan is not None:
             if self.vchan.pump is not None:
                 self.loop.remove_reader(self.vchan.pump.fileno())
+            self.totals.ended(self.vchan)
             self.vchan.close()
             self.vchan = None
         if self.waiting is not None:
@@ -237,8 +272,19 @@ class VchanClient:
         if self._closed:
             return
         self.state = "idle"
+        if self._draining:
+            return
         self.loop.add_reader(self.listener.fileno(), self._guarded(self._on_accept))
         self.loop.call_soon(self._guarded(self._on_accept))  # one may wait in the backlog
+
+    def drain(self) -> None:
+        """The daemon is stopping: no connection is taken any more (those queued see EOF at
+        close), one still waiting for the server ends now; a connected stream goes on until
+        ``close``."""
+        self._draining = True
+        self.loop.remove_reader(self.listener.fileno())
+        if self.state == "waiting":
+            self._finish()
 
     def peer_destroyed(self) -> None:
         """The server's domain is gone (``@releaseDomain``): it ran no unmap notification."""
@@ -260,5 +306,7 @@ class VchanClient:
         self.state = "closed"
 
     def describe(self) -> dict[str, object]:
+        bytes_in, bytes_out = self.totals.now(self.vchan)
         return {"kind": "vchan-client", "name": self.cfg.name, "path": self.cfg.path,
-                "peer": self.cfg.domain, "state": self.state, "streams": self.streams}
+                "peer": self.cfg.domain, "state": self.state, "streams": self.streams,
+                "bytes_in": bytes_in, "bytes_out": bytes_out}

@@ -137,6 +137,9 @@ static void *pump(void *arg)
     int64_t linger_end = 0;
     int64_t gone_end = 0;       /* the peer gone: when we stop waiting for the socket to take
                                    what it wrote (reset by every progress) */
+    int hup = 0;                /* the socket's writer is gone; its EOF waits behind its data */
+    int64_t hup_end = 0;        /* then: when we stop waiting for the peer to make room for
+                                   that data (reset by every progress) */
     struct epoll_event evs[8];
 
     while (!end) {
@@ -171,6 +174,15 @@ static void *pump(void *arg)
                 end = XSK_VCHAN_END_LINGER;
             want_space = 1;
         }
+        if (!end && hup && !rd_eof) {
+            /* The application left with bytes still queued in the socket: we would read its
+             * EOF only once the peer made room for them.  A peer that consumes nothing must
+             * not hold the vchan forever: linger bounds each stall, as after the EOF. */
+            if (progress || !hup_end)
+                hup_end = now_ms() + p->linger_ms;
+            else if (now_ms() >= hup_end)
+                end = XSK_VCHAN_END_LINGER;
+        }
         if (!end && xsk_vchan_peer_live(p->v) == XSK_VCHAN_GONE) {
             /* A socket that takes nothing (its reader waits for a reply the gone peer will
              * never read) must not hold the vchan forever: linger bounds each stall. */
@@ -204,9 +216,12 @@ static void *pump(void *arg)
         rechecked = 0;
         int unconsumed = xsk_vchan_tx_unconsumed(p->v) > 0;
         int timeout = unconsumed ? kick_ms : SAFETY_TIMEOUT_MS;
-        if (rd_eof || gone_end) {
-            int64_t until = !gone_end ? linger_end : !rd_eof ? gone_end
-                : gone_end < linger_end ? gone_end : linger_end;
+        int64_t until = rd_eof ? linger_end : 0;
+        if (gone_end && (!until || gone_end < until))
+            until = gone_end;
+        if (hup_end && !rd_eof && (!until || hup_end < until))
+            until = hup_end;
+        if (until) {
             int64_t left = until - now_ms();
             timeout = left < 0 ? 0 : left < timeout ? (int)left : timeout;
         }
@@ -224,6 +239,8 @@ static void *pump(void *arg)
             case 1: /* the socket (edge-triggered) */
                 if (e & (EPOLLIN | EPOLLHUP | EPOLLERR | EPOLLRDHUP))
                     sock_rd = 1;
+                if (e & (EPOLLHUP | EPOLLRDHUP))
+                    hup = 1;
                 if (e & (EPOLLOUT | EPOLLHUP | EPOLLERR))
                     sock_wr = 1;
                 break;

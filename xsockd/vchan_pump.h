@@ -13,7 +13,8 @@
 /* Why a pump ended (xsk_vchan_pump_result.reason). */
 #define XSK_VCHAN_END_PEER 1     /* the peer left; everything it wrote reached the socket */
 #define XSK_VCHAN_END_LOCAL 2    /* the socket's EOF; the peer consumed everything it wrote */
-#define XSK_VCHAN_END_LINGER 3   /* the socket's EOF; the peer did not consume it all in time */
+#define XSK_VCHAN_END_LINGER 3   /* the socket's EOF (or its writer gone, its data queued);
+                                    the peer did not consume it all in time */
 #define XSK_VCHAN_END_PROTO 4    /* the peer broke the protocol (err: EPROTO) */
 #define XSK_VCHAN_END_SOCKET 5   /* the socket failed (err: its errno) */
 #define XSK_VCHAN_END_STOPPED 6  /* xsk_vchan_pump_stop */
@@ -28,8 +29,10 @@ struct xsk_vchan_pump_params {
     int evtchn_notify_fd;
     uint32_t evtchn_port;
     uint32_t linger_ms;          /* after the socket's EOF, how long the peer may take to
-                                    consume what we wrote before we leave regardless; after
-                                    the peer left, how long the socket may take nothing */
+                                    consume what we wrote before we leave regardless (once
+                                    the socket's writer is gone, before its EOF is read: how
+                                    long the peer may make no room); after the peer left, how
+                                    long the socket may take nothing */
 };
 
 struct xsk_vchan_pump_result {

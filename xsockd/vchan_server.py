@@ -17,13 +17,16 @@ import errno
 import logging
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from xsockd.backend import Backend, UnmapNotify, XenStorePerm
 from xsockd.config import VchanConfig
+from xsockd.peerlog import PeerLog
 from xsockd.vchan import (
     Live,
     Role,
+    StreamTotals,
     VchanEndpoint,
     VchanHeld,
     VchanPump,
@@ -45,7 +48,22 @@ PAGE = 4096
 REPUBLISH_BURST = 5
 REPUBLISH_INTERVAL = 1.0
 POLL = 1.0  # seconds: look at the page regardless of notifications, as links do
-CONNECT_TIMEOUT = 2.0  # the local service, a socket of ours: answers at once or is down
+# A publication that fails (grants or ports exhausted, our XenStore path not writable) is
+# retried after PUBLISH_RETRY seconds, doubling to PUBLISH_RETRY_MAX; each distinct error is
+# logged once, a lasting failure again every PUBLISH_REMIND seconds: no flood, still
+# findable.
+PUBLISH_RETRY = 1.0
+PUBLISH_RETRY_MAX = 60.0
+PUBLISH_REMIND = 600.0
+PUBLISH_ERRORS = 8  # distinct errors logged while failing (messages may carry numbers)
+# The local service is connected to without blocking the loop, as the manager does for a
+# link's stream: a full backlog (EAGAIN) is retried for CONNECT_PATIENCE seconds, a missing
+# socket or one nobody listens on (ENOENT, ECONNREFUSED: a service restarting) for
+# SERVICE_START_PATIENCE, with a delay doubling from CONNECT_RETRY to CONNECT_RETRY_MAX.
+CONNECT_PATIENCE = 5.0
+SERVICE_START_PATIENCE = 2.0
+CONNECT_RETRY = 0.005
+CONNECT_RETRY_MAX = 0.2
 
 
 def vchan_perms(me: int, peer: int) -> list[XenStorePerm]:
@@ -85,10 +103,24 @@ class _Published(VchanHeld):
         return self.shared.refs[0]
 
 
+@dataclass
+class _Failing:
+    """Publications failing since ``since`` (until one succeeds)."""
+
+    since: float
+    reminded: float  # when a failure was last logged as a warning
+    delay: float  # before the next try
+    tries: int = 0
+    seen: set[str] = field(default_factory=set)  # the errors logged, at most PUBLISH_ERRORS
+
+
 class VchanServer:
     def __init__(self, cfg: VchanConfig, service_socket: str, backend: Backend,
-                 loop: Loop, header: bytes = b"") -> None:
+                 loop: Loop, header: bytes = b"", peerlog: PeerLog | None = None) -> None:
         self.cfg = cfg
+        # What a client's coming and going logs goes through the per-peer rate limit: one
+        # attaching and leaving in a loop costs lines up to its budget, not a line each time.
+        self.peerlog = peerlog if peerlog is not None else PeerLog(log, loop.time)
         self.service_socket = service_socket
         self.header = header  # the service's caller header, if it asked for one
         self.backend = backend
@@ -103,11 +135,14 @@ class VchanServer:
         self.state = "idle"
         self.streams = 0
         self.last_result: object = None
+        self.totals = StreamTotals()
         self._timer: Timer | None = None
         self._tokens = float(REPUBLISH_BURST)
         self._last = loop.time()
         self._closed = False
         self._made: list[str] = []
+        self._failing: _Failing | None = None
+        self._draining = False
 
     def __repr__(self) -> str:
         return f"<VchanServer {self.cfg.name} for domain {self.cfg.domain} {self.state}>"
@@ -146,24 +181,50 @@ class VchanServer:
 
     def _publish(self) -> None:
         self._timer = None
-        if self._closed:
+        if self._closed or self._draining:
             return
         try:
             self.vchan = _Published(self.backend, self.cfg.domain, self.cfg.left_order,
                                     self.cfg.right_order)
             self._write_nodes(self.vchan)
         except Exception as e:  # the boundary of this vchan: try again later
-            log.warning("vchan %s: cannot publish for domain %d at %s: %s", self.cfg.name,
-                        self.cfg.domain, self.path, e)
             self._release()
-            self._later(REPUBLISH_INTERVAL * 5, self._publish)
+            self._later(self._publish_failed(str(e)), self._publish)
             return
         assert self.vchan.evtchn is not None
-        self.loop.add_reader(self.vchan.evtchn.fd, self._guarded(self._on_event))
+        self.loop.add_reader(self.vchan.evtchn.fd, self._guarded(self._on_signal))
         self.state = "published"
-        log.info("vchan %s: published for domain %d at %s", self.cfg.name, self.cfg.domain,
-                 self.path)
+        failed, self._failing = self._failing, None
+        if failed or not self.streams:  # a republication after each stream is routine
+            log.info("vchan %s: published for domain %d at %s%s", self.cfg.name,
+                     self.cfg.domain, self.path,
+                     f" after {failed.tries} failed tries" if failed else "")
+        else:
+            log.debug("vchan %s: published again at %s", self.cfg.name, self.path)
         self._later(POLL, self._poll)
+
+    def _publish_failed(self, why: str) -> float:
+        """Logs a failed publication (each distinct error once, then a rare reminder) and
+        returns the seconds until the next try."""
+        now = self.loop.time()
+        f = self._failing
+        if f is None:
+            f = self._failing = _Failing(now, now, PUBLISH_RETRY)
+        if why not in f.seen and len(f.seen) < PUBLISH_ERRORS:
+            f.seen.add(why)
+            log.warning("vchan %s: cannot publish for domain %d at %s: %s (retrying, "
+                        "from every %g s up to every %g s)", self.cfg.name, self.cfg.domain,
+                        self.path, why, PUBLISH_RETRY, PUBLISH_RETRY_MAX)
+        elif now - f.reminded >= PUBLISH_REMIND:
+            f.reminded = now
+            log.warning("vchan %s: still cannot publish for domain %d at %s after %d tries "
+                        "in %d s: %s", self.cfg.name, self.cfg.domain, self.path, f.tries + 1,
+                        now - f.since, why)
+        else:
+            log.debug("vchan %s: cannot publish: %s", self.cfg.name, why)
+        f.tries += 1
+        delay, f.delay = f.delay, min(f.delay * 2, PUBLISH_RETRY_MAX)
+        return delay
 
     def _write_nodes(self, v: _Published) -> None:
         assert v.evtchn is not None
@@ -194,15 +255,26 @@ class VchanServer:
     def _poll(self) -> None:
         self._timer = None
         if self.state == "published":
-            self._on_event()
+            self._look()
             if self.state == "published":
                 self._later(POLL, self._poll)
 
-    def _on_event(self) -> None:
+    def _on_signal(self) -> None:
+        """The event channel is readable: consume its notification, then look at the page.
+        Only here: on Xen, clearing a channel with nothing pending blocks until the peer
+        signals (libxenevtchn's pending is a read of a blocking handle), so the poll must
+        never clear."""
+        v = self.vchan
+        if v is None or v.evtchn is None or self.state != "published":
+            return
+        v.evtchn.clear()
+        self._look()
+
+    def _look(self) -> None:
+        """Reads the client's live byte: attached (serve it), gone, or still to come."""
         v = self.vchan
         if v is None or v.evtchn is None or v.endpoint is None or self.state != "published":
             return
-        v.evtchn.clear()
         try:
             live = v.endpoint.peer_live()
         except OSError as e:  # a live byte the protocol lacks: this vchan only
@@ -215,24 +287,46 @@ class VchanServer:
             return
         self.loop.remove_reader(v.evtchn.fd)
         self._remove_nodes()  # no second client may map the page in use
+        # The client waits meanwhile: a pump that starts late finds it gone if it left.
+        self.state = "connecting"
+        now = self.loop.time()
+        self._connect(now + CONNECT_PATIENCE, now + SERVICE_START_PATIENCE, CONNECT_RETRY)
+
+    def _connect(self, deadline: float, absent_until: float, delay: float) -> None:
+        """Connects the attached client to the local service without blocking the loop;
+        retries while the service cannot take us yet, then gives that vchan up."""
+        self._timer = None
+        v = self.vchan
+        if v is None or v.endpoint is None or v.evtchn is None or self.state != "connecting":
+            return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.settimeout(CONNECT_TIMEOUT)
-                sock.connect(self.service_socket)
-                sock.sendall(self.header)  # a line, into an empty socket buffer
-                sock.setblocking(False)
-            except OSError:
-                sock.close()
-                raise
+            sock.setblocking(False)
+            sock.connect(self.service_socket)
+            # A line into a fresh socket's empty buffer: all of it goes, or the service is
+            # not one we can serve.
+            if self.header and sock.send(self.header) != len(self.header):
+                raise OSError(errno.EMSGSIZE, "the caller header did not fit")
+        except OSError as e:
+            sock.close()
+            until = deadline if e.errno == errno.EAGAIN else absent_until \
+                if e.errno in (errno.ENOENT, errno.ECONNREFUSED) else 0.0
+            if self.loop.time() < until:
+                self._later(delay, lambda: self._connect(deadline, absent_until,
+                                                         min(delay * 2, CONNECT_RETRY_MAX)))
+                return
+            self._end(f"the service {self.cfg.service!r} at {self.service_socket}: "
+                      f"{e.strerror or e}")
+            return
+        try:
             v.pump = VchanPump(v.endpoint, sock, v.evtchn, self.cfg.linger)
         except OSError as e:
-            self._end(f"the service {self.cfg.service!r} at {self.service_socket}: {e}")
+            self._end(f"starting the stream: {e}")
             return
         self.state = "serving"
         self.streams += 1
-        log.info("vchan %s: domain %d connected, spliced into service %s", self.cfg.name,
-                 self.cfg.domain, self.cfg.service)
+        self.peerlog.info(self.cfg.domain, "vchan %s: domain %d connected, spliced into "
+                          "service %s", self.cfg.name, self.cfg.domain, self.cfg.service)
         self.loop.add_reader(v.pump.fileno(), self._guarded(self._on_pump_end))
 
     def _on_pump_end(self) -> None:
@@ -244,15 +338,16 @@ class VchanServer:
             return
         self.loop.remove_reader(v.pump.fileno())
         self.last_result = result
-        log.info("vchan %s: stream with domain %d ended (%s, %d bytes in, %d out)",
-                 self.cfg.name, self.cfg.domain, result.end.name.lower(), result.bytes_in,
-                 result.bytes_out)
+        self.peerlog.info(self.cfg.domain, "vchan %s: stream with domain %d ended (%s, %d "
+                          "bytes in, %d out)", self.cfg.name, self.cfg.domain,
+                          result.end.name.lower(), result.bytes_in, result.bytes_out)
         self._end(None)
 
     def _end(self, why: str | None) -> None:
         """Releases this vchan and publishes a fresh one, within the republishing budget."""
         if why is not None:
-            log.warning("vchan %s: domain %d: %s", self.cfg.name, self.cfg.domain, why)
+            self.peerlog.warning(self.cfg.domain, "vchan %s: domain %d: %s", self.cfg.name,
+                                 self.cfg.domain, why)
         self._release()
         self.state = "idle"
         now = self.loop.time()
@@ -264,10 +359,21 @@ class VchanServer:
         else:
             self._later(REPUBLISH_INTERVAL, self._publish)
 
+    def drain(self) -> None:
+        """The daemon is stopping: a vchan no client took is withdrawn, none is published
+        again; a client being served keeps its stream until ``close``."""
+        self._draining = True
+        if self.state in ("idle", "published"):
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._release()
+            self.state = "idle"
+
     def peer_destroyed(self) -> None:
         """The peer's domain is gone (``@releaseDomain``): it ran no unmap notification.
         A vchan still waiting stays published: only that domain id may ever map it."""
-        if self.state == "serving":
+        if self.state in ("connecting", "serving"):
             self._end(f"domain {self.cfg.domain} was destroyed")
 
     def _release(self) -> None:
@@ -279,7 +385,8 @@ class VchanServer:
                 self.loop.remove_reader(v.pump.fileno())
             if v.evtchn is not None:
                 self.loop.remove_reader(v.evtchn.fd)
-            self.vchan.close()
+            self.totals.ended(v)
+            v.close()
             self.vchan = None
         self._remove_nodes()
 
@@ -304,5 +411,7 @@ class VchanServer:
         self.state = "closed"
 
     def describe(self) -> dict[str, object]:
+        bytes_in, bytes_out = self.totals.now(self.vchan)
         return {"kind": "vchan-server", "name": self.cfg.name, "path": self.path,
-                "peer": self.cfg.domain, "state": self.state, "streams": self.streams}
+                "peer": self.cfg.domain, "state": self.state, "streams": self.streams,
+                "bytes_in": bytes_in, "bytes_out": bytes_out}

@@ -1,8 +1,9 @@
-"""Numbers in messages as a person writes them: "1 peer", "3 peers", "256KiB"."""
+"""Text for people: numbers in messages as a person writes them ("1 peer", "3 peers",
+"256KiB"), and docstrings shown by --help without their reST markup."""
 
 from __future__ import annotations
 
-__all__ = ["count", "size_text"]
+__all__ = ["count", "plain", "size_text"]
 
 KiB = 1024
 MiB = 1 << 20
@@ -27,3 +28,9 @@ def size_text(n: int, unit: str | None = None) -> str:
     if n and n % KiB == 0:
         return f"{n // KiB}KiB"
     return str(n)
+
+
+def plain(doc: str | None) -> str:
+    """Returns a docstring as --help shows it: without the double backquotes that mark
+    literals in reST (docstrings and man/*.rst use them; a terminal shows them as noise)."""
+    return (doc or "").replace("``", "")

@@ -42,6 +42,7 @@ from xsockd.sim.budget import (
     event_channel_budget,
     raise_nofile,
 )
+from xsockd.sim.child import terminate
 from xsockd.sim.hypervisor import (
     DOMID_FIRST_RESERVED,
     Hypervisor,
@@ -53,6 +54,7 @@ from xsockd.sim.hypervisor import (
 )
 from xsockd.sim.xenstored import MAX_CONNECTIONS as XS_CONNECTIONS
 from xsockd.sim.xenstored import XenStoreServer
+from xsockd.words import plain
 from xsockd.xenstore_client import XenStoreClient
 
 __all__ = ["SimHost", "leak_report", "main", "sim_accounting"]
@@ -299,13 +301,7 @@ class SimHost:
     def stop(self) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 10)
         if self.proc.stdout:
             self.proc.stdout.close()
         self.proc = None
@@ -314,7 +310,7 @@ class SimHost:
 def main(argv: Sequence[str] | None = None) -> int:
     installed = os.path.basename(sys.argv[0]) == "xsockd-simhost"
     p = argparse.ArgumentParser(prog="xsockd-simhost" if installed else "python -m xsockd.sim.host",
-                                description=__doc__,
+                                description=plain(__doc__),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", required=True, help="directory for the domains' sockets")
     p.add_argument("--domains", default="0,1,2", help="comma-separated domain ids (default 0,1,2)")

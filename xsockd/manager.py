@@ -33,6 +33,7 @@ from xsockd.admission import (
     admit_stream,
     grant_budget,
     grant_plan,
+    reachable_services,
 )
 from xsockd.advice import link_refused, no_such_domain, stream_refused
 from xsockd.backend import Backend
@@ -61,7 +62,7 @@ from xsockd.rendezvous import (
     read_offer,
     request_dir,
 )
-from xsockd.ring import EventType, Reason, RingEvent, Role
+from xsockd.ring import AdmitEntry, EventType, OpenGate, Reason, RingEvent, Role
 from xsockd.vchan_client import VchanClient
 from xsockd.vchan_server import VchanServer
 from xsockd.words import count
@@ -156,6 +157,7 @@ class Manager:
         self._by_serial: dict[tuple[int, int], Channel] = {}   # (id(link), serial)
         self._admitting: dict[tuple[int, int], _Admission] = {}
         self._budgets: dict[int, OpenBudget] = {}               # peer
+        self._gates: dict[int, OpenGate] = {}                    # peer: the pumps' budget
         self._waiting: dict[int, Timer] = {}                     # id(link): set-up timer
         self._peer_nodes: dict[int, PeerNode] = {}               # id(link): the peer's node
         self._listeners: dict[tuple[int, str], socket.socket] = {}
@@ -251,6 +253,8 @@ class Manager:
             return
         self._draining = True
         self._stop_eager()
+        for link in list(self.links.values()):
+            self._set_admission(link)  # empty: every OPEN now comes to us, to be refused
         for peer, service in list(self._listeners):
             self._on_connect(peer, service)  # clients whose connect() already succeeded
             self._unlisten(peer, service)
@@ -321,11 +325,16 @@ class Manager:
         now = self.loop.time()
         for budget in self._budgets.values():
             budget.retune(config.link.open_rate, config.link.max_connecting, now)
+        for gate in self._gates.values():
+            gate.retune(config.link.open_rate, config.link.open_rate)
         for peer in set(self.config.daemon.peers) - set(config.daemon.peers):
             self._offers.pop(peer, None)
             self._budgets.pop(peer, None)
+            self._gates.pop(peer, None)
             self.peerlog.forget(peer)
         plan, self.config = grant_plan(config), config
+        for link in list(self.links.values()):
+            self._set_admission(link)
         if self._started:
             self._sync_requests()
             for peer in sorted(config.eager_peers() - old_config.eager_peers()):
@@ -531,8 +540,22 @@ class Manager:
         if link.peer not in self._budgets:  # per peer: a new link does not refill it
             self._budgets[link.peer] = OpenBudget(cfg.open_rate, cfg.max_connecting,
                                                   self.loop.time())
+            self._gates[link.peer] = OpenGate(cfg.open_rate, cfg.open_rate)
+        self._set_admission(link)
         self.loop.add_reader(link.ring.fileno(), lambda: self._guard(
             link.peer, link.role, "handling its link events", self._on_link_events, link))
+
+    def _set_admission(self, link: Link) -> None:
+        """Gives ``link``'s pump the services its peer may reach now, so that it accepts
+        those streams without us (``_on_accepted`` hears of them); anything else, or
+        anything the pump cannot connect at once, still comes to ``_admit``."""
+        if link.closed:
+            return
+        entries = [AdmitEntry(name, svc.socket,
+                              caller_header(link.peer, name) if svc.caller_header else b"")
+                   for name, svc in reachable_services(self.config, link.peer,
+                                                       self._draining).items()]
+        link.ring.set_admission(entries, self._gates.get(link.peer))
 
     def _setup_timeout(self, link: Link) -> None:
         self._waiting.pop(id(link), None)
@@ -796,6 +819,8 @@ class Manager:
             log.info("link with domain %d up", peer, extra={"XSOCK_PEER": peer})
         elif ev.type == EventType.OPEN_REQUEST:
             self._admit(link, ev)
+        elif ev.type == EventType.ACCEPTED:
+            self._on_accepted(link, ev)
         elif ev.type == EventType.OPENED:
             ch = self._by_serial.get((id(link), ev.serial))
             if ch:
@@ -837,6 +862,14 @@ class Manager:
             XSOCK_BYTES=ev.bytes_in + ev.bytes_out)
         self._remove_channel(ch, why)
 
+    def _on_accepted(self, link: Link, ev: RingEvent) -> None:
+        """The pump admitted, connected and accepted the peer's stream itself: record it."""
+        budget = self._budgets.get(link.peer)
+        if budget is not None:
+            budget.charge(self.loop.time())
+        ch = self._add_channel(link, ev.stream, ev.serial, ev.name, "in")
+        ch.state = "open"
+
     def _admit(self, link: Link, ev: RingEvent) -> None:
         """Connects the peer's new stream to the service it asked for, or refuses it."""
         peer, name = link.peer, ev.name
@@ -850,6 +883,7 @@ class Manager:
                                        now + CONNECT_PATIENCE, now + SERVICE_START_PATIENCE)
                 self._admitting[(id(link), ev.serial)] = admission
                 budget.connecting += 1
+                self._gates[link.peer].charge()  # the pumps' share of the rate shrinks too
                 self._connect_service(admission)
                 return
             verdict = refusal

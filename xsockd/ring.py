@@ -35,7 +35,9 @@ __all__ = [
     "MIN_WINDOW",
     "NAME_MAX",
     "PAGE_SIZE",
+    "AdmitEntry",
     "EventType",
+    "OpenGate",
     "Reason",
     "RingEvent",
     "RingLink",
@@ -70,6 +72,7 @@ class EventType(enum.IntEnum):
     OPENED = lib.XSK_EV_OPENED
     CLOSED = lib.XSK_EV_CLOSED
     LINK_DOWN = lib.XSK_EV_LINK_DOWN
+    ACCEPTED = lib.XSK_EV_ACCEPTED
 
 
 class Reason(enum.IntEnum):
@@ -104,6 +107,50 @@ class StreamInfo:
     bytes_out: int
     tx_credit: int
     rx_buffered: int
+
+
+@dataclass(frozen=True)
+class AdmitEntry:
+    """One service a peer's OPEN may reach without Python: the pump connects ``path`` and
+    writes ``header`` (the caller header, or b"") itself.  ``name`` "" is the default."""
+
+    name: str
+    path: str
+    header: bytes = b""
+
+    def fits(self) -> bool:
+        """True if the C table can hold it (a path too long for sun_path is left to Python,
+        which reports it)."""
+        return (len(os.fsencode(self.path)) < lib.XSK_ADMIT_PATH and
+                len(self.header) <= lib.XSK_ADMIT_HEADER and
+                (self.name == "" or valid_service_name(self.name)))
+
+
+class OpenGate:
+    """The C core's per-peer budget of stream opens (a token bucket shared by its links).
+
+    The pumps take a token for each open they admit; Python ``charge``s it for each open it
+    admits itself, so that both paths together keep to ``rate``.
+    """
+
+    def __init__(self, rate: float, burst: float) -> None:
+        out = ffi.new("struct xsk_budget **")
+        _check(lib.xsk_budget_new(float(rate), float(burst), out), "making an open budget")
+        self._ptr = out[0]
+
+    def retune(self, rate: float, burst: float) -> None:
+        lib.xsk_budget_set(self._ptr, float(rate), float(burst))
+
+    def charge(self) -> None:
+        lib.xsk_budget_charge(self._ptr)
+
+    def tokens(self) -> float:
+        return float(lib.xsk_budget_tokens(self._ptr))
+
+    def __del__(self) -> None:
+        if getattr(self, "_ptr", ffi.NULL) != ffi.NULL:
+            lib.xsk_budget_unref(self._ptr)  # links holding it keep their own reference
+            self._ptr = ffi.NULL
 
 
 def _check(rc: int, what: str) -> int:
@@ -282,6 +329,21 @@ class RingLink:
         _check(lib.xsk_link_held(self._live(), h), "reading held bytes")
         return {k: int(getattr(h, k)) for k in (
             "app_unread", "unacked", "undelivered", "tx_ring", "rx_ring", "streams")}
+
+    def set_admission(self, entries: list[AdmitEntry], gate: OpenGate | None) -> None:
+        """Lets the pump accept the peer's OPENs for ``entries`` by itself (an ACCEPTED event
+        tells of each), within ``gate``'s budget; [] or None: every OPEN is reported as
+        OPEN_REQUEST.  Entries that do not ``fit`` are left out (Python decides those)."""
+        entries = sorted((e for e in entries if e.fits()), key=lambda e: e.name.encode())
+        table = ffi.new("struct xsk_admit_entry[]", max(1, len(entries)))
+        for slot, e in zip(table, entries):
+            slot.name = e.name.encode()
+            slot.path = os.fsencode(e.path)
+            slot.header = e.header
+            slot.header_len = len(e.header)
+        _check(lib.xsk_link_set_admission(self._live(), table, len(entries) if gate else 0,
+                                          gate._ptr if gate else ffi.NULL),
+               "setting the admission table")
 
     def stop(self, goodbye: bool = False) -> None:
         """Stops the pump (blocking, without the GIL) and closes every stream's socket."""

@@ -27,6 +27,8 @@
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 /* Barriers (load_acquire, store_release, full_fence, relaxed_*): xsk_atomic.h. */
@@ -167,6 +169,23 @@ struct xsk_link {
     int idle_credit;            /* a stream holds credit below a quarter: return it when idle */
 
     struct xsk_link_stats stats; /* relaxed atomics */
+
+    /* The admission table, sorted by name, and the peer's open budget: set by Python
+     * (xsk_link_set_admission), read by the pump under adm_lock. */
+    pthread_mutex_t adm_lock;
+    struct xsk_admit_entry *adm;
+    int nadm;
+    struct xsk_budget *budget;
+};
+
+/* A token bucket of stream opens, one per peer, shared by the peer's links (a peer may have
+ * one in each direction).  Python charges it for the opens it admits itself, so that the
+ * pump's fast admissions and Python's together stay within the peer's open_rate. */
+struct xsk_budget {
+    pthread_mutex_t lock;
+    int refs;
+    double rate, burst, tokens;
+    uint64_t at_ns;
 };
 
 /* ---- small helpers ------------------------------------------------------------------- */
@@ -666,6 +685,114 @@ static void orphan_reset(struct xsk_link *l, uint32_t id, uint32_t reason)
     } /* else: the peer floods us with opens; it gets no answer for these */
 }
 
+/* ---- admission without Python ------------------------------------------------------- */
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Adds the tokens earned since the last look; under b->lock. */
+static void budget_refill(struct xsk_budget *b)
+{
+    uint64_t now = now_ns();
+    b->tokens += (double)(now - b->at_ns) * 1e-9 * b->rate;
+    if (b->tokens > b->burst)
+        b->tokens = b->burst;
+    b->at_ns = now;
+}
+
+/* Returns 1 and takes a token if one is there. */
+static int budget_take(struct xsk_budget *b)
+{
+    pthread_mutex_lock(&b->lock);
+    budget_refill(b);
+    int ok = b->tokens >= 1.0;
+    if (ok)
+        b->tokens -= 1.0;
+    pthread_mutex_unlock(&b->lock);
+    return ok;
+}
+
+/* Gives back a token taken for an open that was not made after all. */
+static void budget_refund(struct xsk_budget *b)
+{
+    pthread_mutex_lock(&b->lock);
+    b->tokens = b->tokens + 1.0 > b->burst ? b->burst : b->tokens + 1.0;
+    pthread_mutex_unlock(&b->lock);
+}
+
+/* Returns the entry for name in the sorted table, or NULL: O(log n), n <= XSK_ADMIT_MAX. */
+static const struct xsk_admit_entry *admit_find(struct xsk_link *l, const char *name)
+{
+    int lo = 0, hi = l->nadm;
+    while (lo < hi) {
+        int mid = lo + (hi - lo) / 2;
+        int c = strcmp(name, l->adm[mid].name);
+        if (c == 0)
+            return &l->adm[mid];
+        if (c < 0)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    return NULL;
+}
+
+/* Returns a connected socket to the service, its caller header written, or -errno.  Never
+ * blocks: a Unix socket's non-blocking connect either completes at once or fails (EAGAIN
+ * when its backlog is full); the header is a few bytes into an empty socket buffer. */
+static int connect_service(const struct xsk_admit_entry *e)
+{
+    struct sockaddr_un sa = { .sun_family = AF_UNIX };
+    memcpy(sa.sun_path, e->path, sizeof(sa.sun_path));
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -errno;
+    int rc = 0;
+    if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0)
+        rc = -errno;
+    else if (e->header_len) {
+        ssize_t w = send(fd, e->header, e->header_len, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (w != (ssize_t)e->header_len)
+            rc = w < 0 ? -errno : -EAGAIN;
+    }
+    if (rc < 0) {
+        close(fd);
+        return rc;
+    }
+    return fd;
+}
+
+/* Accepts the peer's new stream s at once if its service is in the admission table, the
+ * peer's budget has a token and the service takes the connection now.  Returns 1 if so (the
+ * ACCEPTED event is queued), 0 to leave the decision to Python (OPEN_REQUEST), as every case
+ * that needs a refusal, a retry or patience does. */
+static int fast_accept(struct xsk_link *l, struct stream *s)
+{
+    int fd = -1;
+    pthread_mutex_lock(&l->adm_lock);
+    const struct xsk_admit_entry *e = l->budget ? admit_find(l, s->name) : NULL;
+    if (e && budget_take(l->budget)) {
+        fd = connect_service(e);
+        if (fd < 0)
+            budget_refund(l->budget);
+    }
+    pthread_mutex_unlock(&l->adm_lock);
+    if (fd < 0)
+        return 0;
+    s->fd = fd;
+    set_state(s, ST_OPEN);
+    s->ctl_accept = 1;
+    ctl_queue(l, s);
+    push_event(l, XSK_EV_ACCEPTED, s, s->id, s->serial, 0);
+    if (stream_watch(l, s) < 0)
+        stream_end(l, s, XSK_R_NO_SERVICE, 1); /* its CLOSED follows the ACCEPTED */
+    return 1;
+}
+
 static int rx_frame(struct xsk_link *l, uint32_t prod)
 {
     struct xsk_frame *h = &l->head.hdr;
@@ -699,7 +826,8 @@ static int rx_frame(struct xsk_link *l, uint32_t prod)
         if (!s)
             return -ENOMEM;
         s->peer_window = s->tx_credit = h->arg;
-        push_event(l, XSK_EV_OPEN_REQUEST, s, s->id, s->serial, 0);
+        if (!fast_accept(l, s))
+            push_event(l, XSK_EV_OPEN_REQUEST, s, s->id, s->serial, 0);
         return 1;
     }
     case XSK_F_ACCEPT:
@@ -1258,6 +1386,7 @@ int xsk_link_new(const struct xsk_link_params *p, struct xsk_link **out)
     pthread_mutex_init(&l->table_lock, NULL);
     pthread_mutex_init(&l->cmd_lock, NULL);
     pthread_mutex_init(&l->ev_lock, NULL);
+    pthread_mutex_init(&l->adm_lock, NULL);
     int rc = 0;
     if (!l->table || l->epfd < 0 || l->cmd_fd < 0 || l->ev_fd < 0)
         rc = -ENOMEM;
@@ -1528,8 +1657,121 @@ void xsk_link_free(struct xsk_link *l)
         close(l->ev_fd);
     free(l->table);
     free(l->events);
+    free(l->adm);
+    if (l->budget)
+        xsk_budget_unref(l->budget);
+    pthread_mutex_destroy(&l->adm_lock);
     pthread_mutex_destroy(&l->table_lock);
     pthread_mutex_destroy(&l->cmd_lock);
     pthread_mutex_destroy(&l->ev_lock);
     free(l);
+}
+
+/* Returns 0 once the link's admission table is entries[0..n) (sorted by name, strictly) and
+ * its peer's budget is budget (the link holds a reference); n == 0 or budget NULL: every
+ * OPEN goes to Python.  -EINVAL for a table out of order, too long or with a bad entry (the
+ * old table stays), -ENOMEM.  Takes effect for the next OPEN the pump reads. */
+int xsk_link_set_admission(struct xsk_link *l, const struct xsk_admit_entry *entries, int n,
+                           struct xsk_budget *budget)
+{
+    if (n < 0 || n > XSK_ADMIT_MAX)
+        return -EINVAL;
+    struct xsk_admit_entry *copy = NULL;
+    if (n) {
+        copy = malloc((size_t)n * sizeof(*copy));
+        if (!copy)
+            return -ENOMEM;
+        memcpy(copy, entries, (size_t)n * sizeof(*copy));
+    }
+    for (int i = 0; i < n; i++) {
+        struct xsk_admit_entry *e = &copy[i];
+        size_t nl = strnlen(e->name, sizeof(e->name));
+        size_t pl = strnlen(e->path, sizeof(e->path));
+        if (nl == sizeof(e->name) || (nl && !xsk_valid_service_name(e->name, (uint32_t)nl)) ||
+            pl == 0 || pl == sizeof(e->path) || e->header_len > sizeof(e->header) ||
+            (i && strcmp(copy[i - 1].name, e->name) >= 0)) {
+            free(copy);
+            return -EINVAL;
+        }
+    }
+    if (budget) {
+        pthread_mutex_lock(&budget->lock);
+        budget->refs++;
+        pthread_mutex_unlock(&budget->lock);
+    }
+    pthread_mutex_lock(&l->adm_lock);
+    struct xsk_admit_entry *old = l->adm;
+    struct xsk_budget *old_budget = l->budget;
+    l->adm = copy;
+    l->nadm = n;
+    l->budget = budget;
+    pthread_mutex_unlock(&l->adm_lock);
+    free(old);
+    if (old_budget)
+        xsk_budget_unref(old_budget);
+    return 0;
+}
+
+/* Returns 0 and a budget of rate opens a second holding at most burst (full), one reference
+ * held by the caller. */
+int xsk_budget_new(double rate, double burst, struct xsk_budget **out)
+{
+    if (!(rate >= 0) || !(burst >= 0))
+        return -EINVAL;
+    struct xsk_budget *b = calloc(1, sizeof(*b));
+    if (!b)
+        return -ENOMEM;
+    pthread_mutex_init(&b->lock, NULL);
+    b->refs = 1;
+    b->rate = rate;
+    b->burst = b->tokens = burst;
+    b->at_ns = now_ns();
+    *out = b;
+    return 0;
+}
+
+/* Switches to a new rate and burst (a reload), keeping the tokens earned so far. */
+void xsk_budget_set(struct xsk_budget *b, double rate, double burst)
+{
+    pthread_mutex_lock(&b->lock);
+    budget_refill(b);
+    b->rate = rate >= 0 ? rate : 0;
+    b->burst = burst >= 0 ? burst : 0;
+    if (b->tokens > b->burst)
+        b->tokens = b->burst;
+    pthread_mutex_unlock(&b->lock);
+}
+
+/* Counts an open Python admitted: a token, even one not there yet (down to -burst), so that
+ * the pump admits no more until the peer's rate has paid for it. */
+void xsk_budget_charge(struct xsk_budget *b)
+{
+    pthread_mutex_lock(&b->lock);
+    budget_refill(b);
+    b->tokens -= 1.0;
+    if (b->tokens < -b->burst)
+        b->tokens = -b->burst;
+    pthread_mutex_unlock(&b->lock);
+}
+
+/* Returns the tokens there now (for tests and statistics). */
+double xsk_budget_tokens(struct xsk_budget *b)
+{
+    pthread_mutex_lock(&b->lock);
+    budget_refill(b);
+    double t = b->tokens;
+    pthread_mutex_unlock(&b->lock);
+    return t;
+}
+
+/* Drops one reference; the last frees the budget. */
+void xsk_budget_unref(struct xsk_budget *b)
+{
+    pthread_mutex_lock(&b->lock);
+    int last = --b->refs == 0;
+    pthread_mutex_unlock(&b->lock);
+    if (last) {
+        pthread_mutex_destroy(&b->lock);
+        free(b);
+    }
 }

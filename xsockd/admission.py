@@ -125,7 +125,7 @@ def reachable_services(config: Config, peer: int, stopping: bool
                        ) -> dict[str, ServiceConfig]:
     """Returns every name ``peer``'s stream may ask for that ``admit_stream`` lets through
     ("" for the default service) and where it goes: the C core's admission table."""
-    names = [""] + sorted(config.services)
+    names = ["", *sorted(config.services)]
     verdicts = {name: admit_stream(config, peer, name, stopping) for name in names}
     return {name: v for name, v in verdicts.items() if isinstance(v, ServiceConfig)}
 

@@ -336,7 +336,8 @@ class RingLink:
         OPEN_REQUEST.  Entries that do not ``fit`` are left out (Python decides those)."""
         entries = sorted((e for e in entries if e.fits()), key=lambda e: e.name.encode())
         table = ffi.new("struct xsk_admit_entry[]", max(1, len(entries)))
-        for slot, e in zip(table, entries):
+        for i, e in enumerate(entries):
+            slot = table[i]
             slot.name = e.name.encode()
             slot.path = os.fsencode(e.path)
             slot.header = e.header

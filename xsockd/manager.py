@@ -170,7 +170,9 @@ class Manager:
         # before the peer accepted, local service unreachable).
         self.counters = {"links_refused": 0, "streams_refused": 0, "links_failed": 0,
                          "streams_failed": 0, "peer_faults": 0, "links_opened": 0,
-                         "streams_opened": 0, "handler_failures": 0}
+                         "streams_opened": 0, "handler_failures": 0,
+                         # of streams_opened, those a pump admitted by itself (_on_accepted)
+                         "streams_fast": 0}
         self.peerlog = PeerLog(log, loop.time)
         # One record per closed channel is what operators search for; a peer opening and
         # resetting streams in a loop must not turn it into a flood.
@@ -867,6 +869,7 @@ class Manager:
         budget = self._budgets.get(link.peer)
         if budget is not None:
             budget.charge(self.loop.time())
+        self.counters["streams_fast"] += 1
         ch = self._add_channel(link, ev.stream, ev.serial, ev.name, "in")
         ch.state = "open"
 

@@ -62,7 +62,7 @@ from xsockd.rendezvous import (
     read_offer,
     request_dir,
 )
-from xsockd.ring import AdmitEntry, EventType, OpenGate, Reason, RingEvent, Role
+from xsockd.ring import LISTEN_RETRY, AdmitEntry, EventType, OpenGate, Reason, RingEvent, Role
 from xsockd.vchan_client import VchanClient
 from xsockd.vchan_server import VchanServer
 from xsockd.words import count
@@ -83,7 +83,8 @@ SERVICE_START_PATIENCE = 2.0
 # restarting is back within a few seconds, one that is gone costs a try every EAGER_RETRY_MAX.
 EAGER_RETRY_MIN, EAGER_RETRY_MAX = 0.2, 10.0
 DRAIN_POLL = 0.05  # seconds between looks at the bytes a stopping daemon still holds
-ACCEPT_BACKOFF = 0.1  # seconds before accepting again after running out of descriptors
+# Seconds before accepting again after running out of descriptors (a pump waits as long).
+ACCEPT_BACKOFF = LISTEN_RETRY
 # Link offers a peer may make: each costs a XenStore transaction, mappings and a pump thread.
 OFFER_RATE, OFFER_BURST = 1.0, 5
 LINK_DOWN_WHY = {-errno.EPROTO: "the peer broke the ring protocol",
@@ -161,6 +162,8 @@ class Manager:
         self._waiting: dict[int, Timer] = {}                     # id(link): set-up timer
         self._peer_nodes: dict[int, PeerNode] = {}               # id(link): the peer's node
         self._listeners: dict[tuple[int, str], socket.socket] = {}
+        # Listeners an up link's pump accepts on (_hand_listeners): the loop does not read them.
+        self._handed: dict[tuple[int, str], Link] = {}
         self._rundir: Rundir | None = None
         self._draining = False
         self._drain_timer: Timer | None = None
@@ -449,11 +452,16 @@ class Manager:
         sock = self._rundir.listen(peer, service)
         self._listeners[(peer, service)] = sock
         self.loop.add_reader(sock.fileno(), lambda: self._on_connect(peer, service))
+        for link in [lk for (p, _), lk in self.links.items() if p == peer and lk.up][:1]:
+            self._hand_listeners(link)
 
     def _unlisten(self, peer: int, service: str = "") -> None:
         sock = self._listeners.pop((peer, service), None)
         if sock is None:
             return
+        link = self._handed.pop((peer, service), None)
+        if link is not None and not link.closed:
+            link.ring.unlisten(service)
         self.loop.remove_reader(sock.fileno())
         sock.close()
         if self._rundir is not None:
@@ -493,9 +501,36 @@ class Manager:
 
     def _resume(self, peer: int, service: str) -> None:
         listener = self._listeners.get((peer, service))
-        if listener is not None:
+        if listener is not None and (peer, service) not in self._handed:
             self.loop.add_reader(listener.fileno(), lambda: self._on_connect(peer, service))
             self._on_connect(peer, service)
+
+    def _hand_listeners(self, link: Link) -> None:
+        """Has ``link``'s pump accept on its peer's sockets (those no other pump has) and open
+        their streams itself, telling us after the fact (``_on_local_open``).  Only once the
+        link is up: the first stream, which sets the link up, comes through ``_on_connect``."""
+        if link.closed or not link.up or self._draining:
+            return
+        for key, sock in list(self._listeners.items()):
+            if key[0] == link.peer and key not in self._handed and \
+                    link.ring.listen(sock, key[1]):
+                self.loop.remove_reader(sock.fileno())
+                self._handed[key] = link
+
+    def _take_back_listeners(self, link: Link) -> None:
+        """The loop reads again the sockets ``link``'s pump accepted on (it is going): what
+        is queued there is ours to take; another up link of the peer gets them if there is
+        one."""
+        for key in [k for k, lk in self._handed.items() if lk is link]:
+            del self._handed[key]
+            if not link.closed:
+                link.ring.unlisten(key[1])
+            sock = self._listeners.get(key)
+            if sock is not None:  # level-triggered: what is queued wakes the loop at once
+                self.loop.add_reader(sock.fileno(), lambda k=key: self._on_connect(*k))
+        for other in [lk for (p, _), lk in self.links.items()
+                      if p == link.peer and lk is not link and lk.up][:1]:
+            self._hand_listeners(other)
 
     # ---- links --------------------------------------------------------------------------
 
@@ -594,6 +629,7 @@ class Manager:
             self.loop.remove_reader(link.ring.fileno())
             link.close(goodbye)
         finally:  # whatever failed above, the tables forget the link
+            self._take_back_listeners(link)
             for key in [k for k, a in self._admitting.items() if a.link is link]:
                 self._finish(self._admitting[key])
             for ch in [c for c in self.channels.values() if c.link is link]:
@@ -819,6 +855,12 @@ class Manager:
             link.up = True
             self._stop_waiting(link)
             log.info("link with domain %d up", peer, extra={"XSOCK_PEER": peer})
+            self._hand_listeners(link)
+        elif ev.type == EventType.LOCAL_OPEN:
+            self._add_channel(link, ev.stream, ev.serial, ev.name, "out")
+        elif ev.type == EventType.LISTEN_FAILED:
+            self.peerlog.error(peer, "accepting a connection for domain %d: %s; trying again "
+                               "in %g s", peer, os.strerror(-ev.arg), ACCEPT_BACKOFF)
         elif ev.type == EventType.OPEN_REQUEST:
             self._admit(link, ev)
         elif ev.type == EventType.ACCEPTED:

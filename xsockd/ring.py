@@ -27,6 +27,7 @@ from xsockd._ring_core import ffi, lib  # type: ignore[import-not-found]
 
 __all__ = [
     "FRAME_HEADER",
+    "LISTEN_RETRY",
     "LIVE_OFFSET",
     "MAX_RING_SIZE",
     "MAX_STREAMS",
@@ -56,6 +57,7 @@ MAX_RING_SIZE = lib.XSK_MAX_RING_SIZE
 MIN_WINDOW = lib.XSK_MIN_WINDOW
 MAX_WINDOW = lib.XSK_MAX_WINDOW
 MAX_STREAMS = lib.XSK_MAX_STREAMS
+LISTEN_RETRY = lib.XSK_LISTEN_RETRY_MS / 1000  # seconds a pump waits after a failed accept
 
 # Errors that mean "the stream or the link is gone": a command then simply has no effect.
 _GONE = (errno.ENOENT, errno.ESHUTDOWN)
@@ -73,6 +75,8 @@ class EventType(enum.IntEnum):
     CLOSED = lib.XSK_EV_CLOSED
     LINK_DOWN = lib.XSK_EV_LINK_DOWN
     ACCEPTED = lib.XSK_EV_ACCEPTED
+    LOCAL_OPEN = lib.XSK_EV_LOCAL_OPEN
+    LISTEN_FAILED = lib.XSK_EV_LISTEN_FAILED
 
 
 class Reason(enum.IntEnum):
@@ -329,6 +333,24 @@ class RingLink:
         _check(lib.xsk_link_held(self._live(), h), "reading held bytes")
         return {k: int(getattr(h, k)) for k in (
             "app_unread", "unacked", "undelivered", "tx_ring", "rx_ring", "streams")}
+
+    def listen(self, sock: socket.socket, service: str) -> bool:
+        """Hands the pump a duplicate of the listening ``sock``: it accepts the connections for
+        ``service`` ("" the default) and opens their streams itself, each told by a
+        LOCAL_OPEN event.  ``sock`` stays ours (and may be read again once ``unlisten``ed or
+        the pump ends).  Returns False if the pump has ended or the link is closed."""
+        if self._ptr == ffi.NULL:
+            return False
+        return self._command(lib.xsk_link_listen(self._ptr, os.dup(sock.fileno()),
+                                                 service.encode()), "handing over a listener")
+
+    def unlisten(self, service: str) -> bool:
+        """Has the pump close its listener for ``service``; False if the pump has ended (it
+        closed its listeners then) or the link is closed."""
+        if self._ptr == ffi.NULL:
+            return False
+        return self._command(lib.xsk_link_unlisten(self._ptr, service.encode()),
+                             "taking a listener back")
 
     def set_admission(self, entries: list[AdmitEntry], gate: OpenGate | None) -> None:
         """Lets the pump accept the peer's OPENs for ``entries`` by itself (an ACCEPTED event

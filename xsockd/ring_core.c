@@ -111,7 +111,16 @@ struct stream {
     struct stream *ready_prev, *ready_next, *ctl_next;
 };
 
-enum cmd_type { CMD_OPEN = 1, CMD_ACCEPT, CMD_REJECT, CMD_CLOSE, CMD_STOP };
+enum cmd_type { CMD_OPEN = 1, CMD_ACCEPT, CMD_REJECT, CMD_CLOSE, CMD_STOP, CMD_LISTEN,
+                CMD_UNLISTEN };
+
+/* A local listener whose connections the pump accepts and opens streams for itself. */
+struct listener {
+    int fd;                 /* -1: a free slot */
+    int armed;              /* in the epoll set for EPOLLIN (level-triggered) */
+    uint64_t retry_ns;      /* disarmed after a failed accept: when to look again */
+    char name[XSK_NAME_MAX + 1];
+};
 
 struct cmd {
     enum cmd_type type;
@@ -169,6 +178,10 @@ struct xsk_link {
     int idle_credit;            /* a stream holds credit below a quarter: return it when idle */
 
     struct xsk_link_stats stats; /* relaxed atomics */
+
+    /* Listeners handed over by Python (xsk_link_listen): the pump's own, slots reused. */
+    struct listener *lsn;
+    uint32_t nlsn, lsn_cap, lsn_disarmed;
 
     /* The admission table, sorted by name, and the peer's open budget: set by Python
      * (xsk_link_set_admission), read by the pump under adm_lock. */
@@ -766,6 +779,26 @@ static int connect_service(const struct xsk_admit_entry *e)
     return fd;
 }
 
+/* Returns 1 if the frames after the head, up to prod, hold a RESET of stream id: a peer that
+ * opens and at once resets a stream must not cost us a connection to the service (Python,
+ * seeing both in one batch, connects nothing).  A hint only, bounded to HOLD_SCAN_MAX frames;
+ * frames are validated when consumed. */
+static int reset_follows(struct xsk_link *l, uint32_t prod, uint32_t id)
+{
+    struct ring *r = &l->rx;
+    uint32_t idx = r->pvt + XSK_FRAME_HDR + ALIGN16(l->head.hdr.len);
+    for (int i = 0; i < HOLD_SCAN_MAX && idx != prod; i++) {
+        struct xsk_frame f;
+        memcpy(&f, r->data_shr + (idx & r->mask), sizeof(f));
+        if (f.type == XSK_F_RESET && f.stream == id)
+            return 1;
+        if (f.len > r->size || XSK_FRAME_HDR + ALIGN16(f.len) > prod - idx)
+            return 0;
+        idx += XSK_FRAME_HDR + ALIGN16(f.len);
+    }
+    return 0;
+}
+
 /* Accepts the peer's new stream s at once if its service is in the admission table, the
  * peer's budget has a token and the service takes the connection now.  Returns 1 if so (the
  * ACCEPTED event is queued), 0 to leave the decision to Python (OPEN_REQUEST), as every case
@@ -826,7 +859,7 @@ static int rx_frame(struct xsk_link *l, uint32_t prod)
         if (!s)
             return -ENOMEM;
         s->peer_window = s->tx_credit = h->arg;
-        if (!fast_accept(l, s))
+        if (reset_follows(l, prod, s->id) || !fast_accept(l, s))
             push_event(l, XSK_EV_OPEN_REQUEST, s, s->id, s->serial, 0);
         return 1;
     }
@@ -1120,6 +1153,154 @@ static struct stream *lookup_serial(struct xsk_link *l, uint32_t id, uint64_t se
     return s && s->serial == serial && s->state != ST_ZOMBIE ? s : NULL;
 }
 
+/* Opens stream id on the local application socket fd (the link's from now on) and queues its
+ * OPEN.  report: Python did not open it (the pump accepted fd on a listener), so it hears of
+ * it first by LOCAL_OPEN.  Either way one CLOSED ends it, even if it never enters the table. */
+static void open_local(struct xsk_link *l, uint32_t id, uint64_t serial, int fd,
+                       const char *name, int report)
+{
+    struct stream *s = NULL;
+    uint32_t reason = XSK_R_TOO_MANY;
+    if (l->nstreams < l->max_streams) {
+        s = stream_new(l, id, serial, fd, name, ST_OPENING);
+        reason = XSK_R_ABORTED;
+    }
+    if (!s) {
+        struct stream tmp = { .id = id, .serial = serial };
+        memcpy(tmp.name, name, strnlen(name, XSK_NAME_MAX));
+        if (report)
+            push_event(l, XSK_EV_LOCAL_OPEN, &tmp, id, serial, 0);
+        push_event(l, XSK_EV_CLOSED, &tmp, id, serial, (int32_t)reason);
+        close(fd);
+        return;
+    }
+    if (report)
+        push_event(l, XSK_EV_LOCAL_OPEN, s, id, serial, 0);
+    s->ctl_open = 1;
+    ctl_queue(l, s);
+    if (stream_watch(l, s) < 0)
+        stream_end(l, s, XSK_R_ABORTED, 1);
+}
+
+/* ---- listeners the pump accepts on ---------------------------------------------------- */
+
+static int listener_arm(struct xsk_link *l, uint32_t i, int on)
+{
+    struct epoll_event ev = { .events = on ? EPOLLIN : 0, .data.u64 = ((uint64_t)4 << 32) | i };
+    if (epoll_ctl(l->epfd, EPOLL_CTL_MOD, l->lsn[i].fd, &ev) < 0)
+        return -errno;
+    if (on && !l->lsn[i].armed)
+        l->lsn_disarmed--;
+    else if (!on && l->lsn[i].armed)
+        l->lsn_disarmed++;
+    l->lsn[i].armed = on;
+    return 0;
+}
+
+static void listen_failed(struct xsk_link *l, const char *name, int err)
+{
+    struct stream tmp = { .id = 0 };
+    memcpy(tmp.name, name, strnlen(name, XSK_NAME_MAX));
+    push_event(l, XSK_EV_LISTEN_FAILED, &tmp, 0, 0, -err);
+}
+
+/* Takes the listener fd into a free slot and the epoll set (level-triggered: connections
+ * queued already are seen at once).  On failure fd is closed and Python told. */
+static void listener_add(struct xsk_link *l, int fd, const char *name)
+{
+    uint32_t i = 0;
+    while (i < l->nlsn && l->lsn[i].fd >= 0)
+        i++;
+    if (i == l->lsn_cap) {
+        uint32_t ncap = l->lsn_cap ? l->lsn_cap * 2 : 4;
+        struct listener *n = ncap <= XSK_LISTEN_MAX ?
+                             realloc(l->lsn, ncap * sizeof(*n)) : NULL;
+        if (!n) {
+            close(fd);
+            listen_failed(l, name, ncap <= XSK_LISTEN_MAX ? ENOMEM : ENOSPC);
+            return;
+        }
+        l->lsn = n;
+        l->lsn_cap = ncap;
+    }
+    struct epoll_event ev = { .events = EPOLLIN, .data.u64 = ((uint64_t)4 << 32) | i };
+    int rc = set_nonblock(fd);
+    if (rc == 0 && epoll_ctl(l->epfd, EPOLL_CTL_ADD, fd, &ev) < 0)
+        rc = -errno;
+    if (rc < 0) {
+        close(fd);
+        listen_failed(l, name, -rc);
+        return;
+    }
+    struct listener *L = &l->lsn[i];
+    memset(L, 0, sizeof(*L));
+    L->fd = fd;
+    L->armed = 1;
+    memcpy(L->name, name, strnlen(name, XSK_NAME_MAX));
+    if (i == l->nlsn)
+        l->nlsn++;
+}
+
+static void listener_close(struct xsk_link *l, uint32_t i)
+{
+    struct listener *L = &l->lsn[i];
+    epoll_ctl(l->epfd, EPOLL_CTL_DEL, L->fd, NULL);
+    close(L->fd);
+    L->fd = -1;
+    if (!L->armed)
+        l->lsn_disarmed--;
+    L->armed = 0;
+}
+
+/* Accepts what listener i holds (a batch: the listener stays readable if more) and opens a
+ * stream for each connection.  Running out of descriptors or memory leaves the connection
+ * queued and the listener readable: it is taken out of the epoll set for a while instead of
+ * making the pump spin on it. */
+static int accept_local(struct xsk_link *l, uint32_t i)
+{
+    struct listener *L = &l->lsn[i];
+    int progress = 0;
+    for (int n = 0; n < 64; n++) {
+        int fd = accept4(L->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd >= 0) {
+            open_local(l, __atomic_fetch_add(&l->next_id, 2, __ATOMIC_RELAXED),
+                       __atomic_fetch_add(&l->next_serial, 1, __ATOMIC_RELAXED), fd, L->name, 1);
+            progress = 1;
+            continue;
+        }
+        int err = errno;
+        if (err == EINTR || err == ECONNABORTED)
+            continue;
+        if (err == EAGAIN || err == EWOULDBLOCK)
+            break;
+        listen_failed(l, L->name, err);
+        if (listener_arm(l, i, 0) == 0)
+            L->retry_ns = now_ns() + (uint64_t)XSK_LISTEN_RETRY_MS * 1000000u;
+        break;
+    }
+    return progress;
+}
+
+/* Puts back the listeners whose pause is over; returns ms until the next one's (or -1). */
+static int rearm_listeners(struct xsk_link *l)
+{
+    int wait = -1;
+    uint64_t now = now_ns();
+    for (uint32_t i = 0; i < l->nlsn && l->lsn_disarmed; i++) {
+        struct listener *L = &l->lsn[i];
+        if (L->fd < 0 || L->armed)
+            continue;
+        if (now >= L->retry_ns) {
+            (void)listener_arm(l, i, 1);
+        } else {
+            int ms = (int)((L->retry_ns - now) / 1000000u) + 1;
+            if (wait < 0 || ms < wait)
+                wait = ms;
+        }
+    }
+    return wait;
+}
+
 /* Returns 1 if a stop was requested (and whether to say goodbye in *goodbye). */
 static int run_commands(struct xsk_link *l, int *goodbye)
 {
@@ -1133,19 +1314,7 @@ static int run_commands(struct xsk_link *l, int *goodbye)
         struct stream *s;
         switch (c->type) {
         case CMD_OPEN:
-            if (l->nstreams >= l->max_streams) {
-                open_cmd_closed(l, c, XSK_R_TOO_MANY);
-                break;
-            }
-            s = stream_new(l, c->id, c->serial, c->fd, c->name, ST_OPENING);
-            if (!s) {
-                open_cmd_closed(l, c, XSK_R_ABORTED);
-                break;
-            }
-            s->ctl_open = 1;
-            ctl_queue(l, s);
-            if (stream_watch(l, s) < 0)
-                stream_end(l, s, XSK_R_ABORTED, 1);
+            open_local(l, c->id, c->serial, c->fd, c->name, 0);
             break;
         case CMD_ACCEPT:
             s = lookup_serial(l, c->id, c->serial);
@@ -1176,6 +1345,14 @@ static int run_commands(struct xsk_link *l, int *goodbye)
             stop = 1;
             *goodbye = (int)c->arg;
             break;
+        case CMD_LISTEN:
+            listener_add(l, c->fd, c->name);
+            break;
+        case CMD_UNLISTEN:
+            for (uint32_t i = 0; i < l->nlsn; i++)
+                if (l->lsn[i].fd >= 0 && strcmp(l->lsn[i].name, c->name) == 0)
+                    listener_close(l, i);
+            break;
         }
         free(c);
         c = next;
@@ -1196,6 +1373,9 @@ static void handle_epoll(struct xsk_link *l, struct epoll_event *evs, int n)
             uint64_t v;
             ssize_t r = read(l->cmd_fd, &v, sizeof(v));
             (void)r;
+        } else if (tag == 4) {
+            if (id < l->nlsn && l->lsn[id].fd >= 0 && l->lsn[id].armed)
+                accept_local(l, id);
         } else if (tag == 3) {
             struct stream *s = lookup(l, id);
             if (!s || s->fd < 0)
@@ -1293,6 +1473,11 @@ static void *pump(void *arg)
             timeout = more ? 0 : SAFETY_TIMEOUT_MS;
             relaxed_add(&l->stats.wakeups, 1);
         }
+        if (l->lsn_disarmed) {
+            int wait = rearm_listeners(l);
+            if (wait >= 0 && wait < timeout)
+                timeout = wait;
+        }
         int n = epoll_wait(l->epfd, evs, 64, timeout);
         if (n > 0)
             handle_epoll(l, evs, n);
@@ -1305,6 +1490,9 @@ static void *pump(void *arg)
     }
     store_release(own_live(l), 0);
     evtchn_notify(l);
+    for (uint32_t i = 0; i < l->nlsn; i++) /* queued connections stay for Python to take */
+        if (l->lsn[i].fd >= 0)
+            listener_close(l, i);
     close_all(l, XSK_R_LINK_DOWN);
     pthread_mutex_lock(&l->cmd_lock);
     l->stopped = 1;
@@ -1315,8 +1503,8 @@ static void *pump(void *arg)
         struct cmd *next = c->next;
         if (c->type == CMD_OPEN)
             open_cmd_closed(l, c, XSK_R_LINK_DOWN); /* Python holds its id and serial */
-        else if (c->type == CMD_ACCEPT)
-            close(c->fd); /* close_all reported the stream */
+        else if (c->type == CMD_ACCEPT || c->type == CMD_LISTEN)
+            close(c->fd); /* close_all reported the stream; a listener is Python's again */
         free(c);
         c = next;
     }
@@ -1499,6 +1687,48 @@ int xsk_link_accept_stream(struct xsk_link *l, uint32_t id, uint64_t serial, int
     return stream_cmd(l, CMD_ACCEPT, id, serial, 0, fd);
 }
 
+/* Returns 0 once the pump has the listener fd (a dup of Python's socket; the link owns it
+ * from now on, even on failure) to accept connections on for service ("" the default), each
+ * opened as a stream and reported by LOCAL_OPEN; -EINVAL for a bad name, -ESHUTDOWN once the
+ * pump has ended.  The pump closes its fd on xsk_link_unlisten or when it stops; connections
+ * still queued then are the other holder's to take. */
+int xsk_link_listen(struct xsk_link *l, int fd, const char *service)
+{
+    size_t nl = strnlen(service, XSK_NAME_MAX + 1);
+    if (nl && !xsk_valid_service_name(service, (uint32_t)nl)) {
+        close(fd);
+        return -EINVAL;
+    }
+    struct cmd *c = calloc(1, sizeof(*c));
+    if (!c) {
+        close(fd);
+        return -ENOMEM;
+    }
+    c->type = CMD_LISTEN;
+    c->fd = fd;
+    memcpy(c->name, service, nl);
+    int rc = enqueue(l, c);
+    if (rc < 0)
+        close(fd);
+    return rc;
+}
+
+/* Returns 0 once the pump is asked to close its listener for service; -ESHUTDOWN once the
+ * pump has ended (it closed every listener then). */
+int xsk_link_unlisten(struct xsk_link *l, const char *service)
+{
+    size_t nl = strnlen(service, XSK_NAME_MAX + 1);
+    if (nl > XSK_NAME_MAX)
+        return -EINVAL;
+    struct cmd *c = calloc(1, sizeof(*c));
+    if (!c)
+        return -ENOMEM;
+    c->type = CMD_UNLISTEN;
+    c->fd = -1;
+    memcpy(c->name, service, nl);
+    return enqueue(l, c);
+}
+
 /* Returns 0 (the peer's request is answered with RESET(reason), CLOSED follows), -ENOENT
  * or -ESHUTDOWN as xsk_link_accept_stream. */
 int xsk_link_reject_stream(struct xsk_link *l, uint32_t id, uint64_t serial, uint32_t reason)
@@ -1644,7 +1874,7 @@ void xsk_link_free(struct xsk_link *l)
     struct cmd *c = l->cmd_head;
     while (c) {
         struct cmd *next = c->next;
-        if (c->type == CMD_OPEN || c->type == CMD_ACCEPT)
+        if (c->type == CMD_OPEN || c->type == CMD_ACCEPT || c->type == CMD_LISTEN)
             close(c->fd);
         free(c);
         c = next;
@@ -1658,6 +1888,7 @@ void xsk_link_free(struct xsk_link *l)
     free(l->table);
     free(l->events);
     free(l->adm);
+    free(l->lsn);
     if (l->budget)
         xsk_budget_unref(l->budget);
     pthread_mutex_destroy(&l->adm_lock);

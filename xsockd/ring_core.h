@@ -71,6 +71,15 @@
                                   the admission table, connected and accepted by itself; name:
                                   service.  Ends with one CLOSED, as an OPEN_REQUEST does */
 
+#define XSK_EV_LOCAL_OPEN 7    /* stream: the pump accepted a local application's connection on a
+                                  listener handed to it (xsk_link_listen) and opened this stream
+                                  for it; name: service.  Ends with one CLOSED (OPENED first if
+                                  the peer accepts), as a stream xsk_link_open_stream opened */
+#define XSK_EV_LISTEN_FAILED 8 /* arg: -errno of accept (EMFILE...); name: the listener's
+                                  service; the pump tries again in XSK_LISTEN_RETRY_MS */
+#define XSK_LISTEN_MAX 1024        /* listeners one link's pump may hold */
+#define XSK_LISTEN_RETRY_MS 100    /* after an accept failed for want of descriptors or memory */
+
 /* The admission table (xsk_link_set_admission): services a peer's OPEN may reach without
  * asking Python.  An OPEN for a name not in it, or one whose connect does not succeed at
  * once, is reported as OPEN_REQUEST and decided by Python as before. */
@@ -168,6 +177,8 @@ int xsk_link_stats(struct xsk_link *l, struct xsk_link_stats *out);
 int xsk_link_streams(struct xsk_link *l, struct xsk_stream_info *out, int max);
 int xsk_link_held(struct xsk_link *l, struct xsk_link_held *out);
 int xsk_link_stop(struct xsk_link *l, int goodbye);
+int xsk_link_listen(struct xsk_link *l, int fd, const char *service);
+int xsk_link_unlisten(struct xsk_link *l, const char *service);
 int xsk_link_set_admission(struct xsk_link *l, const struct xsk_admit_entry *entries, int n,
                            struct xsk_budget *budget);
 int xsk_budget_new(double rate, double burst, struct xsk_budget **out);

@@ -14,15 +14,16 @@ from test_refusals import stats
 
 @pytest.fixture
 def world(tmp_path):
-    bus = PrivateBus()
-    w = SimWorld(tmp_path, peers={1: [2], 2: [1, 3]}, dbus={2: bus.address})
-    w.bus = bus  # type: ignore[attr-defined]
+    bus, bus1 = PrivateBus(), PrivateBus()
+    w = SimWorld(tmp_path, peers={1: [2], 2: [1, 3]}, dbus={2: bus.address, 1: bus1.address})
+    w.bus, w.bus1 = bus, bus1  # type: ignore[attr-defined]
     try:
         w.start(1, 2)
         yield w
     finally:
         w.close()
         bus.close()
+        bus1.close()
 
 
 def _reload(world: SimWorld, old: str, new: str) -> None:
@@ -44,8 +45,27 @@ def test_streams_the_pump_accepts_are_channels_and_counted(world):
                         ["channels"] == 0 and s["streams_opened"] == 5 and s)
     assert s2["streams_fast"] == 5, s2
     assert s2["core_streams"] == s2["admitting"] == 0, s2
-    log2 = world.daemons[2].log()
-    assert log2.count("closed (done)") == 5, log2  # one record per channel, as before
+    # Domain 1: the first stream set the link up through the loop; once it was up, its pump
+    # accepted the application's connections itself.
+    s1 = world.wait_for("domain 1's channels", lambda: (s := stats(world.bus1.address))
+                        ["channels"] == 0 and s["streams_opened"] == 5 and s)
+    assert s1["streams_fast"] == 4, s1
+    for d in (1, 2):  # one record per channel, as before
+        assert world.daemons[d].log().count("closed (done)") == 5, world.daemons[d].log()
+
+
+def test_a_link_lost_gives_the_listener_back_to_the_loop(world):
+    with world.connect(1, 2) as s:
+        assert echo_roundtrip(s, b"up") == b"up"
+    world.restart(2)  # the link goes down; domain 1's loop takes its socket back
+    world.wait_for("the link down", lambda: "link with domain 2 down" in
+                   world.daemons[1].log())
+    for i in range(3):  # a new link through the loop, then the pump again
+        with world.connect(1, 2) as s:
+            assert echo_roundtrip(s, b"again%d" % i) == b"again%d" % i
+    s1 = world.wait_for("domain 1's channels", lambda: (s := stats(world.bus1.address))
+                        ["channels"] == 0 and s["streams_opened"] == 4 and s)
+    assert s1["streams_fast"] == 2, s1
 
 
 def test_a_reload_that_takes_the_service_away_refuses_the_next_stream(world):

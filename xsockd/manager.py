@@ -174,7 +174,8 @@ class Manager:
         self.counters = {"links_refused": 0, "streams_refused": 0, "links_failed": 0,
                          "streams_failed": 0, "peer_faults": 0, "links_opened": 0,
                          "streams_opened": 0, "handler_failures": 0,
-                         # of streams_opened, those a pump admitted by itself (_on_accepted)
+                         # of streams_opened, those a pump opened or admitted by itself
+                         # (_on_local_open, _on_accepted)
                          "streams_fast": 0}
         self.peerlog = PeerLog(log, loop.time)
         # One record per closed channel is what operators search for; a peer opening and
@@ -857,6 +858,7 @@ class Manager:
             log.info("link with domain %d up", peer, extra={"XSOCK_PEER": peer})
             self._hand_listeners(link)
         elif ev.type == EventType.LOCAL_OPEN:
+            self.counters["streams_fast"] += 1
             self._add_channel(link, ev.stream, ev.serial, ev.name, "out")
         elif ev.type == EventType.LISTEN_FAILED:
             self.peerlog.error(peer, "accepting a connection for domain %d: %s; trying again "

@@ -7,7 +7,14 @@ The thread whose id is the process id is the daemon's Python loop; the others ar
 pump threads.  Prints, per path, the median open p50, opens per second and CPU us per open of
 xsockd 1's loop, xsockd 1's pumps, xsockd 2's loop and xsockd 2's pumps.
 
+``--busy dbus`` measures the opens while the daemons' Python control plane is kept busy: each
+daemon serves D-Bus on a private bus of its own, and during each round (and only then) a client
+process calls GetStatistics and ListChannels on both daemons back to back, without pause.
+``--busy sigusr1`` instead sends both daemons SIGUSR1 (a channel table written to the log)
+every millisecond during each round.  The load is the same for every path.
+
     .venv/bin/python -m bench.bench_opens [--opens N] [--repeat R] [--baseline TREE]
+                                          [--busy {dbus,sigusr1}]
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -25,6 +33,62 @@ from bench.suite import Xsockd, client, interleaved, pct
 from bench.workers import SERVER
 
 PARTS = ("loop 1", "pumps 1", "loop 2", "pumps 2")
+
+# The D-Bus load: both daemons' GetStatistics and ListChannels, back to back, until killed.
+DBUS_LOAD = r"""
+import sys
+from gi.repository import Gio, GLib
+from xsockd.constants import DBUS_INTERFACE, DBUS_NAME, DBUS_PATH
+flags = (Gio.DBusConnectionFlags.AUTHENTICATION_CLIENT
+         | Gio.DBusConnectionFlags.MESSAGE_BUS_CONNECTION)
+cons = [Gio.DBusConnection.new_for_address_sync(a, flags, None, None) for a in sys.argv[1:]]
+print("ready", flush=True)
+while True:
+    for con in cons:
+        for method, reply in (("GetStatistics", "(a{sv})"), ("ListChannels", "(aa{sv})")):
+            con.call_sync(DBUS_NAME, DBUS_PATH, DBUS_INTERFACE, method, None,
+                          GLib.VariantType(reply), Gio.DBusCallFlags.NONE, 30_000, None)
+"""
+
+# The signal load: SIGUSR1 to every pid given, every millisecond, until killed.
+SIGNAL_LOAD = r"""
+import os, signal, sys, time
+pids = [int(a) for a in sys.argv[1:]]
+print("ready", flush=True)
+while True:
+    for pid in pids:
+        os.kill(pid, signal.SIGUSR1)
+    time.sleep(0.001)
+"""
+
+
+def start_bus() -> tuple[str, int]:
+    """Starts a private dbus-daemon; returns its address and pid."""
+    out = subprocess.run(["dbus-daemon", "--session", "--fork", "--print-address=1",
+                          "--print-pid=1"], capture_output=True, text=True, check=True).stdout
+    address, pid = out.split()[:2]
+    return address, int(pid)
+
+
+def start_load(busy: str, path: Xsockd, buses: dict[int, str]) -> subprocess.Popen[str]:
+    """Starts the ``busy`` load against ``path``'s daemons; returns once it runs."""
+    if busy == "dbus":
+        cmd = [sys.executable, "-c", DBUS_LOAD, *buses.values()]
+    else:
+        cmd = [sys.executable, "-c", SIGNAL_LOAD,
+               *(str(d.proc.pid) for d in path.daemons if d.proc)]
+    load = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    assert load.stdout is not None
+    if load.stdout.readline().strip() != "ready":
+        raise RuntimeError(f"the {busy} load did not start (status {load.wait()})")
+    return load
+
+
+def stop_load(load: subprocess.Popen[str]) -> None:
+    load.send_signal(signal.SIGKILL)
+    load.wait()
+    if load.stdout:
+        load.stdout.close()
 
 
 def threads_cpu(pid: int) -> tuple[float, float]:
@@ -58,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="rounds, the median kept (default 3)")
     p.add_argument("--baseline", type=Path, metavar="TREE",
                    help="also another source tree's xsockd (its C core built in place)")
+    p.add_argument("--busy", choices=("dbus", "sigusr1"),
+                   help="keep the daemons' Python control plane busy during each round")
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="xsockd-opens-"))
     os.chmod(work, 0o755)
@@ -65,20 +131,42 @@ def main(argv: list[str] | None = None) -> int:
     server = subprocess.Popen([sys.executable, "-c", SERVER, server_path],
                               stdout=subprocess.PIPE, text=True)
     paths: list[Xsockd] = []
+    bus_pids: list[int] = []
+    buses: dict[str, dict[int, str]] = {}  # path name -> domain -> its private bus
+
+    def new_buses() -> dict[int, str]:
+        if args.busy != "dbus":
+            return {}
+        out = {}
+        for domid in (1, 2):
+            out[domid], pid = start_bus()
+            bus_pids.append(pid)
+        return out
+
     try:
         assert server.stdout is not None
         server.stdout.readline()
-        paths.append(Xsockd(work, server_path, "1MiB", "1MiB"))
+        b = new_buses()
+        paths.append(Xsockd(work, server_path, "1MiB", "1MiB", dbus=b))
+        buses[paths[-1].name] = b
         if args.baseline:
-            paths.append(Xsockd(work, server_path, "1MiB", "1MiB", args.baseline.resolve()))
+            b = new_buses()
+            paths.append(Xsockd(work, server_path, "1MiB", "1MiB", args.baseline.resolve(),
+                                dbus=b))
+            buses[paths[-1].name] = b
         for path in paths:
             client(path, "open", 1)  # sets up the link: a first stream is not what is measured
 
         def measure(path: object) -> dict[str, float]:
             assert isinstance(path, Xsockd)
-            before = split_cpu(path)
-            r = client(path, "open", args.opens)
-            after = split_cpu(path)
+            load = start_load(args.busy, path, buses[path.name]) if args.busy else None
+            try:
+                before = split_cpu(path)
+                r = client(path, "open", args.opens)
+                after = split_cpu(path)
+            finally:
+                if load:
+                    stop_load(load)
             lat = [x / 1e3 for x in r["lat"]]  # type: ignore[index]
             cpu = {name: (a - b) / args.opens * 1e6
                    for name, a, b in zip(PARTS, after, before, strict=True)}
@@ -91,8 +179,12 @@ def main(argv: list[str] | None = None) -> int:
             path.close()
         server.kill()
         server.wait()
+        for pid in bus_pids:
+            os.kill(pid, signal.SIGTERM)
         shutil.rmtree(work, ignore_errors=True)
     keys = ("p50", "p99", "per_s", *PARTS)
+    if args.busy:
+        print(f"while busy: {args.busy}")
     print("| path | open p50 (us) | p99 (us) | opens/s | " +
           " | ".join(f"{k} (us CPU/open)" for k in PARTS) + " | total |")
     print("|---" * (len(keys) + 2) + "|")

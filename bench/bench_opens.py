@@ -11,10 +11,13 @@ xsockd 1's loop, xsockd 1's pumps, xsockd 2's loop and xsockd 2's pumps.
 daemon serves D-Bus on a private bus of its own, and during each round (and only then) a client
 process calls GetStatistics and ListChannels on both daemons back to back, without pause.
 ``--busy sigusr1`` instead sends both daemons SIGUSR1 (a channel table written to the log)
-every millisecond during each round.  The load is the same for every path.
+every millisecond during each round.  The load is the same for every path.  ``--gap MS``
+spaces the D-Bus calls; ``--hold N`` keeps N idle streams open through each path for the whole
+run, so that each ListChannels (and each SIGUSR1 table) is long: with a gap, the loop is then
+held for a while at a time without the machine's CPUs being saturated by the load itself.
 
     .venv/bin/python -m bench.bench_opens [--opens N] [--repeat R] [--baseline TREE]
-                                          [--busy {dbus,sigusr1}]
+                                          [--busy {dbus,sigusr1}] [--gap MS] [--hold N]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import argparse
 import os
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -34,20 +38,24 @@ from bench.workers import SERVER
 
 PARTS = ("loop 1", "pumps 1", "loop 2", "pumps 2")
 
-# The D-Bus load: both daemons' GetStatistics and ListChannels, back to back, until killed.
+# The D-Bus load: both daemons' GetStatistics and ListChannels, ``gap`` ms apart (0: back to
+# back), until killed.
 DBUS_LOAD = r"""
-import sys
+import sys, time
 from gi.repository import Gio, GLib
 from xsockd.constants import DBUS_INTERFACE, DBUS_NAME, DBUS_PATH
 flags = (Gio.DBusConnectionFlags.AUTHENTICATION_CLIENT
          | Gio.DBusConnectionFlags.MESSAGE_BUS_CONNECTION)
-cons = [Gio.DBusConnection.new_for_address_sync(a, flags, None, None) for a in sys.argv[1:]]
+gap = float(sys.argv[1]) / 1000
+cons = [Gio.DBusConnection.new_for_address_sync(a, flags, None, None) for a in sys.argv[2:]]
 print("ready", flush=True)
 while True:
     for con in cons:
         for method, reply in (("GetStatistics", "(a{sv})"), ("ListChannels", "(aa{sv})")):
             con.call_sync(DBUS_NAME, DBUS_PATH, DBUS_INTERFACE, method, None,
                           GLib.VariantType(reply), Gio.DBusCallFlags.NONE, 30_000, None)
+            if gap:
+                time.sleep(gap)
 """
 
 # The signal load: SIGUSR1 to every pid given, every millisecond, until killed.
@@ -70,10 +78,11 @@ def start_bus() -> tuple[str, int]:
     return address, int(pid)
 
 
-def start_load(busy: str, path: Xsockd, buses: dict[int, str]) -> subprocess.Popen[str]:
+def start_load(busy: str, path: Xsockd, buses: dict[int, str],
+               gap: float) -> subprocess.Popen[str]:
     """Starts the ``busy`` load against ``path``'s daemons; returns once it runs."""
     if busy == "dbus":
-        cmd = [sys.executable, "-c", DBUS_LOAD, *buses.values()]
+        cmd = [sys.executable, "-c", DBUS_LOAD, str(gap), *buses.values()]
     else:
         cmd = [sys.executable, "-c", SIGNAL_LOAD,
                *(str(d.proc.pid) for d in path.daemons if d.proc)]
@@ -82,6 +91,20 @@ def start_load(busy: str, path: Xsockd, buses: dict[int, str]) -> subprocess.Pop
     if load.stdout.readline().strip() != "ready":
         raise RuntimeError(f"the {busy} load did not start (status {load.wait()})")
     return load
+
+
+def hold_streams(path: Xsockd, n: int) -> list[socket.socket]:
+    """Opens ``n`` streams through ``path`` (each echoes a byte, so it is open end to end)
+    and returns them, to be kept idle."""
+    held = []
+    for _ in range(n):
+        c = socket.socket(socket.AF_UNIX)
+        held.append(c)
+        c.connect(path.connect)
+        c.sendall(b"h")
+        if c.recv(1) != b"h":
+            raise RuntimeError(f"a held stream through {path.name} did not echo")
+    return held
 
 
 def stop_load(load: subprocess.Popen[str]) -> None:
@@ -124,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="also another source tree's xsockd (its C core built in place)")
     p.add_argument("--busy", choices=("dbus", "sigusr1"),
                    help="keep the daemons' Python control plane busy during each round")
+    p.add_argument("--gap", type=float, default=0.0, metavar="MS",
+                   help="with --busy dbus: ms between calls (default 0: back to back)")
+    p.add_argument("--hold", type=int, default=0, metavar="N",
+                   help="idle streams held open through each path (default 0)")
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="xsockd-opens-"))
     os.chmod(work, 0o755)
@@ -131,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     server = subprocess.Popen([sys.executable, "-c", SERVER, server_path],
                               stdout=subprocess.PIPE, text=True)
     paths: list[Xsockd] = []
+    held: list[socket.socket] = []
     bus_pids: list[int] = []
     buses: dict[str, dict[int, str]] = {}  # path name -> domain -> its private bus
 
@@ -156,10 +184,11 @@ def main(argv: list[str] | None = None) -> int:
             buses[paths[-1].name] = b
         for path in paths:
             client(path, "open", 1)  # sets up the link: a first stream is not what is measured
+            held += hold_streams(path, args.hold)
 
         def measure(path: object) -> dict[str, float]:
             assert isinstance(path, Xsockd)
-            load = start_load(args.busy, path, buses[path.name]) if args.busy else None
+            load = start_load(args.busy, path, buses[path.name], args.gap) if args.busy else None
             try:
                 before = split_cpu(path)
                 r = client(path, "open", args.opens)
@@ -175,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
 
         runs = interleaved(paths, args.repeat, measure)  # type: ignore[arg-type]
     finally:
+        for c in held:
+            c.close()
         for path in reversed(paths):
             path.close()
         server.kill()
@@ -184,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     keys = ("p50", "p99", "per_s", *PARTS)
     if args.busy:
-        print(f"while busy: {args.busy}")
+        print(f"while busy: {args.busy}, gap {args.gap:g} ms, {args.hold} streams held open")
     print("| path | open p50 (us) | p99 (us) | opens/s | " +
           " | ".join(f"{k} (us CPU/open)" for k in PARTS) + " | total |")
     print("|---" * (len(keys) + 2) + "|")

@@ -39,23 +39,30 @@ from bench.workers import SERVER
 PARTS = ("loop 1", "pumps 1", "loop 2", "pumps 2")
 
 # The D-Bus load: both daemons' GetStatistics and ListChannels, ``gap`` ms apart (0: back to
-# back), until killed.
+# back), until SIGTERM; then it prints the mean ms of its ListChannels calls.
 DBUS_LOAD = r"""
-import sys, time
+import signal, sys, time
 from gi.repository import Gio, GLib
 from xsockd.constants import DBUS_INTERFACE, DBUS_NAME, DBUS_PATH
 flags = (Gio.DBusConnectionFlags.AUTHENTICATION_CLIENT
          | Gio.DBusConnectionFlags.MESSAGE_BUS_CONNECTION)
 gap = float(sys.argv[1]) / 1000
 cons = [Gio.DBusConnection.new_for_address_sync(a, flags, None, None) for a in sys.argv[2:]]
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+lists = []
 print("ready", flush=True)
-while True:
+while not stop:
     for con in cons:
         for method, reply in (("GetStatistics", "(a{sv})"), ("ListChannels", "(aa{sv})")):
+            t0 = time.perf_counter()
             con.call_sync(DBUS_NAME, DBUS_PATH, DBUS_INTERFACE, method, None,
                           GLib.VariantType(reply), Gio.DBusCallFlags.NONE, 30_000, None)
+            if method == "ListChannels":
+                lists.append(time.perf_counter() - t0)
             if gap:
                 time.sleep(gap)
+print(sum(lists) / max(1, len(lists)) * 1000, flush=True)
 """
 
 # The signal load: SIGUSR1 to every pid given, every millisecond, until killed.
@@ -107,11 +114,14 @@ def hold_streams(path: Xsockd, n: int) -> list[socket.socket]:
     return held
 
 
-def stop_load(load: subprocess.Popen[str]) -> None:
-    load.send_signal(signal.SIGKILL)
+def stop_load(load: subprocess.Popen[str]) -> float:
+    """Stops a load; returns the mean ms of its ListChannels calls (0 for SIGUSR1)."""
+    load.send_signal(signal.SIGTERM)
+    assert load.stdout is not None
+    out = load.stdout.read().strip()  # the signal load dies of SIGTERM, saying nothing
     load.wait()
-    if load.stdout:
-        load.stdout.close()
+    load.stdout.close()
+    return float(out) if out else 0.0
 
 
 def threads_cpu(pid: int) -> tuple[float, float]:
@@ -189,18 +199,20 @@ def main(argv: list[str] | None = None) -> int:
         def measure(path: object) -> dict[str, float]:
             assert isinstance(path, Xsockd)
             load = start_load(args.busy, path, buses[path.name], args.gap) if args.busy else None
+            list_ms = 0.0
             try:
                 before = split_cpu(path)
                 r = client(path, "open", args.opens)
                 after = split_cpu(path)
             finally:
                 if load:
-                    stop_load(load)
+                    list_ms = stop_load(load)
             lat = [x / 1e3 for x in r["lat"]]  # type: ignore[index]
             cpu = {name: (a - b) / args.opens * 1e6
                    for name, a, b in zip(PARTS, after, before, strict=True)}
             return {"p50": pct(lat, 50), "p99": pct(lat, 99),
-                    "per_s": args.opens / r["wall"], **cpu}  # type: ignore[index]
+                    "per_s": args.opens / r["wall"], **cpu,  # type: ignore[index]
+                    "list_ms": list_ms}
 
         runs = interleaved(paths, args.repeat, measure)  # type: ignore[arg-type]
     finally:
@@ -213,17 +225,23 @@ def main(argv: list[str] | None = None) -> int:
         for pid in bus_pids:
             os.kill(pid, signal.SIGTERM)
         shutil.rmtree(work, ignore_errors=True)
-    keys = ("p50", "p99", "per_s", *PARTS)
+    keys: tuple[str, ...] = ("p50", "p99", "per_s", *PARTS)
+    busy_dbus = args.busy == "dbus"
+    if busy_dbus:
+        keys += ("list_ms",)
     if args.busy:
         print(f"while busy: {args.busy}, gap {args.gap:g} ms, {args.hold} streams held open")
     print("| path | open p50 (us) | p99 (us) | opens/s | " +
-          " | ".join(f"{k} (us CPU/open)" for k in PARTS) + " | total |")
+          " | ".join(f"{k} (us CPU/open)" for k in PARTS) +
+          (" | ListChannels (ms, mean)" if busy_dbus else "") + " | total |")
     print("|---" * (len(keys) + 2) + "|")
     for name, rounds in runs.items():
         med = {k: statistics.median(r[k] for r in rounds) for k in keys}  # type: ignore[index]
         spread = {k: (min(r[k] for r in rounds), max(r[k] for r in rounds))  # type: ignore[index]
                   for k in keys}
-        cells = [f"{med[k]:.0f} ({spread[k][0]:.0f}-{spread[k][1]:.0f})" for k in keys]
+        dg = {k: 1 if k == "list_ms" else 0 for k in keys}
+        cells = [f"{med[k]:.{dg[k]}f} ({spread[k][0]:.{dg[k]}f}-{spread[k][1]:.{dg[k]}f})"
+                 for k in keys]
         print(f"| {name} | " + " | ".join(cells) +
               f" | {sum(med[k] for k in PARTS):.0f} |")
     return 0

@@ -135,7 +135,8 @@ class Xsockd(Path_):
     name = "xsockd"
 
     def __init__(self, work: Path, server: str, ring_size: str, window: str,
-                 tree: Path | None = None, pg_socket: str | None = None) -> None:
+                 tree: Path | None = None, pg_socket: str | None = None,
+                 dbus: dict[int, str] | None = None) -> None:
         if tree is not None:
             self.name = BASELINE
             work = work / "base"
@@ -162,7 +163,8 @@ class Xsockd(Path_):
                 os.environ["PYTHONPATH"] = str(tree)
             try:
                 for domid, conf in ((1, c1), (2, c2)):
-                    d = DaemonProcess(domid, conf, work / f"d{domid}.log")
+                    d = DaemonProcess(domid, conf, work / f"d{domid}.log",
+                                      dbus_address=(dbus or {}).get(domid))
                     self.daemons.append(d)
                     d.start()
             finally:

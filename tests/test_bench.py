@@ -55,3 +55,33 @@ def assert_no_zero_cpu(table: str) -> None:
         cells = dict(zip(names, (c.strip() for c in row.strip("|").split("|")), strict=False))
         for relay in ("socat", "xsockd"):
             assert cells[relay] not in ("-", "") and float(cells[relay]) > 0, row
+
+
+def _opens_row(out: str) -> list[str]:
+    """The cells of bench_opens' xsockd row, which must be there."""
+    rows = [line for line in out.splitlines() if line.startswith("| xsockd |")]
+    assert len(rows) == 1, out
+    return [c.strip() for c in rows[0].strip("|").split("|")]
+
+
+def test_opens_while_the_loop_is_busy_with_dbus():
+    """bench_opens --busy dbus: the load ran (its ListChannels times are reported, over the
+    held streams) and the opens were measured all the same."""
+    r = subprocess.run([sys.executable, "-m", "bench.bench_opens", "--opens", "100",
+                        "--repeat", "1", "--busy", "dbus", "--gap", "1", "--hold", "20"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "while busy: dbus, gap 1 ms, 20 streams held open" in r.stdout, r.stdout
+    cells = _opens_row(r.stdout)
+    assert float(cells[3].split()[0]) > 0, cells  # opens/s
+    assert float(cells[8].split()[0]) > 0, cells  # ListChannels ms: the load called
+
+
+def test_opens_while_the_loop_is_busy_with_sigusr1():
+    r = subprocess.run([sys.executable, "-m", "bench.bench_opens", "--opens", "100",
+                        "--repeat", "1", "--busy", "sigusr1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "while busy: sigusr1" in r.stdout, r.stdout
+    cells = _opens_row(r.stdout)
+    assert float(cells[1].split()[0]) > 0 and float(cells[3].split()[0]) > 0, cells

@@ -14,7 +14,7 @@ from xsockd.ring import MIN_RING_SIZE, Reason, link_pages
 from xsockd.words import count
 
 __all__ = ["GrantPlan", "OpenBudget", "RateBucket", "Refusal", "admit_link", "admit_stream",
-           "grant_budget", "grant_plan"]
+           "grant_budget", "grant_plan", "reachable_services"]
 
 
 @dataclass(frozen=True)
@@ -39,14 +39,23 @@ class RateBucket:
         self._tokens = min(float(burst), self._tokens + max(0.0, now - self._at) * self.rate)
         self._at, self.rate, self.burst = now, rate, burst
 
-    def take(self, now: float) -> bool:
-        """Returns True (and takes a token) if one is there at ``now``."""
+    def _refill(self, now: float) -> None:
         self._tokens = min(self.burst, self._tokens + max(0.0, now - self._at) * self.rate)
         self._at = now
+
+    def take(self, now: float) -> bool:
+        """Returns True (and takes a token) if one is there at ``now``."""
+        self._refill(now)
         if self._tokens < 1.0:
             return False
         self._tokens -= 1.0
         return True
+
+    def charge(self, now: float) -> None:
+        """Takes a token even if none is there (down to ``-burst``): something admitted
+        elsewhere, counted against the same rate."""
+        self._refill(now)
+        self._tokens = max(-float(self.burst), self._tokens - 1.0)
 
 
 class OpenBudget:
@@ -77,6 +86,10 @@ class OpenBudget:
             return Refusal(Reason.TOO_MANY, f"more than {self.rate} stream opens a second")
         return None
 
+    def charge(self, now: float) -> None:
+        """Counts an open the C core admitted by itself (its own budget allowed it)."""
+        self._bucket.charge(now)
+
 
 def admit_link(config: Config, domid: int, peer: int, stopping: bool) -> Refusal | None:
     """Returns None if ``peer`` may have a link with us, else why not."""
@@ -106,6 +119,15 @@ def admit_stream(config: Config, peer: int, name: str, stopping: bool
         return Refusal(Reason.REFUSED, f"not in that service's allow list: add {peer} to its "
                                        "allow")
     return service
+
+
+def reachable_services(config: Config, peer: int, stopping: bool
+                       ) -> dict[str, ServiceConfig]:
+    """Returns every name ``peer``'s stream may ask for that ``admit_stream`` lets through
+    ("" for the default service) and where it goes: the C core's admission table."""
+    names = ["", *sorted(config.services)]
+    verdicts = {name: admit_stream(config, peer, name, stopping) for name in names}
+    return {name: v for name, v in verdicts.items() if isinstance(v, ServiceConfig)}
 
 
 @dataclass(frozen=True)

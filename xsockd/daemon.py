@@ -148,7 +148,9 @@ def _log_channels(manager: Manager) -> None:
                     f"{v['bytes_out']} bytes")
     st = manager.statistics()
     rows.append(f"tables: {count(st['channels'], 'channel')}, {st['admitting']} being admitted, "
-                f"{count(st['core_streams'], 'stream')} in the data plane")
+                f"{count(st['core_streams'], 'stream')} in the data plane; "
+                f"{st['streams_fast']} of {st['streams_opened']} streams opened or accepted by "
+                "the pumps themselves")
     log.info("channel table (%s):\n%s", manager.status(), "\n".join(rows))
 
 

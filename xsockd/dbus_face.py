@@ -62,8 +62,8 @@ STATISTICS_TYPES = {
     "link_pages": "u", "started": "d", "uptime": "d",
     "bytes_in": "t", "bytes_out": "t", "frames_in": "t", "frames_out": "t", "notify_sent": "t",
     "wakeups": "t", "streams_opened": "t", "streams_refused": "t", "streams_failed": "t",
-    "links_opened": "t", "links_refused": "t", "links_failed": "t", "peer_faults": "t",
-    "handler_failures": "t", "core_streams": "u", "admitting": "u",
+    "streams_fast": "t", "links_opened": "t", "links_refused": "t", "links_failed": "t",
+    "peer_faults": "t", "handler_failures": "t", "core_streams": "u", "admitting": "u",
 }
 
 _CALL_TIMEOUT_MS = 10_000

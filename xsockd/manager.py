@@ -33,6 +33,7 @@ from xsockd.admission import (
     admit_stream,
     grant_budget,
     grant_plan,
+    reachable_services,
 )
 from xsockd.advice import link_refused, no_such_domain, stream_refused
 from xsockd.backend import Backend
@@ -61,7 +62,7 @@ from xsockd.rendezvous import (
     read_offer,
     request_dir,
 )
-from xsockd.ring import EventType, Reason, RingEvent, Role
+from xsockd.ring import LISTEN_RETRY, AdmitEntry, EventType, OpenGate, Reason, RingEvent, Role
 from xsockd.vchan_client import VchanClient
 from xsockd.vchan_server import VchanServer
 from xsockd.words import count
@@ -82,7 +83,8 @@ SERVICE_START_PATIENCE = 2.0
 # restarting is back within a few seconds, one that is gone costs a try every EAGER_RETRY_MAX.
 EAGER_RETRY_MIN, EAGER_RETRY_MAX = 0.2, 10.0
 DRAIN_POLL = 0.05  # seconds between looks at the bytes a stopping daemon still holds
-ACCEPT_BACKOFF = 0.1  # seconds before accepting again after running out of descriptors
+# Seconds before accepting again after running out of descriptors (a pump waits as long).
+ACCEPT_BACKOFF = LISTEN_RETRY
 # Link offers a peer may make: each costs a XenStore transaction, mappings and a pump thread.
 OFFER_RATE, OFFER_BURST = 1.0, 5
 LINK_DOWN_WHY = {-errno.EPROTO: "the peer broke the ring protocol",
@@ -156,9 +158,12 @@ class Manager:
         self._by_serial: dict[tuple[int, int], Channel] = {}   # (id(link), serial)
         self._admitting: dict[tuple[int, int], _Admission] = {}
         self._budgets: dict[int, OpenBudget] = {}               # peer
+        self._gates: dict[int, OpenGate] = {}                    # peer: the pumps' budget
         self._waiting: dict[int, Timer] = {}                     # id(link): set-up timer
         self._peer_nodes: dict[int, PeerNode] = {}               # id(link): the peer's node
         self._listeners: dict[tuple[int, str], socket.socket] = {}
+        # Listeners an up link's pump accepts on (_hand_listeners): the loop does not read them.
+        self._handed: dict[tuple[int, str], Link] = {}
         self._rundir: Rundir | None = None
         self._draining = False
         self._drain_timer: Timer | None = None
@@ -168,7 +173,10 @@ class Manager:
         # before the peer accepted, local service unreachable).
         self.counters = {"links_refused": 0, "streams_refused": 0, "links_failed": 0,
                          "streams_failed": 0, "peer_faults": 0, "links_opened": 0,
-                         "streams_opened": 0, "handler_failures": 0}
+                         "streams_opened": 0, "handler_failures": 0,
+                         # of streams_opened, those a pump opened or admitted by itself
+                         # (_on_local_open, _on_accepted)
+                         "streams_fast": 0}
         self.peerlog = PeerLog(log, loop.time)
         # One record per closed channel is what operators search for; a peer opening and
         # resetting streams in a loop must not turn it into a flood.
@@ -251,6 +259,8 @@ class Manager:
             return
         self._draining = True
         self._stop_eager()
+        for link in list(self.links.values()):
+            self._set_admission(link)  # empty: every OPEN now comes to us, to be refused
         for peer, service in list(self._listeners):
             self._on_connect(peer, service)  # clients whose connect() already succeeded
             self._unlisten(peer, service)
@@ -324,11 +334,16 @@ class Manager:
         now = self.loop.time()
         for budget in self._budgets.values():
             budget.retune(config.link.open_rate, config.link.max_connecting, now)
+        for gate in self._gates.values():
+            gate.retune(config.link.open_rate, config.link.open_rate)
         for peer in set(self.config.daemon.peers) - set(config.daemon.peers):
             self._offers.pop(peer, None)
             self._budgets.pop(peer, None)
+            self._gates.pop(peer, None)
             self.peerlog.forget(peer)
         plan, self.config = grant_plan(config), config
+        for link in list(self.links.values()):
+            self._set_admission(link)
         if self._started:
             self._sync_requests()
             for peer in sorted(config.eager_peers() - old_config.eager_peers()):
@@ -510,11 +525,16 @@ class Manager:
         sock = self._rundir.listen(peer, service)
         self._listeners[(peer, service)] = sock
         self.loop.add_reader(sock.fileno(), lambda: self._on_connect(peer, service))
+        for link in [lk for (p, _), lk in self.links.items() if p == peer and lk.up][:1]:
+            self._hand_listeners(link)
 
     def _unlisten(self, peer: int, service: str = "") -> None:
         sock = self._listeners.pop((peer, service), None)
         if sock is None:
             return
+        link = self._handed.pop((peer, service), None)
+        if link is not None and not link.closed:
+            link.ring.unlisten(service)
         self.loop.remove_reader(sock.fileno())
         sock.close()
         if self._rundir is not None:
@@ -554,9 +574,36 @@ class Manager:
 
     def _resume(self, peer: int, service: str) -> None:
         listener = self._listeners.get((peer, service))
-        if listener is not None:
+        if listener is not None and (peer, service) not in self._handed:
             self.loop.add_reader(listener.fileno(), lambda: self._on_connect(peer, service))
             self._on_connect(peer, service)
+
+    def _hand_listeners(self, link: Link) -> None:
+        """Has ``link``'s pump accept on its peer's sockets (those no other pump has) and open
+        their streams itself, telling us after the fact (``_on_local_open``).  Only once the
+        link is up: the first stream, which sets the link up, comes through ``_on_connect``."""
+        if link.closed or not link.up or self._draining:
+            return
+        for key, sock in list(self._listeners.items()):
+            if key[0] == link.peer and key not in self._handed and \
+                    link.ring.listen(sock, key[1]):
+                self.loop.remove_reader(sock.fileno())
+                self._handed[key] = link
+
+    def _take_back_listeners(self, link: Link) -> None:
+        """The loop reads again the sockets ``link``'s pump accepted on (it is going): what
+        is queued there is ours to take; another up link of the peer gets them if there is
+        one."""
+        for key in [k for k, lk in self._handed.items() if lk is link]:
+            del self._handed[key]
+            if not link.closed:
+                link.ring.unlisten(key[1])
+            sock = self._listeners.get(key)
+            if sock is not None:  # level-triggered: what is queued wakes the loop at once
+                self.loop.add_reader(sock.fileno(), lambda k=key: self._on_connect(*k))
+        for other in [lk for (p, _), lk in self.links.items()
+                      if p == link.peer and lk is not link and lk.up][:1]:
+            self._hand_listeners(other)
 
     # ---- links --------------------------------------------------------------------------
 
@@ -603,8 +650,22 @@ class Manager:
         if link.peer not in self._budgets:  # per peer: a new link does not refill it
             self._budgets[link.peer] = OpenBudget(cfg.open_rate, cfg.max_connecting,
                                                   self.loop.time())
+            self._gates[link.peer] = OpenGate(cfg.open_rate, cfg.open_rate)
+        self._set_admission(link)
         self.loop.add_reader(link.ring.fileno(), lambda: self._guard(
             link.peer, link.role, "handling its link events", self._on_link_events, link))
+
+    def _set_admission(self, link: Link) -> None:
+        """Gives ``link``'s pump the services its peer may reach now, so that it accepts
+        those streams without us (``_on_accepted`` hears of them); anything else, or
+        anything the pump cannot connect at once, still comes to ``_admit``."""
+        if link.closed:
+            return
+        entries = [AdmitEntry(name, svc.socket,
+                              caller_header(link.peer, name) if svc.caller_header else b"")
+                   for name, svc in reachable_services(self.config, link.peer,
+                                                       self._draining).items()]
+        link.ring.set_admission(entries, self._gates.get(link.peer))
 
     def _setup_timeout(self, link: Link) -> None:
         self._waiting.pop(id(link), None)
@@ -641,6 +702,7 @@ class Manager:
             self.loop.remove_reader(link.ring.fileno())
             link.close(goodbye)
         finally:  # whatever failed above, the tables forget the link
+            self._take_back_listeners(link)
             for key in [k for k, a in self._admitting.items() if a.link is link]:
                 self._finish(self._admitting[key])
             for ch in [c for c in self.channels.values() if c.link is link]:
@@ -866,8 +928,17 @@ class Manager:
             link.up = True
             self._stop_waiting(link)
             log.info("link with domain %d up", peer, extra={"XSOCK_PEER": peer})
+            self._hand_listeners(link)
+        elif ev.type == EventType.LOCAL_OPEN:
+            self.counters["streams_fast"] += 1
+            self._add_channel(link, ev.stream, ev.serial, ev.name, "out")
+        elif ev.type == EventType.LISTEN_FAILED:
+            self.peerlog.error(peer, "accepting a connection for domain %d: %s; trying again "
+                               "in %g s", peer, os.strerror(-ev.arg), ACCEPT_BACKOFF)
         elif ev.type == EventType.OPEN_REQUEST:
             self._admit(link, ev)
+        elif ev.type == EventType.ACCEPTED:
+            self._on_accepted(link, ev)
         elif ev.type == EventType.OPENED:
             ch = self._by_serial.get((id(link), ev.serial))
             if ch:
@@ -909,6 +980,15 @@ class Manager:
             XSOCK_BYTES=ev.bytes_in + ev.bytes_out)
         self._remove_channel(ch, why)
 
+    def _on_accepted(self, link: Link, ev: RingEvent) -> None:
+        """The pump admitted, connected and accepted the peer's stream itself: record it."""
+        budget = self._budgets.get(link.peer)
+        if budget is not None:
+            budget.charge(self.loop.time())
+        self.counters["streams_fast"] += 1
+        ch = self._add_channel(link, ev.stream, ev.serial, ev.name, "in")
+        ch.state = "open"
+
     def _admit(self, link: Link, ev: RingEvent) -> None:
         """Connects the peer's new stream to the service it asked for, or refuses it."""
         peer, name = link.peer, ev.name
@@ -922,6 +1002,7 @@ class Manager:
                                        now + CONNECT_PATIENCE, now + SERVICE_START_PATIENCE)
                 self._admitting[(id(link), ev.serial)] = admission
                 budget.connecting += 1
+                self._gates[link.peer].charge()  # the pumps' share of the rate shrinks too
                 self._connect_service(admission)
                 return
             verdict = refusal

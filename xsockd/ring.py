@@ -27,6 +27,7 @@ from xsockd._ring_core import ffi, lib  # type: ignore[import-not-found]
 
 __all__ = [
     "FRAME_HEADER",
+    "LISTEN_RETRY",
     "LIVE_OFFSET",
     "MAX_RING_SIZE",
     "MAX_STREAMS",
@@ -35,7 +36,9 @@ __all__ = [
     "MIN_WINDOW",
     "NAME_MAX",
     "PAGE_SIZE",
+    "AdmitEntry",
     "EventType",
+    "OpenGate",
     "Reason",
     "RingEvent",
     "RingLink",
@@ -54,6 +57,7 @@ MAX_RING_SIZE = lib.XSK_MAX_RING_SIZE
 MIN_WINDOW = lib.XSK_MIN_WINDOW
 MAX_WINDOW = lib.XSK_MAX_WINDOW
 MAX_STREAMS = lib.XSK_MAX_STREAMS
+LISTEN_RETRY = lib.XSK_LISTEN_RETRY_MS / 1000  # seconds a pump waits after a failed accept
 
 # Errors that mean "the stream or the link is gone": a command then simply has no effect.
 _GONE = (errno.ENOENT, errno.ESHUTDOWN)
@@ -70,6 +74,9 @@ class EventType(enum.IntEnum):
     OPENED = lib.XSK_EV_OPENED
     CLOSED = lib.XSK_EV_CLOSED
     LINK_DOWN = lib.XSK_EV_LINK_DOWN
+    ACCEPTED = lib.XSK_EV_ACCEPTED
+    LOCAL_OPEN = lib.XSK_EV_LOCAL_OPEN
+    LISTEN_FAILED = lib.XSK_EV_LISTEN_FAILED
 
 
 class Reason(enum.IntEnum):
@@ -104,6 +111,50 @@ class StreamInfo:
     bytes_out: int
     tx_credit: int
     rx_buffered: int
+
+
+@dataclass(frozen=True)
+class AdmitEntry:
+    """One service a peer's OPEN may reach without Python: the pump connects ``path`` and
+    writes ``header`` (the caller header, or b"") itself.  ``name`` "" is the default."""
+
+    name: str
+    path: str
+    header: bytes = b""
+
+    def fits(self) -> bool:
+        """True if the C table can hold it (a path too long for sun_path is left to Python,
+        which reports it)."""
+        return (len(os.fsencode(self.path)) < lib.XSK_ADMIT_PATH and
+                len(self.header) <= lib.XSK_ADMIT_HEADER and
+                (self.name == "" or valid_service_name(self.name)))
+
+
+class OpenGate:
+    """The C core's per-peer budget of stream opens (a token bucket shared by its links).
+
+    The pumps take a token for each open they admit; Python ``charge``s it for each open it
+    admits itself, so that both paths together keep to ``rate``.
+    """
+
+    def __init__(self, rate: float, burst: float) -> None:
+        out = ffi.new("struct xsk_budget **")
+        _check(lib.xsk_budget_new(float(rate), float(burst), out), "making an open budget")
+        self._ptr = out[0]
+
+    def retune(self, rate: float, burst: float) -> None:
+        lib.xsk_budget_set(self._ptr, float(rate), float(burst))
+
+    def charge(self) -> None:
+        lib.xsk_budget_charge(self._ptr)
+
+    def tokens(self) -> float:
+        return float(lib.xsk_budget_tokens(self._ptr))
+
+    def __del__(self) -> None:
+        if getattr(self, "_ptr", ffi.NULL) != ffi.NULL:
+            lib.xsk_budget_unref(self._ptr)  # links holding it keep their own reference
+            self._ptr = ffi.NULL
 
 
 def _check(rc: int, what: str) -> int:
@@ -282,6 +333,40 @@ class RingLink:
         _check(lib.xsk_link_held(self._live(), h), "reading held bytes")
         return {k: int(getattr(h, k)) for k in (
             "app_unread", "unacked", "undelivered", "tx_ring", "rx_ring", "streams")}
+
+    def listen(self, sock: socket.socket, service: str) -> bool:
+        """Hands the pump a duplicate of the listening ``sock``: it accepts the connections for
+        ``service`` ("" the default) and opens their streams itself, each told by a
+        LOCAL_OPEN event.  ``sock`` stays ours (and may be read again once ``unlisten``ed or
+        the pump ends).  Returns False if the pump has ended or the link is closed."""
+        if self._ptr == ffi.NULL:
+            return False
+        return self._command(lib.xsk_link_listen(self._ptr, os.dup(sock.fileno()),
+                                                 service.encode()), "handing over a listener")
+
+    def unlisten(self, service: str) -> bool:
+        """Has the pump close its listener for ``service``; False if the pump has ended (it
+        closed its listeners then) or the link is closed."""
+        if self._ptr == ffi.NULL:
+            return False
+        return self._command(lib.xsk_link_unlisten(self._ptr, service.encode()),
+                             "taking a listener back")
+
+    def set_admission(self, entries: list[AdmitEntry], gate: OpenGate | None) -> None:
+        """Lets the pump accept the peer's OPENs for ``entries`` by itself (an ACCEPTED event
+        tells of each), within ``gate``'s budget; [] or None: every OPEN is reported as
+        OPEN_REQUEST.  Entries that do not ``fit`` are left out (Python decides those)."""
+        entries = sorted((e for e in entries if e.fits()), key=lambda e: e.name.encode())
+        table = ffi.new("struct xsk_admit_entry[]", max(1, len(entries)))
+        for i, e in enumerate(entries):
+            slot = table[i]
+            slot.name = e.name.encode()
+            slot.path = os.fsencode(e.path)
+            slot.header = e.header
+            slot.header_len = len(e.header)
+        _check(lib.xsk_link_set_admission(self._live(), table, len(entries) if gate else 0,
+                                          gate._ptr if gate else ffi.NULL),
+               "setting the admission table")
 
     def stop(self, goodbye: bool = False) -> None:
         """Stops the pump (blocking, without the GIL) and closes every stream's socket."""

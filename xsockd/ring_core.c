@@ -27,6 +27,8 @@
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 /* Barriers (load_acquire, store_release, full_fence, relaxed_*): xsk_atomic.h. */
@@ -64,6 +66,12 @@ _Static_assert(sizeof(struct xsk_frame) == XSK_FRAME_HDR, "frame header is 16 by
 #define HOLD_SCAN_MAX 64
 #define ORPHAN_RESETS 64
 #define SAFETY_TIMEOUT_MS 1000
+/* Events that only tell Python what already happened (a stream accepted, opened or closed)
+ * wait up to EV_BATCH_MS, or until EV_BATCH_MAX of them or an event Python must act on is
+ * queued, before its eventfd is signalled: the loop then wakes once for a batch of streams
+ * instead of once per event, and on two cores its wake-ups cost the pumps CPU. */
+#define EV_BATCH_MS 2
+#define EV_BATCH_MAX 256
 
 /* Where a fresh link's indices start: 0 on the wire.  The sanitizer test build starts them
  * just below 2^32 so that every test crosses the index wrap early. */
@@ -109,7 +117,16 @@ struct stream {
     struct stream *ready_prev, *ready_next, *ctl_next;
 };
 
-enum cmd_type { CMD_OPEN = 1, CMD_ACCEPT, CMD_REJECT, CMD_CLOSE, CMD_STOP };
+enum cmd_type { CMD_OPEN = 1, CMD_ACCEPT, CMD_REJECT, CMD_CLOSE, CMD_STOP, CMD_LISTEN,
+                CMD_UNLISTEN };
+
+/* A local listener whose connections the pump accepts and opens streams for itself. */
+struct listener {
+    int fd;                 /* -1: a free slot */
+    int armed;              /* in the epoll set for EPOLLIN (level-triggered) */
+    uint64_t retry_ns;      /* disarmed after a failed accept: when to look again */
+    char name[XSK_NAME_MAX + 1];
+};
 
 struct cmd {
     enum cmd_type type;
@@ -164,9 +181,32 @@ struct xsk_link {
     struct xsk_event *events;
     uint32_t ev_head, ev_count, ev_cap;
     int ev_overflow;
+    uint32_t ev_unsignalled;    /* lazy events queued since Python was last signalled */
+    uint64_t ev_lazy_since;     /* when the first of them was queued (ns) */
     int idle_credit;            /* a stream holds credit below a quarter: return it when idle */
 
     struct xsk_link_stats stats; /* relaxed atomics */
+
+    /* Listeners handed over by Python (xsk_link_listen): the pump's own, slots reused. */
+    struct listener *lsn;
+    uint32_t nlsn, lsn_cap, lsn_disarmed;
+
+    /* The admission table, sorted by name, and the peer's open budget: set by Python
+     * (xsk_link_set_admission), read by the pump under adm_lock. */
+    pthread_mutex_t adm_lock;
+    struct xsk_admit_entry *adm;
+    int nadm;
+    struct xsk_budget *budget;
+};
+
+/* A token bucket of stream opens, one per peer, shared by the peer's links (a peer may have
+ * one in each direction).  Python charges it for the opens it admits itself, so that the
+ * pump's fast admissions and Python's together stay within the peer's open_rate. */
+struct xsk_budget {
+    pthread_mutex_t lock;
+    int refs;
+    double rate, burst, tokens;
+    uint64_t at_ns;
 };
 
 /* ---- small helpers ------------------------------------------------------------------- */
@@ -200,6 +240,14 @@ static void evtchn_clear(struct xsk_link *l)
 }
 
 /* ---- events to Python ------------------------------------------------------------------ */
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
 
 /* s (may be NULL) gives the counters and name; id and serial name the stream (0 for the link). */
 static void push_event(struct xsk_link *l, uint32_t type, const struct stream *s, uint32_t id,
@@ -244,10 +292,40 @@ static void push_event(struct xsk_link *l, uint32_t type, const struct stream *s
         memcpy(e->name, s->name, sizeof(e->name));
     }
     l->ev_count++;
+    int lazy = type == XSK_EV_ACCEPTED || type == XSK_EV_LOCAL_OPEN || type == XSK_EV_OPENED ||
+               type == XSK_EV_CLOSED;
+    if (lazy && l->ev_unsignalled < EV_BATCH_MAX) {
+        if (l->ev_unsignalled++ == 0)
+            l->ev_lazy_since = now_ns();
+        pthread_mutex_unlock(&l->ev_lock);
+        return; /* signalled by events_flush_due or the next urgent event */
+    }
+    l->ev_unsignalled = 0;
     pthread_mutex_unlock(&l->ev_lock);
     uint64_t one = 1;
     ssize_t r = write(l->ev_fd, &one, sizeof(one));
     (void)r;
+}
+
+/* Signals Python if lazy events have waited EV_BATCH_MS (or force); returns the ms until
+ * they will have, or -1 if none wait. */
+static int events_flush_due(struct xsk_link *l, int force)
+{
+    int wait = -1;
+    pthread_mutex_lock(&l->ev_lock);
+    if (l->ev_unsignalled) {
+        uint64_t age = now_ns() - l->ev_lazy_since;
+        if (force || age >= (uint64_t)EV_BATCH_MS * 1000000u) {
+            l->ev_unsignalled = 0;
+            uint64_t one = 1;
+            ssize_t r = write(l->ev_fd, &one, sizeof(one));
+            (void)r;
+        } else {
+            wait = (int)(((uint64_t)EV_BATCH_MS * 1000000u - age) / 1000000u) + 1;
+        }
+    }
+    pthread_mutex_unlock(&l->ev_lock);
+    return wait;
 }
 
 /* ---- stream table ---------------------------------------------------------------------- */
@@ -666,6 +744,127 @@ static void orphan_reset(struct xsk_link *l, uint32_t id, uint32_t reason)
     } /* else: the peer floods us with opens; it gets no answer for these */
 }
 
+/* ---- admission without Python ------------------------------------------------------- */
+
+/* Adds the tokens earned since the last look; under b->lock. */
+static void budget_refill(struct xsk_budget *b)
+{
+    uint64_t now = now_ns();
+    b->tokens += (double)(now - b->at_ns) * 1e-9 * b->rate;
+    if (b->tokens > b->burst)
+        b->tokens = b->burst;
+    b->at_ns = now;
+}
+
+/* Returns 1 and takes a token if one is there. */
+static int budget_take(struct xsk_budget *b)
+{
+    pthread_mutex_lock(&b->lock);
+    budget_refill(b);
+    int ok = b->tokens >= 1.0;
+    if (ok)
+        b->tokens -= 1.0;
+    pthread_mutex_unlock(&b->lock);
+    return ok;
+}
+
+/* Gives back a token taken for an open that was not made after all. */
+static void budget_refund(struct xsk_budget *b)
+{
+    pthread_mutex_lock(&b->lock);
+    b->tokens = b->tokens + 1.0 > b->burst ? b->burst : b->tokens + 1.0;
+    pthread_mutex_unlock(&b->lock);
+}
+
+/* Returns the entry for name in the sorted table, or NULL: O(log n), n <= XSK_ADMIT_MAX. */
+static const struct xsk_admit_entry *admit_find(struct xsk_link *l, const char *name)
+{
+    int lo = 0, hi = l->nadm;
+    while (lo < hi) {
+        int mid = lo + (hi - lo) / 2;
+        int c = strcmp(name, l->adm[mid].name);
+        if (c == 0)
+            return &l->adm[mid];
+        if (c < 0)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    return NULL;
+}
+
+/* Returns a connected socket to the service, its caller header written, or -errno.  Never
+ * blocks: a Unix socket's non-blocking connect either completes at once or fails (EAGAIN
+ * when its backlog is full); the header is a few bytes into an empty socket buffer. */
+static int connect_service(const struct xsk_admit_entry *e)
+{
+    struct sockaddr_un sa = { .sun_family = AF_UNIX };
+    memcpy(sa.sun_path, e->path, sizeof(sa.sun_path));
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -errno;
+    int rc = 0;
+    if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0)
+        rc = -errno;
+    else if (e->header_len) {
+        ssize_t w = send(fd, e->header, e->header_len, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (w != (ssize_t)e->header_len)
+            rc = w < 0 ? -errno : -EAGAIN;
+    }
+    if (rc < 0) {
+        close(fd);
+        return rc;
+    }
+    return fd;
+}
+
+/* Returns 1 if the frames after the head, up to prod, hold a RESET of stream id: a peer that
+ * opens and at once resets a stream must not cost us a connection to the service (Python,
+ * seeing both in one batch, connects nothing).  A hint only, bounded to HOLD_SCAN_MAX frames;
+ * frames are validated when consumed. */
+static int reset_follows(struct xsk_link *l, uint32_t prod, uint32_t id)
+{
+    struct ring *r = &l->rx;
+    uint32_t idx = r->pvt + XSK_FRAME_HDR + ALIGN16(l->head.hdr.len);
+    for (int i = 0; i < HOLD_SCAN_MAX && idx != prod; i++) {
+        struct xsk_frame f;
+        memcpy(&f, r->data_shr + (idx & r->mask), sizeof(f));
+        if (f.type == XSK_F_RESET && f.stream == id)
+            return 1;
+        if (f.len > r->size || XSK_FRAME_HDR + ALIGN16(f.len) > prod - idx)
+            return 0;
+        idx += XSK_FRAME_HDR + ALIGN16(f.len);
+    }
+    return 0;
+}
+
+/* Accepts the peer's new stream s at once if its service is in the admission table, the
+ * peer's budget has a token and the service takes the connection now.  Returns 1 if so (the
+ * ACCEPTED event is queued), 0 to leave the decision to Python (OPEN_REQUEST), as every case
+ * that needs a refusal, a retry or patience does. */
+static int fast_accept(struct xsk_link *l, struct stream *s)
+{
+    int fd = -1;
+    pthread_mutex_lock(&l->adm_lock);
+    const struct xsk_admit_entry *e = l->budget ? admit_find(l, s->name) : NULL;
+    if (e && budget_take(l->budget)) {
+        fd = connect_service(e);
+        if (fd < 0)
+            budget_refund(l->budget);
+    }
+    pthread_mutex_unlock(&l->adm_lock);
+    if (fd < 0)
+        return 0;
+    s->fd = fd;
+    set_state(s, ST_OPEN);
+    s->ctl_accept = 1;
+    ctl_queue(l, s);
+    push_event(l, XSK_EV_ACCEPTED, s, s->id, s->serial, 0);
+    if (stream_watch(l, s) < 0)
+        stream_end(l, s, XSK_R_NO_SERVICE, 1); /* its CLOSED follows the ACCEPTED */
+    return 1;
+}
+
 static int rx_frame(struct xsk_link *l, uint32_t prod)
 {
     struct xsk_frame *h = &l->head.hdr;
@@ -699,7 +898,8 @@ static int rx_frame(struct xsk_link *l, uint32_t prod)
         if (!s)
             return -ENOMEM;
         s->peer_window = s->tx_credit = h->arg;
-        push_event(l, XSK_EV_OPEN_REQUEST, s, s->id, s->serial, 0);
+        if (reset_follows(l, prod, s->id) || !fast_accept(l, s))
+            push_event(l, XSK_EV_OPEN_REQUEST, s, s->id, s->serial, 0);
         return 1;
     }
     case XSK_F_ACCEPT:
@@ -992,6 +1192,154 @@ static struct stream *lookup_serial(struct xsk_link *l, uint32_t id, uint64_t se
     return s && s->serial == serial && s->state != ST_ZOMBIE ? s : NULL;
 }
 
+/* Opens stream id on the local application socket fd (the link's from now on) and queues its
+ * OPEN.  report: Python did not open it (the pump accepted fd on a listener), so it hears of
+ * it first by LOCAL_OPEN.  Either way one CLOSED ends it, even if it never enters the table. */
+static void open_local(struct xsk_link *l, uint32_t id, uint64_t serial, int fd,
+                       const char *name, int report)
+{
+    struct stream *s = NULL;
+    uint32_t reason = XSK_R_TOO_MANY;
+    if (l->nstreams < l->max_streams) {
+        s = stream_new(l, id, serial, fd, name, ST_OPENING);
+        reason = XSK_R_ABORTED;
+    }
+    if (!s) {
+        struct stream tmp = { .id = id, .serial = serial };
+        memcpy(tmp.name, name, strnlen(name, XSK_NAME_MAX));
+        if (report)
+            push_event(l, XSK_EV_LOCAL_OPEN, &tmp, id, serial, 0);
+        push_event(l, XSK_EV_CLOSED, &tmp, id, serial, (int32_t)reason);
+        close(fd);
+        return;
+    }
+    if (report)
+        push_event(l, XSK_EV_LOCAL_OPEN, s, id, serial, 0);
+    s->ctl_open = 1;
+    ctl_queue(l, s);
+    if (stream_watch(l, s) < 0)
+        stream_end(l, s, XSK_R_ABORTED, 1);
+}
+
+/* ---- listeners the pump accepts on ---------------------------------------------------- */
+
+static int listener_arm(struct xsk_link *l, uint32_t i, int on)
+{
+    struct epoll_event ev = { .events = on ? EPOLLIN : 0, .data.u64 = ((uint64_t)4 << 32) | i };
+    if (epoll_ctl(l->epfd, EPOLL_CTL_MOD, l->lsn[i].fd, &ev) < 0)
+        return -errno;
+    if (on && !l->lsn[i].armed)
+        l->lsn_disarmed--;
+    else if (!on && l->lsn[i].armed)
+        l->lsn_disarmed++;
+    l->lsn[i].armed = on;
+    return 0;
+}
+
+static void listen_failed(struct xsk_link *l, const char *name, int err)
+{
+    struct stream tmp = { .id = 0 };
+    memcpy(tmp.name, name, strnlen(name, XSK_NAME_MAX));
+    push_event(l, XSK_EV_LISTEN_FAILED, &tmp, 0, 0, -err);
+}
+
+/* Takes the listener fd into a free slot and the epoll set (level-triggered: connections
+ * queued already are seen at once).  On failure fd is closed and Python told. */
+static void listener_add(struct xsk_link *l, int fd, const char *name)
+{
+    uint32_t i = 0;
+    while (i < l->nlsn && l->lsn[i].fd >= 0)
+        i++;
+    if (i == l->lsn_cap) {
+        uint32_t ncap = l->lsn_cap ? l->lsn_cap * 2 : 4;
+        struct listener *n = ncap <= XSK_LISTEN_MAX ?
+                             realloc(l->lsn, ncap * sizeof(*n)) : NULL;
+        if (!n) {
+            close(fd);
+            listen_failed(l, name, ncap <= XSK_LISTEN_MAX ? ENOMEM : ENOSPC);
+            return;
+        }
+        l->lsn = n;
+        l->lsn_cap = ncap;
+    }
+    struct epoll_event ev = { .events = EPOLLIN, .data.u64 = ((uint64_t)4 << 32) | i };
+    int rc = set_nonblock(fd);
+    if (rc == 0 && epoll_ctl(l->epfd, EPOLL_CTL_ADD, fd, &ev) < 0)
+        rc = -errno;
+    if (rc < 0) {
+        close(fd);
+        listen_failed(l, name, -rc);
+        return;
+    }
+    struct listener *L = &l->lsn[i];
+    memset(L, 0, sizeof(*L));
+    L->fd = fd;
+    L->armed = 1;
+    memcpy(L->name, name, strnlen(name, XSK_NAME_MAX));
+    if (i == l->nlsn)
+        l->nlsn++;
+}
+
+static void listener_close(struct xsk_link *l, uint32_t i)
+{
+    struct listener *L = &l->lsn[i];
+    epoll_ctl(l->epfd, EPOLL_CTL_DEL, L->fd, NULL);
+    close(L->fd);
+    L->fd = -1;
+    if (!L->armed)
+        l->lsn_disarmed--;
+    L->armed = 0;
+}
+
+/* Accepts what listener i holds (a batch: the listener stays readable if more) and opens a
+ * stream for each connection.  Running out of descriptors or memory leaves the connection
+ * queued and the listener readable: it is taken out of the epoll set for a while instead of
+ * making the pump spin on it. */
+static int accept_local(struct xsk_link *l, uint32_t i)
+{
+    struct listener *L = &l->lsn[i];
+    int progress = 0;
+    for (int n = 0; n < 64; n++) {
+        int fd = accept4(L->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd >= 0) {
+            open_local(l, __atomic_fetch_add(&l->next_id, 2, __ATOMIC_RELAXED),
+                       __atomic_fetch_add(&l->next_serial, 1, __ATOMIC_RELAXED), fd, L->name, 1);
+            progress = 1;
+            continue;
+        }
+        int err = errno;
+        if (err == EINTR || err == ECONNABORTED)
+            continue;
+        if (err == EAGAIN || err == EWOULDBLOCK)
+            break;
+        listen_failed(l, L->name, err);
+        if (listener_arm(l, i, 0) == 0)
+            L->retry_ns = now_ns() + (uint64_t)XSK_LISTEN_RETRY_MS * 1000000u;
+        break;
+    }
+    return progress;
+}
+
+/* Puts back the listeners whose pause is over; returns ms until the next one's (or -1). */
+static int rearm_listeners(struct xsk_link *l)
+{
+    int wait = -1;
+    uint64_t now = now_ns();
+    for (uint32_t i = 0; i < l->nlsn && l->lsn_disarmed; i++) {
+        struct listener *L = &l->lsn[i];
+        if (L->fd < 0 || L->armed)
+            continue;
+        if (now >= L->retry_ns) {
+            (void)listener_arm(l, i, 1);
+        } else {
+            int ms = (int)((L->retry_ns - now) / 1000000u) + 1;
+            if (wait < 0 || ms < wait)
+                wait = ms;
+        }
+    }
+    return wait;
+}
+
 /* Returns 1 if a stop was requested (and whether to say goodbye in *goodbye). */
 static int run_commands(struct xsk_link *l, int *goodbye)
 {
@@ -1005,19 +1353,7 @@ static int run_commands(struct xsk_link *l, int *goodbye)
         struct stream *s;
         switch (c->type) {
         case CMD_OPEN:
-            if (l->nstreams >= l->max_streams) {
-                open_cmd_closed(l, c, XSK_R_TOO_MANY);
-                break;
-            }
-            s = stream_new(l, c->id, c->serial, c->fd, c->name, ST_OPENING);
-            if (!s) {
-                open_cmd_closed(l, c, XSK_R_ABORTED);
-                break;
-            }
-            s->ctl_open = 1;
-            ctl_queue(l, s);
-            if (stream_watch(l, s) < 0)
-                stream_end(l, s, XSK_R_ABORTED, 1);
+            open_local(l, c->id, c->serial, c->fd, c->name, 0);
             break;
         case CMD_ACCEPT:
             s = lookup_serial(l, c->id, c->serial);
@@ -1048,6 +1384,14 @@ static int run_commands(struct xsk_link *l, int *goodbye)
             stop = 1;
             *goodbye = (int)c->arg;
             break;
+        case CMD_LISTEN:
+            listener_add(l, c->fd, c->name);
+            break;
+        case CMD_UNLISTEN:
+            for (uint32_t i = 0; i < l->nlsn; i++)
+                if (l->lsn[i].fd >= 0 && strcmp(l->lsn[i].name, c->name) == 0)
+                    listener_close(l, i);
+            break;
         }
         free(c);
         c = next;
@@ -1068,6 +1412,9 @@ static void handle_epoll(struct xsk_link *l, struct epoll_event *evs, int n)
             uint64_t v;
             ssize_t r = read(l->cmd_fd, &v, sizeof(v));
             (void)r;
+        } else if (tag == 4) {
+            if (id < l->nlsn && l->lsn[id].fd >= 0 && l->lsn[id].armed)
+                accept_local(l, id);
         } else if (tag == 3) {
             struct stream *s = lookup(l, id);
             if (!s || s->fd < 0)
@@ -1165,6 +1512,14 @@ static void *pump(void *arg)
             timeout = more ? 0 : SAFETY_TIMEOUT_MS;
             relaxed_add(&l->stats.wakeups, 1);
         }
+        if (l->lsn_disarmed) {
+            int wait = rearm_listeners(l);
+            if (wait >= 0 && wait < timeout)
+                timeout = wait;
+        }
+        int due = events_flush_due(l, 0);
+        if (due >= 0 && due < timeout)
+            timeout = due;
         int n = epoll_wait(l->epfd, evs, 64, timeout);
         if (n > 0)
             handle_epoll(l, evs, n);
@@ -1177,6 +1532,9 @@ static void *pump(void *arg)
     }
     store_release(own_live(l), 0);
     evtchn_notify(l);
+    for (uint32_t i = 0; i < l->nlsn; i++) /* queued connections stay for Python to take */
+        if (l->lsn[i].fd >= 0)
+            listener_close(l, i);
     close_all(l, XSK_R_LINK_DOWN);
     pthread_mutex_lock(&l->cmd_lock);
     l->stopped = 1;
@@ -1187,13 +1545,14 @@ static void *pump(void *arg)
         struct cmd *next = c->next;
         if (c->type == CMD_OPEN)
             open_cmd_closed(l, c, XSK_R_LINK_DOWN); /* Python holds its id and serial */
-        else if (c->type == CMD_ACCEPT)
-            close(c->fd); /* close_all reported the stream */
+        else if (c->type == CMD_ACCEPT || c->type == CMD_LISTEN)
+            close(c->fd); /* close_all reported the stream; a listener is Python's again */
         free(c);
         c = next;
     }
     if (err)
         push_event(l, XSK_EV_LINK_DOWN, NULL, 0, 0, err);
+    events_flush_due(l, 1); /* the CLOSED events of a stopped link */
     return NULL;
 }
 
@@ -1258,6 +1617,7 @@ int xsk_link_new(const struct xsk_link_params *p, struct xsk_link **out)
     pthread_mutex_init(&l->table_lock, NULL);
     pthread_mutex_init(&l->cmd_lock, NULL);
     pthread_mutex_init(&l->ev_lock, NULL);
+    pthread_mutex_init(&l->adm_lock, NULL);
     int rc = 0;
     if (!l->table || l->epfd < 0 || l->cmd_fd < 0 || l->ev_fd < 0)
         rc = -ENOMEM;
@@ -1368,6 +1728,48 @@ static int stream_cmd(struct xsk_link *l, enum cmd_type t, uint32_t id, uint64_t
 int xsk_link_accept_stream(struct xsk_link *l, uint32_t id, uint64_t serial, int fd)
 {
     return stream_cmd(l, CMD_ACCEPT, id, serial, 0, fd);
+}
+
+/* Returns 0 once the pump has the listener fd (a dup of Python's socket; the link owns it
+ * from now on, even on failure) to accept connections on for service ("" the default), each
+ * opened as a stream and reported by LOCAL_OPEN; -EINVAL for a bad name, -ESHUTDOWN once the
+ * pump has ended.  The pump closes its fd on xsk_link_unlisten or when it stops; connections
+ * still queued then are the other holder's to take. */
+int xsk_link_listen(struct xsk_link *l, int fd, const char *service)
+{
+    size_t nl = strnlen(service, XSK_NAME_MAX + 1);
+    if (nl && !xsk_valid_service_name(service, (uint32_t)nl)) {
+        close(fd);
+        return -EINVAL;
+    }
+    struct cmd *c = calloc(1, sizeof(*c));
+    if (!c) {
+        close(fd);
+        return -ENOMEM;
+    }
+    c->type = CMD_LISTEN;
+    c->fd = fd;
+    memcpy(c->name, service, nl);
+    int rc = enqueue(l, c);
+    if (rc < 0)
+        close(fd);
+    return rc;
+}
+
+/* Returns 0 once the pump is asked to close its listener for service; -ESHUTDOWN once the
+ * pump has ended (it closed every listener then). */
+int xsk_link_unlisten(struct xsk_link *l, const char *service)
+{
+    size_t nl = strnlen(service, XSK_NAME_MAX + 1);
+    if (nl > XSK_NAME_MAX)
+        return -EINVAL;
+    struct cmd *c = calloc(1, sizeof(*c));
+    if (!c)
+        return -ENOMEM;
+    c->type = CMD_UNLISTEN;
+    c->fd = -1;
+    memcpy(c->name, service, nl);
+    return enqueue(l, c);
 }
 
 /* Returns 0 (the peer's request is answered with RESET(reason), CLOSED follows), -ENOENT
@@ -1515,7 +1917,7 @@ void xsk_link_free(struct xsk_link *l)
     struct cmd *c = l->cmd_head;
     while (c) {
         struct cmd *next = c->next;
-        if (c->type == CMD_OPEN || c->type == CMD_ACCEPT)
+        if (c->type == CMD_OPEN || c->type == CMD_ACCEPT || c->type == CMD_LISTEN)
             close(c->fd);
         free(c);
         c = next;
@@ -1528,8 +1930,122 @@ void xsk_link_free(struct xsk_link *l)
         close(l->ev_fd);
     free(l->table);
     free(l->events);
+    free(l->adm);
+    free(l->lsn);
+    if (l->budget)
+        xsk_budget_unref(l->budget);
+    pthread_mutex_destroy(&l->adm_lock);
     pthread_mutex_destroy(&l->table_lock);
     pthread_mutex_destroy(&l->cmd_lock);
     pthread_mutex_destroy(&l->ev_lock);
     free(l);
+}
+
+/* Returns 0 once the link's admission table is entries[0..n) (sorted by name, strictly) and
+ * its peer's budget is budget (the link holds a reference); n == 0 or budget NULL: every
+ * OPEN goes to Python.  -EINVAL for a table out of order, too long or with a bad entry (the
+ * old table stays), -ENOMEM.  Takes effect for the next OPEN the pump reads. */
+int xsk_link_set_admission(struct xsk_link *l, const struct xsk_admit_entry *entries, int n,
+                           struct xsk_budget *budget)
+{
+    if (n < 0 || n > XSK_ADMIT_MAX)
+        return -EINVAL;
+    struct xsk_admit_entry *copy = NULL;
+    if (n) {
+        copy = malloc((size_t)n * sizeof(*copy));
+        if (!copy)
+            return -ENOMEM;
+        memcpy(copy, entries, (size_t)n * sizeof(*copy));
+    }
+    for (int i = 0; i < n; i++) {
+        struct xsk_admit_entry *e = &copy[i];
+        size_t nl = strnlen(e->name, sizeof(e->name));
+        size_t pl = strnlen(e->path, sizeof(e->path));
+        if (nl == sizeof(e->name) || (nl && !xsk_valid_service_name(e->name, (uint32_t)nl)) ||
+            pl == 0 || pl == sizeof(e->path) || e->header_len > sizeof(e->header) ||
+            (i && strcmp(copy[i - 1].name, e->name) >= 0)) {
+            free(copy);
+            return -EINVAL;
+        }
+    }
+    if (budget) {
+        pthread_mutex_lock(&budget->lock);
+        budget->refs++;
+        pthread_mutex_unlock(&budget->lock);
+    }
+    pthread_mutex_lock(&l->adm_lock);
+    struct xsk_admit_entry *old = l->adm;
+    struct xsk_budget *old_budget = l->budget;
+    l->adm = copy;
+    l->nadm = n;
+    l->budget = budget;
+    pthread_mutex_unlock(&l->adm_lock);
+    free(old);
+    if (old_budget)
+        xsk_budget_unref(old_budget);
+    return 0;
+}
+
+/* Returns 0 and a budget of rate opens a second holding at most burst (full), one reference
+ * held by the caller. */
+int xsk_budget_new(double rate, double burst, struct xsk_budget **out)
+{
+    if (!(rate >= 0) || !(burst >= 0))
+        return -EINVAL;
+    struct xsk_budget *b = calloc(1, sizeof(*b));
+    if (!b)
+        return -ENOMEM;
+    pthread_mutex_init(&b->lock, NULL);
+    b->refs = 1;
+    b->rate = rate;
+    b->burst = b->tokens = burst;
+    b->at_ns = now_ns();
+    *out = b;
+    return 0;
+}
+
+/* Switches to a new rate and burst (a reload), keeping the tokens earned so far. */
+void xsk_budget_set(struct xsk_budget *b, double rate, double burst)
+{
+    pthread_mutex_lock(&b->lock);
+    budget_refill(b);
+    b->rate = rate >= 0 ? rate : 0;
+    b->burst = burst >= 0 ? burst : 0;
+    if (b->tokens > b->burst)
+        b->tokens = b->burst;
+    pthread_mutex_unlock(&b->lock);
+}
+
+/* Counts an open Python admitted: a token, even one not there yet (down to -burst), so that
+ * the pump admits no more until the peer's rate has paid for it. */
+void xsk_budget_charge(struct xsk_budget *b)
+{
+    pthread_mutex_lock(&b->lock);
+    budget_refill(b);
+    b->tokens -= 1.0;
+    if (b->tokens < -b->burst)
+        b->tokens = -b->burst;
+    pthread_mutex_unlock(&b->lock);
+}
+
+/* Returns the tokens there now (for tests and statistics). */
+double xsk_budget_tokens(struct xsk_budget *b)
+{
+    pthread_mutex_lock(&b->lock);
+    budget_refill(b);
+    double t = b->tokens;
+    pthread_mutex_unlock(&b->lock);
+    return t;
+}
+
+/* Drops one reference; the last frees the budget. */
+void xsk_budget_unref(struct xsk_budget *b)
+{
+    pthread_mutex_lock(&b->lock);
+    int last = --b->refs == 0;
+    pthread_mutex_unlock(&b->lock);
+    if (last) {
+        pthread_mutex_destroy(&b->lock);
+        free(b);
+    }
 }

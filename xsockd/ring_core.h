@@ -67,6 +67,25 @@
                                   xsk_link_open_stream, whatever ends it; none for others */
 #define XSK_EV_LINK_DOWN 5     /* arg: -errno (-EPROTO peer broke the protocol, -ECONNRESET peer
                                   died, -ESHUTDOWN peer said goodbye); the pump has stopped */
+#define XSK_EV_ACCEPTED 6      /* stream: new id opened by the peer that the pump admitted from
+                                  the admission table, connected and accepted by itself; name:
+                                  service.  Ends with one CLOSED, as an OPEN_REQUEST does */
+
+#define XSK_EV_LOCAL_OPEN 7    /* stream: the pump accepted a local application's connection on a
+                                  listener handed to it (xsk_link_listen) and opened this stream
+                                  for it; name: service.  Ends with one CLOSED (OPENED first if
+                                  the peer accepts), as a stream xsk_link_open_stream opened */
+#define XSK_EV_LISTEN_FAILED 8 /* arg: -errno of accept (EMFILE...); name: the listener's
+                                  service; the pump tries again in XSK_LISTEN_RETRY_MS */
+#define XSK_LISTEN_MAX 1024        /* listeners one link's pump may hold */
+#define XSK_LISTEN_RETRY_MS 100    /* after an accept failed for want of descriptors or memory */
+
+/* The admission table (xsk_link_set_admission): services a peer's OPEN may reach without
+ * asking Python.  An OPEN for a name not in it, or one whose connect does not succeed at
+ * once, is reported as OPEN_REQUEST and decided by Python as before. */
+#define XSK_ADMIT_MAX 1024         /* entries in one link's table */
+#define XSK_ADMIT_PATH 108         /* sun_path: the socket path and its NUL */
+#define XSK_ADMIT_HEADER 160       /* bytes sent to the service before the caller's */
 
 #define XSK_EVTCHN_EVENTFD 1
 #define XSK_EVTCHN_XEN 2
@@ -133,7 +152,15 @@ struct xsk_link_held {
     uint32_t pad;
 };
 
+struct xsk_admit_entry {
+    char name[65];                  /* service name; "" is the default service */
+    char path[XSK_ADMIT_PATH];      /* its Unix socket, NUL-terminated */
+    char header[XSK_ADMIT_HEADER];  /* the caller header, header_len bytes (0: none) */
+    uint32_t header_len;
+};
+
 struct xsk_link;
+struct xsk_budget;
 
 int xsk_link_pages(uint32_t ring_size);
 int xsk_valid_service_name(const char *name, uint32_t len);
@@ -150,6 +177,15 @@ int xsk_link_stats(struct xsk_link *l, struct xsk_link_stats *out);
 int xsk_link_streams(struct xsk_link *l, struct xsk_stream_info *out, int max);
 int xsk_link_held(struct xsk_link *l, struct xsk_link_held *out);
 int xsk_link_stop(struct xsk_link *l, int goodbye);
+int xsk_link_listen(struct xsk_link *l, int fd, const char *service);
+int xsk_link_unlisten(struct xsk_link *l, const char *service);
+int xsk_link_set_admission(struct xsk_link *l, const struct xsk_admit_entry *entries, int n,
+                           struct xsk_budget *budget);
+int xsk_budget_new(double rate, double burst, struct xsk_budget **out);
+void xsk_budget_set(struct xsk_budget *b, double rate, double burst);
+void xsk_budget_charge(struct xsk_budget *b);
+double xsk_budget_tokens(struct xsk_budget *b);
+void xsk_budget_unref(struct xsk_budget *b);
 void xsk_link_free(struct xsk_link *l);
 /* CDEF END */
 

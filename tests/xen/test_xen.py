@@ -56,6 +56,8 @@ def figure_table(figures: dict[str, str]) -> str:
                        ("domu_to_dom0_MBps", "domU -> dom0, MB/s"),
                        ("open_first_ms", "first stream open, ms"),
                        ("open_ms", "later stream open, ms"),
+                       ("open_first_eager_ms", "first stream open, eager, ms"),
+                       ("open_eager_ms", "later stream open, eager, ms"),
                        ("rtt_p50_ms", "1-byte round trip p50, ms")):
         rows.append((label, *(figures.get(f"{prefix}.{key}", "-") for prefix, _ in COLUMNS)))
     for key in ("kill9_detect_s", "destroy_detect_s", "vchan-client-kill9_detect_s",
@@ -176,6 +178,12 @@ def test_vchan_roles_round_trips_and_the_unix_ceiling_measured_in_the_same_run(p
         assert float(proof.figures.get(f"{prefix}.open_first_ms", 0)) > 0, prefix
     for key in ("vchan-client-kill9_detect_s", "vchan-server-kill9_detect_s"):
         assert float(proof.figures.get(f"xsockd.{key}", "inf")) < 1.0, key
+
+
+def test_an_eager_link_is_up_before_any_stream_and_its_first_open_sets_none_up(proof):
+    expect(proof, "eager-link-up", "eager-open", "eager-off")
+    for key in ("open_first_eager_ms", "open_eager_ms"):
+        assert float(proof.figures.get(f"xsockd.{key}", 0)) > 0, key
 
 
 def test_no_step_failed(proof):

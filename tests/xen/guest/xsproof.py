@@ -206,17 +206,19 @@ def start_services() -> None:
         threading.Thread(target=serve, daemon=True).start()
 
 
-def write_config(peers: list[int], remote: int | None, vchan_peer: int | None = None
-                 ) -> None:
+def write_config(peers: list[int], remote: int | None, vchan_peer: int | None = None,
+                 eager: bool = False) -> None:
     """Writes xsockd's configuration; with ``vchan_peer``, also the proof's vchans with that
-    domain: clients of its proxy servers and servers for its proxy clients."""
+    domain: clients of its proxy servers and servers for its proxy clients; with ``eager``,
+    the link with ``remote`` is set up without waiting for a stream."""
     os.makedirs(os.path.dirname(CONF), exist_ok=True)
     lines = ["[daemon]", f'rundir = "{RUN}"', f"peers = {peers}", 'default_service = "echo"',
              'backend = "xen"', "stop_timeout = 2", ""]
     for name in SERVICES:
         lines += [f"[services.{name}]", f'socket = "{SVC}/{name}.sock"', ""]
     if remote is not None and remote in peers:
-        lines += [f"[remote.{remote}]", f"services = {list(SERVICES)!r}".replace("'", '"'), ""]
+        lines += [f"[remote.{remote}]", f"services = {list(SERVICES)!r}".replace("'", '"'),
+                  f"eager = {'true' if eager else 'false'}", ""]
     if vchan_peer is not None:
         for name in VCHAN_CLIENTS:
             lines += [f"[vchan.vx{name}]", 'role = "client"', f"domain = {vchan_peer}",
@@ -1023,13 +1025,56 @@ class Driver:
         # 8. xsockd's vchan roles against the same proxy, and the ceiling.
         self.unix_ceiling()
         self.vchan_roles()
-        # 9. xl destroy of the whole domU in mid-stream.
+        # 9. The same opens with the link eager: set up before any stream asks.
+        self.eager_link(to_domu())
+        # 10. xl destroy of the whole domU in mid-stream.
         self.crash("destroy", {"ports": 0, "gnt_mappings": 0, "xs_nodes": 0},
                    lambda: subprocess.run(["xl", "destroy", "domu"], check=True))
         self.check("dom0-xsockd-alive", self.xsockd.poll() is None, "dom0's xsockd survived")
         self.xsockd.send_signal(signal.SIGTERM)
         self.check("dom0-xsockd-stops", self.xsockd.wait(30) == 0, tail("/tmp/xsockd.log", 3))
         say("dom0 xsockd log tail: " + tail("/tmp/xsockd.log", 15))
+
+    def log_count(self, text: str) -> int:
+        """How many times dom0's xsockd logged ``text`` (all its runs: the log is appended)."""
+        with open("/tmp/xsockd.log", errors="replace") as f:
+            return f.read().count(text)
+
+    def reload(self, eager: bool) -> bool:
+        """Reloads dom0's xsockd (SIGHUP) with the domU's link eager or not; True once it
+        logged the reload."""
+        assert self.xsockd is not None
+        done = self.log_count("configuration reloaded")
+        write_config([self.domu, 7777], self.domu, eager=eager)
+        self.xsockd.send_signal(signal.SIGHUP)
+        return wait_until(lambda: self.log_count("configuration reloaded") > done, 30)
+
+    def eager_link(self, to_domu: str) -> None:
+        """Issue 12: with ``[remote.<domU>] eager = true`` the link is up before any stream, so
+        the first stream open does not wait for a link set-up.  Judged by the log (the link
+        came up on the reload, and no stream set one up again), not by the times."""
+        up = f"link with domain {self.domu} up"
+        before = self.log_count(up)  # dom0's xsockd was just restarted: no link yet
+        t0 = time.monotonic()
+        reloaded = self.reload(eager=True)
+        came_up = reloaded and wait_until(lambda: self.log_count(up) > before, 30)
+        if not self.check("eager-link-up", came_up and self.log_count(up) == before + 1,
+                          f"reloaded with the domU eager: {reloaded}; the link came up with no "
+                          f"stream in {time.monotonic() - t0:.1f} s: {came_up}; "
+                          + tail("/tmp/xsockd.log", 3)):
+            self.reload(eager=False)
+            return
+        first = open_time(to_domu)
+        later = sorted(open_time(to_domu) for _ in range(10))[5]
+        figure("xsockd.open_first_eager_ms", first * 1000)
+        figure("xsockd.open_eager_ms", later * 1000)
+        again = self.log_count(up) - before - 1
+        self.check("eager-open", again == 0,
+                   f"first stream over the eager link {first * 1000:.0f} ms, later streams "
+                   f"{later * 1000:.1f} ms (median of 10); links set up by these streams: "
+                   f"{again}")
+        # Lazy again, so that destroying the domU later is not followed by tries to link.
+        self.check("eager-off", self.reload(eager=False), tail("/tmp/xsockd.log", 3))
 
     def unknown_domain(self) -> None:
         """A configured peer that does not exist: refused at once, saying so, no junk left."""

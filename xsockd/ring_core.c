@@ -1654,28 +1654,41 @@ int xsk_link_event_fd(struct xsk_link *l) { return l->ev_fd; }
 
 /* Returns 0 and the new stream's id and serial; the link owns fd from now on, even on
  * failure.  A CLOSED event with that serial ends the stream, whatever happens to it. */
-int xsk_link_open_stream(struct xsk_link *l, int fd, const char *service, uint32_t *id_out,
-                         uint64_t *serial_out)
+/* A command carrying fd and a service name (NULL or "" the default service), or NULL with
+ * *err set and fd closed: the caller owns fd only through the command. */
+static struct cmd *named_cmd(enum cmd_type type, int fd, const char *service, int *err)
 {
     size_t nl = service ? strnlen(service, XSK_NAME_MAX + 1) : 0;
     if (nl && !xsk_valid_service_name(service, (uint32_t)nl)) {
         close(fd);
-        return -EINVAL;
+        *err = -EINVAL;
+        return NULL;
     }
     struct cmd *c = calloc(1, sizeof(*c));
     if (!c) {
         close(fd);
-        return -ENOMEM;
+        *err = -ENOMEM;
+        return NULL;
     }
-    c->type = CMD_OPEN;
+    c->type = type;
     c->fd = fd;
+    if (nl)
+        memcpy(c->name, service, nl);
+    return c;
+}
+
+int xsk_link_open_stream(struct xsk_link *l, int fd, const char *service, uint32_t *id_out,
+                         uint64_t *serial_out)
+{
+    int rc;
+    struct cmd *c = named_cmd(CMD_OPEN, fd, service, &rc);
+    if (!c)
+        return rc;
     c->id = __atomic_fetch_add(&l->next_id, 2, __ATOMIC_RELAXED);
     c->serial = __atomic_fetch_add(&l->next_serial, 1, __ATOMIC_RELAXED);
-    if (service)
-        memcpy(c->name, service, nl);
     *id_out = c->id;
     *serial_out = c->serial;
-    int rc = enqueue(l, c);
+    rc = enqueue(l, c);
     if (rc < 0)
         close(fd);
     return rc;
@@ -1737,20 +1750,11 @@ int xsk_link_accept_stream(struct xsk_link *l, uint32_t id, uint64_t serial, int
  * still queued then are the other holder's to take. */
 int xsk_link_listen(struct xsk_link *l, int fd, const char *service)
 {
-    size_t nl = strnlen(service, XSK_NAME_MAX + 1);
-    if (nl && !xsk_valid_service_name(service, (uint32_t)nl)) {
-        close(fd);
-        return -EINVAL;
-    }
-    struct cmd *c = calloc(1, sizeof(*c));
-    if (!c) {
-        close(fd);
-        return -ENOMEM;
-    }
-    c->type = CMD_LISTEN;
-    c->fd = fd;
-    memcpy(c->name, service, nl);
-    int rc = enqueue(l, c);
+    int rc;
+    struct cmd *c = named_cmd(CMD_LISTEN, fd, service, &rc);
+    if (!c)
+        return rc;
+    rc = enqueue(l, c);
     if (rc < 0)
         close(fd);
     return rc;

@@ -33,8 +33,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.suite import Xsockd, client, interleaved, pct
-from bench.workers import SERVER
+from bench.suite import Xsockd, client, interleaved, pct, start_server
 
 PARTS = ("loop 1", "pumps 1", "loop 2", "pumps 2")
 
@@ -164,9 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="xsockd-opens-"))
     os.chmod(work, 0o755)
-    server_path = str(work / "server.sock")
-    server = subprocess.Popen([sys.executable, "-c", SERVER, server_path],
-                              stdout=subprocess.PIPE, text=True)
+    server, server_path = start_server(work)
     paths: list[Xsockd] = []
     held: list[socket.socket] = []
     bus_pids: list[int] = []
@@ -182,8 +179,6 @@ def main(argv: list[str] | None = None) -> int:
         return out
 
     try:
-        assert server.stdout is not None
-        server.stdout.readline()
         b = new_buses()
         paths.append(Xsockd(work, server_path, "1MiB", "1MiB", dbus=b))
         buses[paths[-1].name] = b

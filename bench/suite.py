@@ -361,6 +361,17 @@ def machine() -> dict[str, object]:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
+def start_server(work: Path) -> tuple[subprocess.Popen[str], str]:
+    """Starts the echo/sink server (bench/workers.py) on ``work``/server.sock; returns it and
+    its path once it listens."""
+    path = str(work / "server.sock")
+    server = subprocess.Popen([sys.executable, "-c", SERVER, path], stdout=subprocess.PIPE,
+                              text=True)
+    assert server.stdout is not None
+    server.stdout.readline()
+    return server, path
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.suite", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -395,14 +406,10 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="xsockd-suite-"))
     os.chmod(work, 0o755)
-    server_path = str(work / "server.sock")
-    server = subprocess.Popen([sys.executable, "-c", SERVER, server_path],
-                              stdout=subprocess.PIPE, text=True)
+    server, server_path = start_server(work)
     paths: list[Path_] = []
     pg = pg_relay = None
     try:
-        assert server.stdout is not None
-        server.stdout.readline()
         if args.pgbench:
             from bench import pgbench
             say("starting PostgreSQL for pgbench")

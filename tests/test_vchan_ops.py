@@ -163,6 +163,15 @@ def connect(path: str) -> socket.socket:
     return s
 
 
+def advertise(xs2, v: _Published) -> None:
+    """Domain 2 writes its published vchan's nodes at PATH, readable by domain 1, as a
+    libxenvchan server does."""
+    assert v.evtchn is not None
+    for name, value in (("ring-ref", v.ring_ref), ("event-channel", v.evtchn.port)):
+        xs2.write(f"{PATH}/{name}", str(value).encode())
+        xs2.set_perms(f"{PATH}/{name}", [XenStorePerm(2, "n"), XenStorePerm(1, "r")])
+
+
 def test_a_watch_storm_costs_the_waiting_client_one_read_per_batch(host, client):
     c, loop, listen_path = client
     reads = []
@@ -200,9 +209,7 @@ def test_a_server_ending_every_stream_costs_the_client_its_log_budget_only(host,
             v = _Published(b2, 1, 16, 14)
             try:
                 assert v.evtchn is not None
-                for name, value in (("ring-ref", v.ring_ref), ("event-channel", v.evtchn.port)):
-                    xs2.write(f"{PATH}/{name}", str(value).encode())
-                    xs2.set_perms(f"{PATH}/{name}", [XenStorePerm(2, "n"), XenStorePerm(1, "r")])
+                advertise(xs2, v)
                 app = connect(listen_path)
                 loop.run_until(lambda: c.state == "connected", what="the client connected")
             finally:
@@ -228,9 +235,7 @@ def test_ring_grants_that_do_not_map_release_the_page_and_port_taken(host, clien
             assert v.evtchn is not None and v.shared is not None
             for i in range(16 + 4):
                 struct.pack_into("<I", v.shared.buffer, GRANTS + 4 * i, 0xFFFFFF00 + i)
-            for name, value in (("ring-ref", v.ring_ref), ("event-channel", v.evtchn.port)):
-                xs2.write(f"{PATH}/{name}", str(value).encode())
-                xs2.set_perms(f"{PATH}/{name}", [XenStorePerm(2, "n"), XenStorePerm(1, "r")])
+            advertise(xs2, v)
             app = connect(listen_path)
             loop.run_until(lambda: c.state == "idle" and c.streams == 0 and any(
                 "opening domain 2's vchan" in r.getMessage() for r in caplog.records),
@@ -258,9 +263,7 @@ def test_a_page_another_client_holds_is_refused_without_touching_it(host, client
         try:
             assert v.evtchn is not None and v.shared is not None
             v.shared.buffer[CLI_LIVE] = 1  # another client of domain 1 is connected
-            for name, value in (("ring-ref", v.ring_ref), ("event-channel", v.evtchn.port)):
-                xs2.write(f"{PATH}/{name}", str(value).encode())
-                xs2.set_perms(f"{PATH}/{name}", [XenStorePerm(2, "n"), XenStorePerm(1, "r")])
+            advertise(xs2, v)
             app = connect(listen_path)
             loop.run_until(lambda: c.state == "idle" and any(
                 "opening domain 2's vchan" in r.getMessage() for r in caplog.records),

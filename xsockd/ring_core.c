@@ -54,7 +54,7 @@ _Static_assert(XSK_OFF_RING1 == XSK_OFF_RING0 + 128, "ring 1 follows ring 0");
 struct xsk_frame {
     uint32_t stream;
     uint16_t type;
-    uint16_t flags; /* 0; reserved */
+    uint16_t flags; /* XSK_FL_*; other bits ignored */
     uint32_t len;   /* payload bytes following the header */
     uint32_t arg;
 };
@@ -66,6 +66,7 @@ _Static_assert(sizeof(struct xsk_frame) == XSK_FRAME_HDR, "frame header is 16 by
 #define HOLD_SCAN_MAX 64
 #define ORPHAN_RESETS 64
 #define SAFETY_TIMEOUT_MS 1000
+#define ACCEPT_LOOK_MS 5
 /* Events that only tell Python what already happened (a stream accepted, opened or closed)
  * wait up to EV_BATCH_MS, or until EV_BATCH_MAX of them or an event Python must act on is
  * queued, before its eventfd is signalled: the loop then wakes once for a batch of streams
@@ -105,6 +106,8 @@ struct stream {
     unsigned on_ready : 1, on_ctl : 1, hol : 1;
     unsigned ctl_open : 1, ctl_accept : 1, ctl_credit : 1, ctl_fin : 1, ctl_reset : 1;
     unsigned credit_lazy : 1; /* the queued CREDIT is an idle one: it wakes no sleeping peer */
+    unsigned early : 1;       /* opener: our OPEN said EARLY; acceptor: the peer's did */
+    unsigned accept_wanted : 1; /* acceptor: the opener used up its early credit */
     uint32_t reset_reason;
     uint32_t tx_credit;     /* bytes we may still send */
     uint32_t peer_window;   /* the window the peer granted us (caps tx_credit) */
@@ -140,6 +143,9 @@ struct cmd {
 
 struct xsk_link {
     uint8_t *live_shr;         /* live[2] in the control page */
+    uint32_t *early_shr;       /* early[2] in the control page */
+    uint32_t early_own;        /* early DATA we take per stream before our ACCEPT */
+    uint32_t early_peer;       /* the peer's, read once when it came up (0 until then) */
     struct ring tx, rx;
     uint32_t role;
     uint32_t evtchn_kind;
@@ -172,6 +178,7 @@ struct xsk_link {
 
     int peer_up;
     int want_notify_tx, want_notify_rx;
+    uint32_t early_opening;    /* our streams opening with early DATA: their ACCEPT is lazy */
 
     pthread_mutex_t cmd_lock;
     struct cmd *cmd_head, *cmd_tail;
@@ -379,8 +386,11 @@ static void table_remove(struct xsk_link *l, struct stream *s)
 
 static int can_send_data(struct stream *s)
 {
-    return (s->state == ST_OPEN || s->state == ST_HALF) && s->fd >= 0 && !s->rd_eof &&
-           s->tx_credit > 0 && !s->ctl_accept && !s->ctl_reset;
+    /* An opening stream may send the peer's early credit once its OPEN is in the ring. */
+    int state_ok = s->state == ST_OPEN || s->state == ST_HALF ||
+                   (s->state == ST_OPENING && !s->ctl_open);
+    return state_ok && s->fd >= 0 && !s->rd_eof && s->tx_credit > 0 && !s->ctl_accept &&
+           !s->ctl_reset;
 }
 
 static void ready_update(struct xsk_link *l, struct stream *s)
@@ -399,8 +409,10 @@ static void ready_update(struct xsk_link *l, struct stream *s)
     }
 }
 
-static void set_state(struct stream *s, uint32_t state)
+static void set_state(struct xsk_link *l, struct stream *s, uint32_t state)
 {
+    if (s->state == ST_OPENING && s->early && state != ST_OPENING)
+        l->early_opening--;
     __atomic_store_n(&s->state, state, __ATOMIC_RELAXED);
 }
 
@@ -465,7 +477,7 @@ static void stream_end(struct xsk_link *l, struct stream *s, uint32_t reason, in
     if (s->state != ST_ZOMBIE) {
         /* Zombie before the event: a command Python sends after seeing CLOSED finds it gone
          * (ev_lock orders this store before Python's read of the event). */
-        set_state(s, ST_ZOMBIE);
+        set_state(l, s, ST_ZOMBIE);
         push_event(l, XSK_EV_CLOSED, s, s->id, s->serial, (int32_t)reason);
     }
     if (send_reset) {
@@ -482,7 +494,7 @@ static void check_done(struct xsk_link *l, struct stream *s)
     if (s->fin_sent && s->wr_shut && s->fd >= 0)
         stream_end(l, s, XSK_R_DONE, 0);
     else if ((s->fin_sent || s->wr_shut) && s->state == ST_OPEN)
-        set_state(s, ST_HALF);
+        set_state(l, s, ST_HALF);
 }
 
 static int stream_watch(struct xsk_link *l, struct stream *s)
@@ -676,21 +688,32 @@ static int rx_data(struct xsk_link *l, uint32_t prod)
     struct stream *s = lookup(l, h->stream);
     if (!s || s->state == ST_ZOMBIE || s->wr_dead)
         return 1; /* in flight when we reset the stream: discard */
-    if (s->state == ST_OPENING || s->state == ST_ACCEPTING || s->peer_fin)
+    int early = s->state == ST_ACCEPTING;
+    if (s->state == ST_OPENING || s->peer_fin || (early && !s->early))
         return -EPROTO;
     if (l->head.first) {
+        /* Before our ACCEPT the opener may use the early credit we advertised; after it, the
+         * window we granted (which counts the early bytes too). */
+        uint32_t granted = early ? l->early_own : l->window;
         if (h->len == 0)
             return -EPROTO; /* DATA carries 1 .. ring_size - 16 bytes */
-        if (h->len > l->window - s->rx_inflight)
+        if (h->len > granted - s->rx_inflight)
             return -EPROTO; /* more than the credit we granted */
         s->rx_inflight += h->len;
         l->head.first = 0;
+        if (s->early && (h->flags & XSK_FL_WANT)) {
+            /* The opener waits for our ACCEPT: it goes out signalled, or, if it went out
+             * lazily already, a signal follows it. */
+            s->accept_wanted = 1;
+            if (!early && !s->ctl_accept)
+                l->want_notify_tx = 1;
+        }
     }
     uint32_t left = h->len - l->head.done;
-    if (s->fd < 0 || left == 0)
+    if ((s->fd < 0 && !early) || left == 0)
         return 1;
     struct iovec iov[2];
-    if (s->pend_len == 0) {
+    if (s->pend_len == 0 && !early) {
         int n = payload_iov(&l->rx, l->rx.pvt, l->head.done, left, iov);
         ssize_t w = send_iov(s->fd, iov, n);
         if (w < 0 && w != -EAGAIN) {
@@ -712,7 +735,8 @@ static int rx_data(struct xsk_link *l, uint32_t prod)
             return 0;
         }
     }
-    /* Copy the blocked stream's bytes out (at most its window) so that others proceed. */
+    /* Copy the blocked stream's bytes out (at most its window) so that others proceed; early
+     * bytes wait there for the control plane's decision (at most early_own of them). */
     int n = payload_iov(&l->rx, l->rx.pvt, l->head.done, left, iov);
     int rc = append_pending(l, s, iov[0].iov_base, (uint32_t)iov[0].iov_len,
                             n == 2 ? iov[1].iov_base : NULL, n == 2 ? (uint32_t)iov[1].iov_len : 0);
@@ -856,7 +880,7 @@ static int fast_accept(struct xsk_link *l, struct stream *s)
     if (fd < 0)
         return 0;
     s->fd = fd;
-    set_state(s, ST_OPEN);
+    set_state(l, s, ST_OPEN);
     s->ctl_accept = 1;
     ctl_queue(l, s);
     push_event(l, XSK_EV_ACCEPTED, s, s->id, s->serial, 0);
@@ -898,6 +922,7 @@ static int rx_frame(struct xsk_link *l, uint32_t prod)
         if (!s)
             return -ENOMEM;
         s->peer_window = s->tx_credit = h->arg;
+        s->early = (h->flags & XSK_FL_EARLY) != 0;
         if (reset_follows(l, prod, s->id) || !fast_accept(l, s))
             push_event(l, XSK_EV_OPEN_REQUEST, s, s->id, s->serial, 0);
         return 1;
@@ -910,10 +935,16 @@ static int rx_frame(struct xsk_link *l, uint32_t prod)
             return 1; /* we closed it meanwhile; our RESET is on its way */
         if (s->state != ST_OPENING || h->arg == 0 || h->arg > XSK_MAX_WINDOW)
             return -EPROTO;
-        set_state(s, ST_OPEN);
-        s->peer_window = s->tx_credit = h->arg;
+        /* The window counts the early bytes already sent (no CREDIT can precede ACCEPT). */
+        uint32_t sent = s->peer_window - s->tx_credit;
+        if (h->arg < sent)
+            return -EPROTO;
+        set_state(l, s, ST_OPEN);
+        s->peer_window = h->arg;
+        s->tx_credit = h->arg - sent;
         push_event(l, XSK_EV_OPENED, s, s->id, s->serial, 0);
         ready_update(l, s);
+        check_done(l, s); /* half-closed already if an early FIN went out */
         return 1;
     case XSK_F_CREDIT:
         s = lookup(l, h->stream);
@@ -929,10 +960,12 @@ static int rx_frame(struct xsk_link *l, uint32_t prod)
         s = lookup(l, h->stream);
         if (!s || s->state == ST_ZOMBIE || s->wr_dead)
             return 1;
-        if (s->state == ST_OPENING || s->state == ST_ACCEPTING || s->peer_fin)
+        if (s->state == ST_OPENING || s->peer_fin ||
+            (s->state == ST_ACCEPTING && !s->early))
             return -EPROTO;
         s->peer_fin = 1;
-        flush_pending(l, s); /* half-closes the socket once its buffer is drained */
+        flush_pending(l, s); /* half-closes the socket once its buffer is drained (or, while
+                              * accepting, once the control plane handed one over) */
         return 1;
     case XSK_F_RESET:
         s = lookup(l, h->stream);
@@ -1007,11 +1040,11 @@ static int64_t tx_free(struct xsk_link *l)
     return (int64_t)(r->size - used);
 }
 
-static void tx_put(struct xsk_link *l, uint32_t id, uint16_t type, uint32_t arg,
-                   const char *payload, uint32_t len)
+static void tx_put_flags(struct xsk_link *l, uint32_t id, uint16_t type, uint16_t flags,
+                         uint32_t arg, const char *payload, uint32_t len)
 {
     struct ring *r = &l->tx;
-    struct xsk_frame f = { .stream = id, .type = type, .len = len, .arg = arg };
+    struct xsk_frame f = { .stream = id, .type = type, .flags = flags, .len = len, .arg = arg };
     memcpy(r->data_shr + (r->pvt & r->mask), &f, sizeof(f));
     if (len) {
         struct iovec iov[2];
@@ -1024,6 +1057,12 @@ static void tx_put(struct xsk_link *l, uint32_t id, uint16_t type, uint32_t arg,
     store_release(&r->shr->prod, r->pvt); /* frame bytes before prod */
     relaxed_add(&l->stats.frames_out, 1);
     l->want_notify_tx = 1;
+}
+
+static void tx_put(struct xsk_link *l, uint32_t id, uint16_t type, uint32_t arg,
+                   const char *payload, uint32_t len)
+{
+    tx_put_flags(l, id, type, 0, arg, payload, len);
 }
 
 /* Sends queued control frames.  Returns >0 on progress, 0 if none or blocked, -errno. */
@@ -1046,11 +1085,23 @@ static int tx_control(struct xsk_link *l)
             break;
         if (s->ctl_open) {
             uint32_t nl = (uint32_t)strlen(s->name);
-            tx_put(l, s->id, XSK_F_OPEN, l->window, s->name, nl);
+            /* The first bytes (and FIN) follow at once, within the peer's early credit,
+             * instead of waiting a round trip for its ACCEPT. */
+            s->early = l->early_peer > 0;
+            l->early_opening += s->early;
+            tx_put_flags(l, s->id, XSK_F_OPEN, s->early ? XSK_FL_EARLY : 0, l->window, s->name,
+                         nl);
             s->ctl_open = 0;
+            s->peer_window = s->tx_credit = l->early_peer;
         }
         if (s->ctl_accept) {
+            /* An opener that sent early needs our ACCEPT only for more credit: unless it
+             * asked (WANT) or the ring is half full, it reads it with our next frame rather
+             * than waking for it alone (one wake-up less per stream opened). */
+            int notify = l->want_notify_tx;
             tx_put(l, s->id, XSK_F_ACCEPT, l->window, NULL, 0);
+            if (s->early && !s->accept_wanted && tx_free(l) >= (int64_t)(l->tx.size / 2))
+                l->want_notify_tx = notify;
             s->ctl_accept = 0;
         }
         if (s->ctl_credit) {
@@ -1123,7 +1174,10 @@ static int tx_data(struct xsk_link *l)
         s->readable = 0;
         ready_update(l, s);
         if (got > 0) {
-            struct xsk_frame f = { .stream = s->id, .type = XSK_F_DATA, .len = (uint32_t)got };
+            /* Early bytes that use up the peer's early credit ask for its ACCEPT. */
+            uint16_t fl = s->state == ST_OPENING && (uint32_t)got == s->tx_credit ? XSK_FL_WANT : 0;
+            struct xsk_frame f = { .stream = s->id, .type = XSK_F_DATA, .flags = fl,
+                                   .len = (uint32_t)got };
             memcpy(r->data_shr + (r->pvt & r->mask), &f, sizeof(f));
             r->pvt += XSK_FRAME_HDR + ALIGN16((uint32_t)got);
             store_release(&r->shr->prod, r->pvt); /* payload and header before prod */
@@ -1364,11 +1418,13 @@ static int run_commands(struct xsk_link *l, int *goodbye)
                 break;
             }
             s->fd = c->fd;
-            set_state(s, ST_OPEN);
+            set_state(l, s, ST_OPEN);
             s->ctl_accept = 1;
             ctl_queue(l, s);
             if (stream_watch(l, s) < 0)
                 stream_end(l, s, XSK_R_NO_SERVICE, 1);
+            else
+                flush_pending(l, s); /* the early bytes that came while Python decided */
             break;
         case CMD_REJECT:
             s = lookup_serial(l, c->id, c->serial);
@@ -1451,7 +1507,7 @@ static void close_all(struct xsk_link *l, uint32_t reason)
         struct stream *s;
         while ((s = l->table[i]) != NULL) {
             if (s->state != ST_ZOMBIE) { /* zombies had their CLOSED */
-                set_state(s, ST_ZOMBIE);
+                set_state(l, s, ST_ZOMBIE);
                 push_event(l, XSK_EV_CLOSED, s, s->id, s->serial, (int32_t)reason);
             }
             close_fd(l, s);
@@ -1468,6 +1524,8 @@ static void *pump(void *arg)
     struct epoll_event evs[64];
     int goodbye = 0, err = 0;
 
+    /* Our early credit is in place before the peer can see us live. */
+    __atomic_store_n(&l->early_shr[l->role], l->early_own, __ATOMIC_RELAXED);
     store_release(own_live(l), 1);
     evtchn_notify(l);
     for (;;) {
@@ -1476,6 +1534,9 @@ static void *pump(void *arg)
         uint8_t pl = load_acquire(peer_live(l));
         if (pl == 1 && !l->peer_up) {
             l->peer_up = 1;
+            /* Read once, after the live byte (acquire), and bounded: an older peer leaves 0. */
+            uint32_t e = __atomic_load_n(&l->early_shr[l->role ^ 1], __ATOMIC_RELAXED);
+            l->early_peer = e < XSK_EARLY_WINDOW ? e : XSK_EARLY_WINDOW;
             push_event(l, XSK_EV_PEER_UP, NULL, 0, 0, 0);
         } else if (pl != 1 && l->peer_up) {
             /* The peer left (its unmap notification cleared its live byte): deliver what it
@@ -1510,6 +1571,10 @@ static void *pump(void *arg)
             if (tx_waiting && fr >= (int64_t)(l->ctl_reserve + XSK_FRAME_HDR + 1024))
                 more = 1;
             timeout = more ? 0 : SAFETY_TIMEOUT_MS;
+            /* The peer's ACCEPT of an early open comes without a signal: look for it soon,
+             * so that the control plane does not show the stream opening for long. */
+            if (l->early_opening && timeout > ACCEPT_LOOK_MS)
+                timeout = ACCEPT_LOOK_MS;
             relaxed_add(&l->stats.wakeups, 1);
         }
         if (l->lsn_disarmed) {
@@ -1581,6 +1646,7 @@ int xsk_link_new(const struct xsk_link_params *p, struct xsk_link **out)
         return -ENOMEM;
     uint8_t *ctl = p->control;
     l->live_shr = ctl + XSK_OFF_LIVE;
+    l->early_shr = (uint32_t *)(void *)(ctl + XSK_OFF_EARLY);
     struct xsk_ring_shr *r0 = (void *)(ctl + XSK_OFF_RING0), *r1 = (void *)(ctl + XSK_OFF_RING1);
     int init = p->role == XSK_ROLE_INITIATOR;
     l->tx = (struct ring){ init ? r0 : r1, init ? p->ring0 : p->ring1, p->ring_size,
@@ -1601,6 +1667,7 @@ int xsk_link_new(const struct xsk_link_params *p, struct xsk_link **out)
     l->evtchn_notify_fd = p->evtchn_notify_fd;
     l->evtchn_port = p->evtchn_port;
     l->window = p->stream_window;
+    l->early_own = p->stream_window < XSK_EARLY_WINDOW ? p->stream_window : XSK_EARLY_WINDOW;
     l->max_streams = p->max_streams;
     l->ctl_reserve = p->ring_size / 16 > 256 ? p->ring_size / 16 : 256;
     l->next_id = init ? 1 : 2;
@@ -1875,7 +1942,7 @@ int xsk_link_held(struct xsk_link *l, struct xsk_link_held *out)
         if (fd >= 0 && ioctl(fd, FIONREAD, &unread) == 0 && unread > 0)
             out->app_unread += (uint64_t)unread;
         uint32_t state = relaxed_load(&s->state);
-        if (state == ST_OPEN || state == ST_HALF) {
+        if (state == ST_OPEN || state == ST_HALF || state == ST_OPENING) { /* + early DATA */
             uint32_t window = relaxed_load(&s->peer_window), credit = relaxed_load(&s->tx_credit);
             out->unacked += window > credit ? window - credit : 0;
         }

@@ -280,7 +280,7 @@ def test_the_accept_of_an_early_open_is_lazy_unless_the_opener_asks():
             fp.put(sid, F_DATA, 0, b"q", flags=flags)
             fp.publish()
             req = fp.wait_event(fp.link, EventType.OPEN_REQUEST)
-            svc, end = _pair()
+            _svc, end = _pair()
             assert fp.link.accept_stream(sid, req.serial, end)
             _collect(fp, lambda fs, sid=sid: (sid, F_ACCEPT) in [(f[0], f[1]) for f in fs])
             time.sleep(0.1)

@@ -525,7 +525,8 @@ class Manager:
         sock = self._rundir.listen(peer, service)
         self._listeners[(peer, service)] = sock
         self.loop.add_reader(sock.fileno(), lambda: self._on_connect(peer, service))
-        for link in [lk for (p, _), lk in self.links.items() if p == peer and lk.up][:1]:
+        link = self._up_link(peer)
+        if link is not None:
             self._hand_listeners(link)
 
     def _unlisten(self, peer: int, service: str = "") -> None:
@@ -601,8 +602,8 @@ class Manager:
             sock = self._listeners.get(key)
             if sock is not None:  # level-triggered: what is queued wakes the loop at once
                 self.loop.add_reader(sock.fileno(), lambda k=key: self._on_connect(*k))
-        for other in [lk for (p, _), lk in self.links.items()
-                      if p == link.peer and lk is not link and lk.up][:1]:
+        other = self._up_link(link.peer, besides=link)
+        if other is not None:
             self._hand_listeners(other)
 
     # ---- links --------------------------------------------------------------------------
@@ -610,11 +611,18 @@ class Manager:
     def granted_pages(self) -> int:
         return sum(link.pages for link in self.links.values())
 
+    def _up_link(self, peer: int, besides: Link | None = None) -> Link | None:
+        """Returns an up link with ``peer`` (other than ``besides``), or None.  A peer may have
+        two links for a while, one in each direction, when both sides asked at once."""
+        return next((lk for (p, _), lk in self.links.items()
+                     if p == peer and lk.up and lk is not besides), None)
+
     def _link_for(self, peer: int) -> Link:
         """Returns a link to ``peer`` for a new stream, offering one if there is none."""
-        links = [lk for (p, _), lk in self.links.items() if p == peer]
-        if links:
-            return min(links, key=lambda lk: not lk.up)  # an up link if there is one
+        link = self._up_link(peer) or next(
+            (lk for (p, _), lk in self.links.items() if p == peer), None)
+        if link is not None:
+            return link
         if not self._domain_exists(peer):
             self.counters["links_failed"] += 1
             raise RefusedError(no_such_domain(peer))

@@ -485,11 +485,14 @@ static void check_done(struct xsk_link *l, struct stream *s)
         set_state(s, ST_HALF);
 }
 
-static int stream_watch(struct xsk_link *l, struct stream *s)
+/* Takes s's socket into the epoll set.  nonblocking: the pump made it itself with
+ * SOCK_NONBLOCK (accept4, socket), so the two fcntl calls that set O_NONBLOCK are skipped; a
+ * socket Python hands over may be blocking (its accept() leaves the flag off). */
+static int stream_watch(struct xsk_link *l, struct stream *s, int nonblocking)
 {
     struct epoll_event ev = { .events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
                               .data.u64 = ((uint64_t)3 << 32) | s->id };
-    int rc = set_nonblock(s->fd);
+    int rc = nonblocking ? 0 : set_nonblock(s->fd);
     if (rc < 0)
         return rc;
     /* A send buffer of a window lets one sendmsg hand over a whole frame; FORCE where we may
@@ -860,7 +863,7 @@ static int fast_accept(struct xsk_link *l, struct stream *s)
     s->ctl_accept = 1;
     ctl_queue(l, s);
     push_event(l, XSK_EV_ACCEPTED, s, s->id, s->serial, 0);
-    if (stream_watch(l, s) < 0)
+    if (stream_watch(l, s, 1) < 0) /* connect_service's socket is non-blocking */
         stream_end(l, s, XSK_R_NO_SERVICE, 1); /* its CLOSED follows the ACCEPTED */
     return 1;
 }
@@ -1217,7 +1220,7 @@ static void open_local(struct xsk_link *l, uint32_t id, uint64_t serial, int fd,
         push_event(l, XSK_EV_LOCAL_OPEN, s, id, serial, 0);
     s->ctl_open = 1;
     ctl_queue(l, s);
-    if (stream_watch(l, s) < 0)
+    if (stream_watch(l, s, report) < 0) /* accept_local's accept4 made it non-blocking */
         stream_end(l, s, XSK_R_ABORTED, 1);
 }
 
@@ -1367,7 +1370,7 @@ static int run_commands(struct xsk_link *l, int *goodbye)
             set_state(s, ST_OPEN);
             s->ctl_accept = 1;
             ctl_queue(l, s);
-            if (stream_watch(l, s) < 0)
+            if (stream_watch(l, s, 0) < 0)
                 stream_end(l, s, XSK_R_NO_SERVICE, 1);
             break;
         case CMD_REJECT:

@@ -445,7 +445,11 @@ static void stream_free(struct xsk_link *l, struct stream *s)
 static void close_fd(struct xsk_link *l, struct stream *s)
 {
     if (s->fd >= 0) {
-        epoll_ctl(l->epfd, EPOLL_CTL_DEL, s->fd, NULL);
+        /* No EPOLL_CTL_DEL: closing the last descriptor of a file takes it out of the epoll
+         * set, and a stream's socket has no other (Python detaches the ones it hands over;
+         * accept4 and socket made the others, close-on-exec).  Were a copy left somewhere, the
+         * stale entry would be harmless: its events name a stream id that is gone or whose
+         * fd is -1, and handle_epoll skips those. */
         /* Under table_lock: xsk_link_held asks the socket how much it holds. */
         pthread_mutex_lock(&l->table_lock);
         close(s->fd);

@@ -602,7 +602,11 @@ static void flush_pending(struct xsk_link *l, struct stream *s)
         s->pend = NULL;
         s->pend_off = 0;
         if (s->peer_fin && !s->wr_shut) {
-            shutdown(s->fd, SHUT_WR);
+            /* Our FIN out too: check_done closes the socket just below, and the application
+             * reads the same EOF after the same bytes from a close as from a shutdown.  A
+             * half-close (the application still writing) needs the shutdown. */
+            if (!s->fin_sent)
+                shutdown(s->fd, SHUT_WR);
             s->wr_shut = 1;
             /* Everything the peer sent is delivered: credit the last part of a quarter too,
              * so that the sender knows nothing of this stream is held here any more. */

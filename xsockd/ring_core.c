@@ -506,7 +506,13 @@ static int stream_watch(struct xsk_link *l, struct stream *s, int nonblocking)
         (void)setsockopt(s->fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
     if (epoll_ctl(l->epfd, EPOLL_CTL_ADD, s->fd, &ev) < 0)
         return -errno;
-    s->readable = 1; /* optimistic: a read will say EAGAIN if not */
+    /* A service's socket (the stream accepted: ST_OPEN already) is not readable until epoll
+     * says so: EPOLL_CTL_ADD queues an event at once if it holds bytes or an EOF already
+     * (edge-triggered or not), so nothing queued before is missed, and a service that speaks
+     * second, as most do, costs no recvmsg that says EAGAIN.  An application that has just
+     * connected has usually written already: its socket is read as soon as the stream may
+     * send, without waiting for that event. */
+    s->readable = s->state == ST_OPENING;
     return 0;
 }
 

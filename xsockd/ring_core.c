@@ -147,6 +147,7 @@ struct xsk_link {
     uint32_t evtchn_port;
     uint32_t window, max_streams;
     uint32_t ctl_reserve;      /* tx bytes kept free of DATA for control frames */
+    int no_sndbuf_force;       /* SO_SNDBUFFORCE said EPERM once: the plain option only */
 
     int epfd, cmd_fd, ev_fd;
     pthread_t thread;
@@ -500,10 +501,15 @@ static int stream_watch(struct xsk_link *l, struct stream *s, int nonblocking)
     if (rc < 0)
         return rc;
     /* A send buffer of a window lets one sendmsg hand over a whole frame; FORCE where we may
-     * exceed wmem_max (root), the plain option otherwise.  Best effort. */
+     * exceed wmem_max (root), the plain option otherwise.  Best effort.  Without the
+     * privilege FORCE is not tried again: a failed call per stream for nothing. */
     int sndbuf = (int)l->window;
-    if (setsockopt(s->fd, SOL_SOCKET, SO_SNDBUFFORCE, &sndbuf, sizeof(sndbuf)) < 0)
+    if (l->no_sndbuf_force ||
+        setsockopt(s->fd, SOL_SOCKET, SO_SNDBUFFORCE, &sndbuf, sizeof(sndbuf)) < 0) {
+        if (!l->no_sndbuf_force && errno == EPERM)
+            l->no_sndbuf_force = 1;
         (void)setsockopt(s->fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
+    }
     if (epoll_ctl(l->epfd, EPOLL_CTL_ADD, s->fd, &ev) < 0)
         return -errno;
     /* A service's socket (the stream accepted: ST_OPEN already) is not readable until epoll

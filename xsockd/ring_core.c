@@ -72,6 +72,9 @@ _Static_assert(sizeof(struct xsk_frame) == XSK_FRAME_HDR, "frame header is 16 by
  * instead of once per event, and on two cores its wake-ups cost the pumps CPU. */
 #define EV_BATCH_MS 2
 #define EV_BATCH_MAX 256
+/* At most this many accept4 calls per listener per readiness report: other work runs between
+ * batches of a long burst. */
+#define ACCEPT_BATCH_MAX 64
 
 /* Where a fresh link's indices start: 0 on the wire.  The sanitizer test build starts them
  * just below 2^32 so that every test crosses the index wrap early. */
@@ -125,6 +128,8 @@ struct listener {
     int fd;                 /* -1: a free slot */
     int armed;              /* in the epoll set for EPOLLIN (level-triggered) */
     uint64_t retry_ns;      /* disarmed after a failed accept: when to look again */
+    uint32_t batch;         /* accepts per readiness report, 1 up to ACCEPT_BATCH_MAX */
+    uint64_t used_up_at;    /* the l->polls of the last report that used up its batch */
     char name[XSK_NAME_MAX + 1];
 };
 
@@ -191,6 +196,7 @@ struct xsk_link {
     /* Listeners handed over by Python (xsk_link_listen): the pump's own, slots reused. */
     struct listener *lsn;
     uint32_t nlsn, lsn_cap, lsn_disarmed;
+    uint64_t polls;             /* epoll_waits that reported something (handle_epoll runs) */
 
     /* The admission table, sorted by name, and the peer's open budget: set by Python
      * (xsk_link_set_admission), read by the pump under adm_lock. */
@@ -1298,6 +1304,7 @@ static void listener_add(struct xsk_link *l, int fd, const char *name)
     memset(L, 0, sizeof(*L));
     L->fd = fd;
     L->armed = 1;
+    L->batch = 1;
     memcpy(L->name, name, strnlen(name, XSK_NAME_MAX));
     if (i == l->nlsn)
         l->nlsn++;
@@ -1314,33 +1321,44 @@ static void listener_close(struct xsk_link *l, uint32_t i)
     L->armed = 0;
 }
 
-/* Accepts what listener i holds (a batch: the listener stays readable if more) and opens a
- * stream for each connection.  Running out of descriptors or memory leaves the connection
+/* Accepts up to a batch of what listener i holds and opens a stream for each connection.
+ * The listener is level-triggered: connections left queued are reported again by the next
+ * epoll_wait (at once: the accepts were progress).  The batch adapts so that accept4 is
+ * rarely called only to say EAGAIN: it doubles when the listener is reported again right
+ * after a report that used it up (a burst), and falls to what one report found when the
+ * queue ran dry, down to one, which is what connections arriving one at a time need (an
+ * accept4 each, where draining cost a second one saying EAGAIN).  Running out of descriptors or memory leaves the connection
  * queued and the listener readable: it is taken out of the epoll set for a while instead of
  * making the pump spin on it. */
 static int accept_local(struct xsk_link *l, uint32_t i)
 {
     struct listener *L = &l->lsn[i];
-    int progress = 0;
-    for (int n = 0; n < 64; n++) {
+    uint32_t got = 0;
+    if (L->used_up_at + 1 == l->polls && L->batch < ACCEPT_BATCH_MAX)
+        L->batch *= 2;
+    for (int tries = 0; tries < ACCEPT_BATCH_MAX && got < L->batch; tries++) {
         int fd = accept4(L->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd >= 0) {
             open_local(l, __atomic_fetch_add(&l->next_id, 2, __ATOMIC_RELAXED),
                        __atomic_fetch_add(&l->next_serial, 1, __ATOMIC_RELAXED), fd, L->name, 1);
-            progress = 1;
+            got++;
             continue;
         }
         int err = errno;
         if (err == EINTR || err == ECONNABORTED)
             continue;
-        if (err == EAGAIN || err == EWOULDBLOCK)
-            break;
+        if (err == EAGAIN || err == EWOULDBLOCK) {
+            L->batch = got ? got : 1;
+            return got > 0;
+        }
         listen_failed(l, L->name, err);
         if (listener_arm(l, i, 0) == 0)
             L->retry_ns = now_ns() + (uint64_t)XSK_LISTEN_RETRY_MS * 1000000u;
-        break;
+        return got > 0;
     }
-    return progress;
+    if (got == L->batch)
+        L->used_up_at = l->polls; /* more may be queued: reported again at once if so */
+    return got > 0;
 }
 
 /* Puts back the listeners whose pause is over; returns ms until the next one's (or -1). */
@@ -1426,6 +1444,7 @@ static int run_commands(struct xsk_link *l, int *goodbye)
 
 static void handle_epoll(struct xsk_link *l, struct epoll_event *evs, int n)
 {
+    l->polls++;
     for (int i = 0; i < n; i++) {
         uint32_t tag = (uint32_t)(evs[i].data.u64 >> 32);
         uint32_t id = (uint32_t)evs[i].data.u64;

@@ -7,6 +7,7 @@ that the suite measures what it says it does (bench/suite.py).
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -85,3 +86,26 @@ def test_opens_while_the_loop_is_busy_with_sigusr1():
     assert "while busy: sigusr1" in r.stdout, r.stdout
     cells = _opens_row(r.stdout)
     assert float(cells[1].split()[0]) > 0 and float(cells[3].split()[0]) > 0, cells
+
+
+def test_a_baseline_tree_is_the_one_its_daemons_load(tmp_path, monkeypatch):
+    """Regression: run from a source tree (as every bench is), "python -m" put that tree
+    ahead of the baseline's PYTHONPATH, and --baseline measured this tree twice."""
+    from bench.suite import Xsockd
+
+    tree = tmp_path / "other"
+    shutil.copytree(ROOT / "xsockd", tree / "xsockd",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(ROOT)  # the daemons' working directory: this tree
+    path = Xsockd(work, str(tmp_path / "server.sock"), "64KiB", "64KiB", tree)
+    try:
+        for d in path.daemons:
+            assert d.proc is not None
+            maps = Path(f"/proc/{d.proc.pid}/maps").read_text()
+            cores = {line.split()[-1] for line in maps.splitlines() if "_ring_core" in line}
+            assert cores == {str(tree / "xsockd" / "_ring_core.abi3.so")}, cores
+    finally:
+        path.close()
+

@@ -73,6 +73,9 @@ _Static_assert(sizeof(struct xsk_frame) == XSK_FRAME_HDR, "frame header is 16 by
  * instead of once per event, and on two cores its wake-ups cost the pumps CPU. */
 #define EV_BATCH_MS 2
 #define EV_BATCH_MAX 256
+/* At most this many accept4 calls per listener per readiness report: other work runs between
+ * batches of a long burst. */
+#define ACCEPT_BATCH_MAX 64
 
 /* Where a fresh link's indices start: 0 on the wire.  The sanitizer test build starts them
  * just below 2^32 so that every test crosses the index wrap early. */
@@ -128,6 +131,8 @@ struct listener {
     int fd;                 /* -1: a free slot */
     int armed;              /* in the epoll set for EPOLLIN (level-triggered) */
     uint64_t retry_ns;      /* disarmed after a failed accept: when to look again */
+    uint32_t batch;         /* accepts per readiness report, 1 up to ACCEPT_BATCH_MAX */
+    uint64_t used_up_at;    /* the l->polls of the last report that used up its batch */
     char name[XSK_NAME_MAX + 1];
 };
 
@@ -153,6 +158,7 @@ struct xsk_link {
     uint32_t evtchn_port;
     uint32_t window, max_streams;
     uint32_t ctl_reserve;      /* tx bytes kept free of DATA for control frames */
+    int no_sndbuf_force;       /* SO_SNDBUFFORCE said EPERM once: the plain option only */
 
     int epfd, cmd_fd, ev_fd;
     pthread_t thread;
@@ -197,6 +203,7 @@ struct xsk_link {
     /* Listeners handed over by Python (xsk_link_listen): the pump's own, slots reused. */
     struct listener *lsn;
     uint32_t nlsn, lsn_cap, lsn_disarmed;
+    uint64_t polls;             /* epoll_waits that reported something (handle_epoll runs) */
 
     /* The admission table, sorted by name, and the peer's open budget: set by Python
      * (xsk_link_set_admission), read by the pump under adm_lock. */
@@ -457,7 +464,11 @@ static void stream_free(struct xsk_link *l, struct stream *s)
 static void close_fd(struct xsk_link *l, struct stream *s)
 {
     if (s->fd >= 0) {
-        epoll_ctl(l->epfd, EPOLL_CTL_DEL, s->fd, NULL);
+        /* No EPOLL_CTL_DEL: closing the last descriptor of a file takes it out of the epoll
+         * set, and a stream's socket has no other (Python detaches the ones it hands over;
+         * accept4 and socket made the others, close-on-exec).  Were a copy left somewhere, the
+         * stale entry would be harmless: its events name a stream id that is gone or whose
+         * fd is -1, and handle_epoll skips those. */
         /* Under table_lock: xsk_link_held asks the socket how much it holds. */
         pthread_mutex_lock(&l->table_lock);
         close(s->fd);
@@ -497,21 +508,35 @@ static void check_done(struct xsk_link *l, struct stream *s)
         set_state(l, s, ST_HALF);
 }
 
-static int stream_watch(struct xsk_link *l, struct stream *s)
+/* Takes s's socket into the epoll set.  nonblocking: the pump made it itself with
+ * SOCK_NONBLOCK (accept4, socket), so the two fcntl calls that set O_NONBLOCK are skipped; a
+ * socket Python hands over may be blocking (its accept() leaves the flag off). */
+static int stream_watch(struct xsk_link *l, struct stream *s, int nonblocking)
 {
     struct epoll_event ev = { .events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
                               .data.u64 = ((uint64_t)3 << 32) | s->id };
-    int rc = set_nonblock(s->fd);
+    int rc = nonblocking ? 0 : set_nonblock(s->fd);
     if (rc < 0)
         return rc;
     /* A send buffer of a window lets one sendmsg hand over a whole frame; FORCE where we may
-     * exceed wmem_max (root), the plain option otherwise.  Best effort. */
+     * exceed wmem_max (root), the plain option otherwise.  Best effort.  Without the
+     * privilege FORCE is not tried again: a failed call per stream for nothing. */
     int sndbuf = (int)l->window;
-    if (setsockopt(s->fd, SOL_SOCKET, SO_SNDBUFFORCE, &sndbuf, sizeof(sndbuf)) < 0)
+    if (l->no_sndbuf_force ||
+        setsockopt(s->fd, SOL_SOCKET, SO_SNDBUFFORCE, &sndbuf, sizeof(sndbuf)) < 0) {
+        if (!l->no_sndbuf_force && errno == EPERM)
+            l->no_sndbuf_force = 1;
         (void)setsockopt(s->fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
+    }
     if (epoll_ctl(l->epfd, EPOLL_CTL_ADD, s->fd, &ev) < 0)
         return -errno;
-    s->readable = 1; /* optimistic: a read will say EAGAIN if not */
+    /* A service's socket (the stream accepted: ST_OPEN already) is not readable until epoll
+     * says so: EPOLL_CTL_ADD queues an event at once if it holds bytes or an EOF already
+     * (edge-triggered or not), so nothing queued before is missed, and a service that speaks
+     * second, as most do, costs no recvmsg that says EAGAIN.  An application that has just
+     * connected has usually written already: its socket is read as soon as the stream may
+     * send, without waiting for that event. */
+    s->readable = s->state == ST_OPENING;
     return 0;
 }
 
@@ -607,7 +632,11 @@ static void flush_pending(struct xsk_link *l, struct stream *s)
         s->pend = NULL;
         s->pend_off = 0;
         if (s->peer_fin && !s->wr_shut) {
-            shutdown(s->fd, SHUT_WR);
+            /* Our FIN out too: check_done closes the socket just below, and the application
+             * reads the same EOF after the same bytes from a close as from a shutdown.  A
+             * half-close (the application still writing) needs the shutdown. */
+            if (!s->fin_sent)
+                shutdown(s->fd, SHUT_WR);
             s->wr_shut = 1;
             /* Everything the peer sent is delivered: credit the last part of a quarter too,
              * so that the sender knows nothing of this stream is held here any more. */
@@ -884,7 +913,7 @@ static int fast_accept(struct xsk_link *l, struct stream *s)
     s->ctl_accept = 1;
     ctl_queue(l, s);
     push_event(l, XSK_EV_ACCEPTED, s, s->id, s->serial, 0);
-    if (stream_watch(l, s) < 0)
+    if (stream_watch(l, s, 1) < 0) /* connect_service's socket is non-blocking */
         stream_end(l, s, XSK_R_NO_SERVICE, 1); /* its CLOSED follows the ACCEPTED */
     return 1;
 }
@@ -1271,7 +1300,7 @@ static void open_local(struct xsk_link *l, uint32_t id, uint64_t serial, int fd,
         push_event(l, XSK_EV_LOCAL_OPEN, s, id, serial, 0);
     s->ctl_open = 1;
     ctl_queue(l, s);
-    if (stream_watch(l, s) < 0)
+    if (stream_watch(l, s, report) < 0) /* accept_local's accept4 made it non-blocking */
         stream_end(l, s, XSK_R_ABORTED, 1);
 }
 
@@ -1329,6 +1358,7 @@ static void listener_add(struct xsk_link *l, int fd, const char *name)
     memset(L, 0, sizeof(*L));
     L->fd = fd;
     L->armed = 1;
+    L->batch = 1;
     memcpy(L->name, name, strnlen(name, XSK_NAME_MAX));
     if (i == l->nlsn)
         l->nlsn++;
@@ -1345,33 +1375,44 @@ static void listener_close(struct xsk_link *l, uint32_t i)
     L->armed = 0;
 }
 
-/* Accepts what listener i holds (a batch: the listener stays readable if more) and opens a
- * stream for each connection.  Running out of descriptors or memory leaves the connection
+/* Accepts up to a batch of what listener i holds and opens a stream for each connection.
+ * The listener is level-triggered: connections left queued are reported again by the next
+ * epoll_wait (at once: the accepts were progress).  The batch adapts so that accept4 is
+ * rarely called only to say EAGAIN: it doubles when the listener is reported again right
+ * after a report that used it up (a burst), and falls to what one report found when the
+ * queue ran dry, down to one, which is what connections arriving one at a time need (an
+ * accept4 each, where draining cost a second one saying EAGAIN).  Running out of descriptors or memory leaves the connection
  * queued and the listener readable: it is taken out of the epoll set for a while instead of
  * making the pump spin on it. */
 static int accept_local(struct xsk_link *l, uint32_t i)
 {
     struct listener *L = &l->lsn[i];
-    int progress = 0;
-    for (int n = 0; n < 64; n++) {
+    uint32_t got = 0;
+    if (L->used_up_at + 1 == l->polls && L->batch < ACCEPT_BATCH_MAX)
+        L->batch *= 2;
+    for (int tries = 0; tries < ACCEPT_BATCH_MAX && got < L->batch; tries++) {
         int fd = accept4(L->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd >= 0) {
             open_local(l, __atomic_fetch_add(&l->next_id, 2, __ATOMIC_RELAXED),
                        __atomic_fetch_add(&l->next_serial, 1, __ATOMIC_RELAXED), fd, L->name, 1);
-            progress = 1;
+            got++;
             continue;
         }
         int err = errno;
         if (err == EINTR || err == ECONNABORTED)
             continue;
-        if (err == EAGAIN || err == EWOULDBLOCK)
-            break;
+        if (err == EAGAIN || err == EWOULDBLOCK) {
+            L->batch = got ? got : 1;
+            return got > 0;
+        }
         listen_failed(l, L->name, err);
         if (listener_arm(l, i, 0) == 0)
             L->retry_ns = now_ns() + (uint64_t)XSK_LISTEN_RETRY_MS * 1000000u;
-        break;
+        return got > 0;
     }
-    return progress;
+    if (got == L->batch)
+        L->used_up_at = l->polls; /* more may be queued: reported again at once if so */
+    return got > 0;
 }
 
 /* Puts back the listeners whose pause is over; returns ms until the next one's (or -1). */
@@ -1421,7 +1462,7 @@ static int run_commands(struct xsk_link *l, int *goodbye)
             set_state(l, s, ST_OPEN);
             s->ctl_accept = 1;
             ctl_queue(l, s);
-            if (stream_watch(l, s) < 0)
+            if (stream_watch(l, s, 0) < 0)
                 stream_end(l, s, XSK_R_NO_SERVICE, 1);
             else
                 flush_pending(l, s); /* the early bytes that came while Python decided */
@@ -1459,6 +1500,7 @@ static int run_commands(struct xsk_link *l, int *goodbye)
 
 static void handle_epoll(struct xsk_link *l, struct epoll_event *evs, int n)
 {
+    l->polls++;
     for (int i = 0; i < n; i++) {
         uint32_t tag = (uint32_t)(evs[i].data.u64 >> 32);
         uint32_t id = (uint32_t)evs[i].data.u64;

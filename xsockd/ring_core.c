@@ -67,6 +67,7 @@ _Static_assert(sizeof(struct xsk_frame) == XSK_FRAME_HDR, "frame header is 16 by
 #define ORPHAN_RESETS 64
 #define SAFETY_TIMEOUT_MS 1000
 #define ACCEPT_LOOK_MS 5
+#define BUSY_RUNS_PER_POLL 4
 /* Events that only tell Python what already happened (a stream accepted, opened or closed)
  * wait up to EV_BATCH_MS, or until EV_BATCH_MAX of them or an event Python must act on is
  * queued, before its eventfd is signalled: the loop then wakes once for a batch of streams
@@ -107,6 +108,7 @@ struct stream {
     uint32_t state;         /* written with set_state: read by Python's threads too */
     unsigned readable : 1, rd_eof : 1, fin_sent : 1, peer_fin : 1, wr_shut : 1, wr_dead : 1;
     unsigned on_ready : 1, on_ctl : 1, hol : 1;
+    unsigned rd_hup : 1;      /* epoll said the application's writing side is closed */
     unsigned ctl_open : 1, ctl_accept : 1, ctl_credit : 1, ctl_fin : 1, ctl_reset : 1;
     unsigned credit_lazy : 1; /* the queued CREDIT is an idle one: it wakes no sleeping peer */
     unsigned early : 1;       /* opener: our OPEN said EARLY; acceptor: the peer's did */
@@ -1215,7 +1217,10 @@ static int tx_data(struct xsk_link *l)
             relaxed_add(&s->bytes_out, (uint64_t)got);
             relaxed_add(&l->stats.bytes_out, (uint64_t)got);
             relaxed_add(&l->stats.frames_out, 1);
-            s->readable = 1;
+            /* A short read emptied the socket: the next bytes raise an edge of their own, so
+             * no read to hear EAGAIN (one system call per message).  Once the application
+             * closed, no edge follows: read on until its EOF. */
+            s->readable = (uint32_t)got == max || s->rd_hup;
             progress = 1;
         } else if (got == 0) {
             s->rd_eof = 1;
@@ -1519,6 +1524,8 @@ static void handle_epoll(struct xsk_link *l, struct epoll_event *evs, int n)
                 continue; /* closed since epoll reported it */
             if (evs[i].events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
                 s->readable = 1;
+                if (evs[i].events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+                    s->rd_hup = 1; /* no edge will follow: read on to the EOF */
                 ready_update(l, s);
             }
             if (evs[i].events & (EPOLLOUT | EPOLLHUP | EPOLLERR)) {
@@ -1564,7 +1571,7 @@ static void *pump(void *arg)
 {
     struct xsk_link *l = arg;
     struct epoll_event evs[64];
-    int goodbye = 0, err = 0;
+    int goodbye = 0, err = 0, busy_runs = 0;
 
     /* Our early credit is in place before the peer can see us live. */
     __atomic_store_n(&l->early_shr[l->role], l->early_own, __ATOMIC_RELAXED);
@@ -1598,6 +1605,13 @@ static void *pump(void *arg)
 
         if (!progress && l->idle_credit && credit_idle_streams(l))
             continue; /* send those CREDIT frames before sleeping */
+        /* After progress, look at the ring and the sockets known readable again before asking
+         * epoll: a request or a reply is usually done in one run, and the wait before sleeping
+         * asks epoll anyway (one system call less per run).  Every few runs epoll is asked,
+         * so that a busy link still hears of sockets that became readable meanwhile. */
+        if (progress && ++busy_runs < BUSY_RUNS_PER_POLL)
+            continue;
+        busy_runs = 0;
         int timeout = 0;
         if (!progress) {
             /* About to sleep: ask the peer to notify us, then look once more, so that an

@@ -11,15 +11,18 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from xsockd.admission import caller_header
 from xsockd.backend import Backend
 from xsockd.config import Config
 from xsockd.listeners import Rundir
-from xsockd.loop import Loop
 from xsockd.peerlog import PeerLog, escape
 from xsockd.vchan_client import VchanClient
 from xsockd.vchan_server import VchanServer
+
+if TYPE_CHECKING:  # the loop's module needs GLib; the manager runs on any loop (fakeloop)
+    from xsockd.loop import Loop
 
 log = logging.getLogger("xsockd")
 

@@ -1480,6 +1480,7 @@ static void close_all(struct xsk_link *l, uint32_t reason)
 #define SPIN_PROBE 64u        /* ... until this many requests went by */
 #define SPIN_CHECK 32u        /* ring looks between clock reads (vDSO, no system call) */
 #define SPIN_YIELD_NS 2048u   /* sched_yield this often */
+#define SPIN_REQUEST_MAX 16384u /* more DATA out since the last sleep is a stream, not a request */
 
 struct spin {
     uint32_t budget_ns;       /* 0: not spinning, probing again after SPIN_PROBE requests */
@@ -1506,14 +1507,18 @@ static int spin_for_reply(struct xsk_link *l, struct spin *sp, int tx_waiting)
         sp->budget_ns = sp->budget_ns * 2 > SPIN_MAX_NS ? SPIN_MAX_NS : sp->budget_ns * 2;
         sp->deadline = 0;
     }
-    if (out != sp->out_seen && !l->spin_off) { /* a request left: wait for its reply */
+    /* A request left: wait for its reply.  A writer streaming in one direction sends more
+     * between sleeps; its next move is on its socket, which a spinning pump does not see. */
+    if (out != sp->out_seen) {
         sp->deadline = 0;
-        if (sp->budget_ns == 0 && ++sp->skipped >= SPIN_PROBE) {
-            sp->skipped = 0;
-            sp->budget_ns = SPIN_START_NS;
+        if (out - sp->out_seen <= SPIN_REQUEST_MAX && !l->spin_off) {
+            if (sp->budget_ns == 0 && ++sp->skipped >= SPIN_PROBE) {
+                sp->skipped = 0;
+                sp->budget_ns = SPIN_START_NS;
+            }
+            if (sp->budget_ns)
+                sp->deadline = now_ns() + sp->budget_ns;
         }
-        if (sp->budget_ns)
-            sp->deadline = now_ns() + sp->budget_ns;
     }
     sp->in_seen = in;
     sp->out_seen = out;

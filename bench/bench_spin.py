@@ -147,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="XSOCKD_RING_SPIN values for this tree's daemons, comma-separated")
     ap.add_argument("--base-last", action="store_true",
                     help="start (and interleave) the baseline after this tree's daemons")
+    ap.add_argument("--also", type=Path, action="append", default=[], metavar="TREE",
+                    help="one more path through this tree's xsockd (repeatable; a second "
+                         "daemon pair of the baseline shows how far two identical ones differ)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--count", type=int, default=5000, help="round trips per path and round")
     ap.add_argument("--batch", type=int, default=250, help="round trips per turn of a path")
@@ -177,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
             paths.append(x)
         if args.base_last:  # started after this tree's daemons: does the order matter?
             paths.append(Xsockd(work, spath, "1MiB", "1MiB", args.baseline.resolve()))
+        for i, tree in enumerate(args.also):
+            (work / f"t{i}").mkdir()
+            x = Xsockd(work / f"t{i}", spath, "1MiB", "1MiB", tree.resolve())
+            x.name = f"tree-{i + 1}"
+            paths.append(x)
         if saved is None:
             os.environ.pop("XSOCKD_RING_SPIN", None)
         else:
@@ -230,10 +238,10 @@ def main(argv: list[str] | None = None) -> int:
         for f, d in (("MB/s", 0), ("s/GiB", 2)):
             vals.append((med(m[f] for m in tp[n]), med(m[f] for m in tp[BASELINE]), d))
         vals.append((idle.get(n, float("nan")), idle[BASELINE], 2))
-        cells = [cell(x, b if n.startswith("spin-") else None, d) for x, b, d in vals]
+        cells = [cell(x, b if n.startswith(("spin-", "tree-")) else None, d) for x, b, d in vals]
         print(f"| {n} | " + " | ".join(cells) + " |")
     for p in paths:
-        if not p.name.startswith("spin-"):
+        if not p.name.startswith(("spin-", "tree-")):
             continue
         wins = []
         for size in (1, 4 * KiB):

@@ -156,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tput", type=int, default=256, help="MiB of the throughput figure")
     ap.add_argument("--idle", type=float, default=3.0, help="seconds of the idle CPU figure")
     args = ap.parse_args(argv)
+    # `python -m` puts the working directory ahead of PYTHONPATH: without this, a baseline's
+    # daemons started from this source tree would import this tree's xsockd, not the baseline's.
+    os.environ["PYTHONSAFEPATH"] = "1"
     work = Path(tempfile.mkdtemp(prefix="xsockd-spin-"))
     os.chmod(work, 0o755)
     server, spath = start_server(work)

@@ -157,10 +157,13 @@ class Xsockd(Path_):
             c2 = write_config(work / "d2.conf", rundir=work / "run2", sim_dir=work / "sim",
                               peers=[1], services=services, default="bench",
                               ring_size=ring_size, window=window)
-            # The daemons of a baseline import xsockd (and its C core) from its tree.
-            saved = os.environ.get("PYTHONPATH")
+            # The daemons of a baseline import xsockd (and its C core) from its tree.  Safe
+            # path: "python -m" would otherwise put the working directory (a run from a
+            # source tree: that tree) ahead of PYTHONPATH, and the baseline would be this tree.
+            saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "PYTHONSAFEPATH")}
             if tree is not None:
                 os.environ["PYTHONPATH"] = str(tree)
+                os.environ["PYTHONSAFEPATH"] = "1"
             try:
                 for domid, conf in ((1, c1), (2, c2)):
                     d = DaemonProcess(domid, conf, work / f"d{domid}.log",
@@ -168,10 +171,11 @@ class Xsockd(Path_):
                     self.daemons.append(d)
                     d.start()
             finally:
-                if saved is None:
-                    os.environ.pop("PYTHONPATH", None)
-                else:
-                    os.environ["PYTHONPATH"] = saved
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
         except BaseException:
             self.close()
             raise

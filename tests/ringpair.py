@@ -28,6 +28,7 @@ from xsockd.ring import PAGE_SIZE, EventType, RingEvent, RingLink, Role
 
 INDEX_BASE = getattr(ring.lib, "XSK_TEST_INDEX_BASE", 0)
 RING_OFF = (64, 192)  # control-page offset of ring 0's and ring 1's indices
+EARLY_OFF = 8  # control-page offset of early[0] (the initiator's), early[1] follows
 PROD, PROD_WANTS, CONS, CONS_WANTS = 0, 4, 64, 68
 FRAME = struct.Struct("<IHHII")  # stream, type, flags, len, arg
 
@@ -131,7 +132,8 @@ class FakePeer(_Events):
     """
 
     def __init__(self, ring_size: int = 4096, window: int = 65536, max_streams: int = 64,
-                 role: Role = Role.ACCEPTOR) -> None:
+                 role: Role = Role.ACCEPTOR, early: int = 0) -> None:
+        """``early``: the early credit the test advertises (DATA it takes before its ACCEPT)."""
         super().__init__()
         self.ring_size = ring_size
         self.mask = ring_size - 1
@@ -146,7 +148,8 @@ class FakePeer(_Events):
         self.tx_data = self.tx_ring * ring_size
         self.rx_data = (1 - self.tx_ring) * ring_size
         self.prod = self.cons = INDEX_BASE
-        self.control[int(peer_role)] = 1  # the test is attached
+        struct.pack_into("<I", self.control, EARLY_OFF + 4 * int(peer_role), early)
+        self.control[int(peer_role)] = 1  # the test is attached (its early credit first)
         self.link = RingLink(control=self.control, rings=self.rings, ring_size=ring_size,
                              role=role, evtchn=FakeChannel(self._efds[0], self._efds[1]),
                              window=window, max_streams=max_streams)
@@ -163,11 +166,11 @@ class FakePeer(_Events):
         return self.ring_size - ((self.prod - self.u32(self.tx_idx + CONS)) & 0xFFFFFFFF)
 
     def put(self, stream: int, ftype: int, arg: int = 0, payload: bytes = b"",
-            length: int | None = None) -> None:
+            length: int | None = None, flags: int = 0) -> None:
         """Writes one frame (header ``length`` defaults to the payload's) at prod, wrapping the
         payload at the ring's end, and advances prod past its padding.  Not published."""
         n = len(payload) if length is None else length
-        hdr = FRAME.pack(stream & 0xFFFFFFFF, ftype & 0xFFFF, 0, n & 0xFFFFFFFF,
+        hdr = FRAME.pack(stream & 0xFFFFFFFF, ftype & 0xFFFF, flags & 0xFFFF, n & 0xFFFFFFFF,
                          arg & 0xFFFFFFFF)
         self.write_at(self.prod, hdr + payload)
         self.prod = (self.prod + 16 + ((len(payload) + 15) & ~15)) & 0xFFFFFFFF
@@ -187,22 +190,33 @@ class FakePeer(_Events):
     def notify(self) -> None:
         os.eventfd_write(self._efds[0], 1)
 
+    def signals(self) -> int:
+        """How many times the link signalled the test since the last call (0 if not)."""
+        try:
+            return os.eventfd_read(self._efds[1])
+        except BlockingIOError:
+            return 0
+
     def frames(self, consume: bool = True) -> list[tuple[int, int, int, int, bytes]]:
         """Returns the frames the link published since our last call: (stream, type, len,
         arg, payload), and marks them consumed (unless ``consume`` is False)."""
+        return [(st, ft, n, arg, data) for st, ft, _, n, arg, data in self.flagged_frames(consume)]
+
+    def flagged_frames(self, consume: bool = True) -> list[tuple[int, int, int, int, int, bytes]]:
+        """As ``frames``, with each header's flags: (stream, type, flags, len, arg, payload)."""
         out = []
         prod = self.u32(self.rx_idx + PROD)
         idx = self.cons
         while idx != prod:
             off = idx & self.mask
-            stream, ftype, _, n, arg = FRAME.unpack_from(self.rings, self.rx_data + off)
+            stream, ftype, flags, n, arg = FRAME.unpack_from(self.rings, self.rx_data + off)
             data = bytearray()
             p = (off + 16) & self.mask
             while len(data) < n:
                 take = min(n - len(data), self.ring_size - p)
                 data += self.rings[self.rx_data + p:self.rx_data + p + take]
                 p = (p + take) & self.mask
-            out.append((stream, ftype, n, arg, bytes(data)))
+            out.append((stream, ftype, flags, n, arg, bytes(data)))
             idx = (idx + 16 + ((n + 15) & ~15)) & 0xFFFFFFFF
         if consume:
             self.cons = idx

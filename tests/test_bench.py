@@ -7,9 +7,14 @@ that the suite measures what it says it does (bench/suite.py).
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from bench.strace_opens import parse_summary
 
 ROOT = Path(__file__).resolve().parent.parent
 PATHS = {"direct", "socat", "xsockd"}
@@ -85,3 +90,48 @@ def test_opens_while_the_loop_is_busy_with_sigusr1():
     assert "while busy: sigusr1" in r.stdout, r.stdout
     cells = _opens_row(r.stdout)
     assert float(cells[1].split()[0]) > 0 and float(cells[3].split()[0]) > 0, cells
+
+
+def test_a_baseline_tree_is_the_one_its_daemons_load(tmp_path, monkeypatch):
+    """Regression: run from a source tree (as every bench is), "python -m" put that tree
+    ahead of the baseline's PYTHONPATH, and --baseline measured this tree twice."""
+    from bench.suite import Xsockd
+
+    tree = tmp_path / "other"
+    shutil.copytree(ROOT / "xsockd", tree / "xsockd",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(ROOT)  # the daemons' working directory: this tree
+    path = Xsockd(work, str(tmp_path / "server.sock"), "64KiB", "64KiB", tree)
+    try:
+        for d in path.daemons:
+            assert d.proc is not None
+            maps = Path(f"/proc/{d.proc.pid}/maps").read_text()
+            cores = {line.split()[-1] for line in maps.splitlines() if "_ring_core" in line}
+            assert cores == {str(tree / "xsockd" / "_ring_core.abi3.so")}, cores
+    finally:
+        path.close()
+
+
+def test_strace_summary_is_read_with_and_without_errors():
+    text = """% time     seconds  usecs/call     calls    errors syscall
+------ ----------- ----------- --------- --------- ----------------
+ 40.00    0.004000           1      3000      1000 recvmsg
+ 10.00    0.001000           1      1000           close
+------ ----------- ----------- --------- --------- ----------------
+100.00    0.005000           1      4000      1000 total
+"""
+    assert parse_summary(text) == {"recvmsg": (3000, 1000), "close": (1000, 0)}
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_strace_opens_counts_each_daemons_calls_per_open():
+    r = subprocess.run([sys.executable, "-m", "bench.strace_opens", "--opens", "50"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")[1:]]
+            for line in r.stdout.splitlines() if line.startswith("| ")}
+    assert rows["accept4"][0].startswith("1.00"), r.stdout  # the opening side accepts
+    assert rows["connect"] == ["0.00", "1.00"], r.stdout  # the accepting side connects
+    assert float(rows["total"][0]) > 5 and float(rows["total"][1]) > 5, r.stdout

@@ -79,6 +79,52 @@ def test_the_pump_accepts_and_opens_the_stream_itself(pair):
     assert pair.wait_event(pair.a, EventType.CLOSED).serial == local.serial
 
 
+def test_a_burst_of_connections_is_all_accepted_and_then_one_at_a_time(tmp_path):
+    """The pump accepts one connection per report of a level-triggered listener and more only
+    while a burst keeps it ready: a burst larger than any batch must all be opened (nothing
+    left queued without a report), and connections arriving alone afterwards too."""
+    p = RingPair(ring_size=65536, window=16384, max_streams=512)
+    try:
+        app_path = tmp_path / "app.sock"
+        listener = _listener(app_path, backlog=512)
+        service = _listener(tmp_path / "svc.sock", backlog=512)
+        p.b.set_admission([AdmitEntry("svc", str(tmp_path / "svc.sock"))],
+                          OpenGate(10_000, 10_000))
+        burst = [_client(app_path) for _ in range(300)]  # queued before the pump listens
+        assert p.a.listen(listener, "svc")
+        accepted = 0
+        deadline = time.monotonic() + 20
+        while accepted < len(burst) and time.monotonic() < deadline:
+            accepted += sum(e.type == EventType.ACCEPTED for e in p.drain(p.b))
+            time.sleep(0.01)
+        assert accepted == len(burst)
+        opened = []
+        service.setblocking(True)
+        service.settimeout(5)
+        for _ in range(len(burst)):
+            conn, _ = service.accept()
+            _OPEN.append(conn)
+            opened.append(conn)
+        for i in range(3):  # alone, each waiting for the one before
+            app = _client(app_path)
+            svc, _ = service.accept()
+            _OPEN.append(svc)
+            app.sendall(b"%d" % i)
+            assert svc.recv(1) == b"%d" % i
+        for i, c in enumerate(burst):  # every stream of the burst carries its bytes
+            c.sendall(b"%03d" % i)
+        got = set()
+        for conn in opened:
+            conn.settimeout(5)
+            msg = b""
+            while len(msg) < 3:
+                msg += conn.recv(3 - len(msg))
+            got.add(msg)
+        assert got == {b"%03d" % i for i in range(len(burst))}
+    finally:
+        p.close()
+
+
 def test_after_unlisten_connections_stay_queued_for_python(pair):
     assert pair.a.unlisten("svc")
     time.sleep(0.1)  # the pump has run the command

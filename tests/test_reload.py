@@ -10,7 +10,7 @@ from simworld import SimWorld, assert_ended, echo_roundtrip
 from xsockd.admission import OpenBudget
 from xsockd.confdiff import describe_changes
 from xsockd.config import parse_config
-from xsockd.manager import Manager
+from xsockd.vchans import vchan_setup
 
 BASE = """[daemon]
 peers = [1, 3]
@@ -188,7 +188,7 @@ def test_sighup_applies_vchan_tables_and_keeps_unchanged_ones_streams(tmp_path):
 
 def test_a_vchan_server_restarts_when_its_service_changes_not_when_others_do():
     base = BASE + vchan_table("v", "server", 1, "data/vchan/1/v")
-    setup = Manager._vchan_setup
+    setup = vchan_setup
     old = parse_config(base)
     assert setup(old, "v") == setup(parse_config(base.replace("open_rate = 100",
                                                                "open_rate = 5")), "v")

@@ -134,6 +134,76 @@ def test_half_close_keeps_the_other_direction_flowing(pair):
     assert pair.wait_event(pair.b, EventType.CLOSED).arg == Reason.DONE
 
 
+def test_the_side_that_ends_second_still_half_closes(pair):
+    """The service ends first: the application sees EOF yet may still write (a half-close,
+    not a close), and the stream ends DONE on both sides once it has."""
+    s = pair.open_stream()
+    s.svc.sendall(b"greeting")
+    s.svc.shutdown(socket.SHUT_WR)
+    s.app.settimeout(5)
+    got = bytearray()
+    while chunk := s.app.recv(100):
+        got += chunk
+    assert got == b"greeting"
+    late = os.urandom(100_000)
+    assert pump_bytes(s.app, s.svc, late, [9000], [7000]) == late
+    assert pair.wait_event(pair.a, EventType.CLOSED).arg == Reason.DONE
+    assert pair.wait_event(pair.b, EventType.CLOSED).arg == Reason.DONE
+    s.app.close()
+    s.svc.close()
+
+
+def test_bytes_queued_before_the_pump_takes_a_socket_are_relayed():
+    """Each side's socket holds bytes when it is handed over, and nothing more comes: the
+    pump must read them without a new readiness edge (the service speaks first too)."""
+    p = RingPair(ring_size=4096, window=8192)
+    try:
+        app, a_end = socket.socketpair()
+        svc, b_end = socket.socketpair()
+        app.sendall(b"early request")
+        svc.sendall(b"greeting")
+        sid, _ = p.a.open_stream(a_end, "svc")
+        req = p.wait_event(p.b, EventType.OPEN_REQUEST)
+        assert p.b.accept_stream(sid, req.serial, b_end)
+        for sock, want in ((svc, b"early request"), (app, b"greeting")):
+            sock.settimeout(5)
+            got = bytearray()
+            while len(got) < len(want):
+                got += sock.recv(100)
+            assert got == want
+        app.close()
+        svc.close()
+    finally:
+        p.close()
+
+
+def test_a_copy_of_a_handed_socket_left_open_does_not_disturb_later_streams(pair):
+    """The pump closes a stream's socket without removing it from its epoll set first, as
+    the last close does that.  Were a copy kept (Python never keeps one), its file would stay
+    in the set: its events must name nothing, and later streams must reuse the number."""
+    app, a_end = socket.socketpair()
+    copy = os.dup(a_end.fileno())
+    try:
+        sid, serial = pair.a.open_stream(a_end, "svc")
+        req = pair.wait_event(pair.b, EventType.OPEN_REQUEST)
+        svc, b_end = socket.socketpair()
+        assert pair.b.accept_stream(sid, req.serial, b_end)
+        pair.wait_event(pair.a, EventType.OPENED)
+        assert pair.a.close_stream(sid, serial)
+        assert pair.wait_event(pair.a, EventType.CLOSED).serial == serial
+        app.sendall(b"into the closed stream's file")  # an event for the stale entry
+        app.shutdown(socket.SHUT_WR)
+        for _ in range(3):  # new sockets take the freed descriptor numbers
+            s = pair.open_stream()
+            assert pump_bytes(s.app, s.svc, b"fresh", [5], [5]) == b"fresh"
+            s.app.close()
+            s.svc.close()
+        svc.close()
+    finally:
+        os.close(copy)
+        app.close()
+
+
 def test_backpressure_stops_the_writer_without_unbounded_buffering(pair):
     app, svc, _ = pair.open()
     app.settimeout(1.0)

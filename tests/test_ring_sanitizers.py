@@ -1,14 +1,14 @@
 """The ring and vchan tests again, against the C core built with AddressSanitizer and UBSan.
 
-The core parses memory a hostile peer writes; a read past a buffer there may not crash, so
-the hostile and fuzz tests of tests/test_ring.py, test_fast_accept.py, test_pump_listen.py,
-test_vchan.py and test_vchan_pump.py run here once more with every out-of-bounds access, use
-after free and undefined behaviour made fatal.  The sanitized core is built into a temporary
-directory under its own module name (xsockd/_ring_core*.so is never touched), with its ring
-indices (and a vchan server's) starting just below 2^32 so that every test also crosses the
-index wrap.  A subprocess (the sanitizer runtime must be preloaded into the interpreter) maps
-it in place of xsockd._ring_core and runs pytest.  A canary with a deliberate heap overflow
-first proves that a report is seen.
+The core parses memory a hostile peer writes; a read past a buffer there may not crash, so the
+hostile and fuzz tests of tests/test_ring.py, test_fast_accept.py, test_early_data.py,
+test_pump_listen.py, test_vchan.py and test_vchan_pump.py run here once more with every
+out-of-bounds access, use after free and undefined behaviour made fatal. The sanitized core is
+built into a temporary directory under its own module name (xsockd/_ring_core*.so is never
+touched), with its ring indices (and a vchan server's) starting just below 2^32 so that every
+test also crosses the index wrap. A subprocess (the sanitizer runtime must be preloaded into
+the interpreter) maps it in place of xsockd._ring_core and runs pytest. A canary with a
+deliberate heap overflow first proves that a report is seen.
 
 Needs gcc with libasan8 and libubsan1 (Debian 12: packages gcc-12, libasan8, libubsan1).
 """
@@ -159,6 +159,12 @@ def test_fast_accept_tests_under_asan_and_ubsan(sanitized):
     """The pump's own admission (table, budget, fallbacks, a flooding peer), with
     sanitizers."""
     _run_tests(sanitized, "tests/test_fast_accept.py")
+
+
+def test_early_data_tests_under_asan_and_ubsan(sanitized):
+    """Early data and lazy ACCEPTs, both roles, a peer breaking their rules, with
+    sanitizers."""
+    _run_tests(sanitized, "tests/test_early_data.py")
 
 
 def test_pump_listen_tests_under_asan_and_ubsan(sanitized):

@@ -31,22 +31,26 @@ def wait_until(what: str, cond, timeout: float = 5.0):
 # ---- the ring core's held-bytes query ------------------------------------------------------
 
 def test_held_counts_what_an_application_wrote_before_the_stream_opened():
+    """Bytes written before the acceptor decided went out as early data: the opener counts
+    them unacknowledged, the acceptor undelivered, until the stream is accepted and credited."""
     p = RingPair(ring_size=65536, window=65536)
     try:
         app, a_end = socket.socketpair()
         sid, _ = p.a.open_stream(a_end, "svc")
-        app.sendall(b"e" * 3000)  # the pump reads nothing until the peer accepts
+        app.sendall(b"e" * 3000)
         serial = p.wait_event(p.b, EventType.OPEN_REQUEST).serial
-        held = wait_until("the unread bytes", lambda: p.a.held()["app_unread"] == 3000 and
+        held = wait_until("the early bytes", lambda: p.a.held()["unacked"] == 3000 and
                           p.a.held())
-        assert held["streams"] == 1 and held["unacked"] == 0
+        assert held["streams"] == 1 and held["app_unread"] == 0
+        assert wait_until("the acceptor's copy", lambda: p.b.held()["undelivered"] == 3000)
         svc, b_end = socket.socketpair()
         assert p.b.accept_stream(sid, serial, b_end)
         got = b""
         while len(got) < 3000:
             got += svc.recv(4096)
         assert got == b"e" * 3000
-        assert wait_until("the pump to read them", lambda: p.a.held()["app_unread"] == 0)
+        assert wait_until("the credit back", lambda: p.a.held()["unacked"] == 0)
+        assert p.b.held()["undelivered"] == 0
         app.close()
         svc.close()
     finally:

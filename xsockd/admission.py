@@ -14,7 +14,13 @@ from xsockd.ring import MIN_RING_SIZE, Reason, link_pages
 from xsockd.words import count
 
 __all__ = ["GrantPlan", "OpenBudget", "RateBucket", "Refusal", "admit_link", "admit_stream",
-           "grant_budget", "grant_plan", "reachable_services"]
+           "caller_header", "grant_budget", "grant_plan", "reachable_services"]
+
+
+def caller_header(domid: int, service: str) -> bytes:
+    """Returns the line a service with ``caller_header`` receives before the caller's bytes
+    (docs/PROTOCOL.md "Services and the caller header")."""
+    return f"XSOCK/1 domid={domid} service={service or '-'}\n".encode()
 
 
 @dataclass(frozen=True)

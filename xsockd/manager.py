@@ -31,6 +31,7 @@ from xsockd.admission import (
     Refusal,
     admit_link,
     admit_stream,
+    caller_header,
     grant_budget,
     grant_plan,
     reachable_services,
@@ -63,14 +64,13 @@ from xsockd.rendezvous import (
     request_dir,
 )
 from xsockd.ring import LISTEN_RETRY, AdmitEntry, EventType, OpenGate, Reason, RingEvent, Role
-from xsockd.vchan_client import VchanClient
-from xsockd.vchan_server import VchanServer
+from xsockd.vchans import Vchans
 from xsockd.words import count
 
 if TYPE_CHECKING:
     from xsockd.loop import Loop, Timer
 
-__all__ = ["Channel", "ChannelObserver", "Manager", "caller_header"]
+__all__ = ["Channel", "ChannelObserver", "Manager"]
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +91,6 @@ LINK_DOWN_WHY = {-errno.EPROTO: "the peer broke the ring protocol",
                  -errno.ECONNRESET: "the peer went away",
                  -errno.ESHUTDOWN: "the peer closed the link",
                  -errno.ENOBUFS: "events were not collected"}
-
-
-def caller_header(domid: int, service: str) -> bytes:
-    """Returns the line a service with ``caller_header`` receives before the caller's bytes."""
-    return f"XSOCK/1 domid={domid} service={service or '-'}\n".encode()
 
 
 @dataclass
@@ -190,7 +185,7 @@ class Manager:
         self._eager_timers: dict[int, Timer] = {}                # peer: next try
         self._eager_delay: dict[int, float] = {}                 # peer: backoff after a failure
         self._eager_off = False                                  # stopping: no more tries
-        self.vchans: dict[str, VchanServer | VchanClient] = {}   # [vchan.NAME] (vchan_*.py)
+        self.vchans: Vchans | None = None                         # [vchan.NAME], from start
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -213,7 +208,8 @@ class Manager:
         self.loop.add_reader(self.xs.fileno(), self._on_xenstore)
         for peer, service in self.config.local_sockets():
             self._listen(peer, service)
-        self._start_vchans()
+        self.vchans = Vchans(self.backend, self.loop, self.peerlog, self._rundir)
+        self.vchans.start(self.config)
         self._started = True
         for peer in sorted(self.config.eager_peers()):
             self._keep_eager(peer, 0.0)
@@ -234,7 +230,8 @@ class Manager:
             self._drain_timer = None
         for link in list(self.links.values()):
             self._drop_link(link, goodbye=True)
-        self._stop_vchans()
+        if self.vchans is not None:
+            self.vchans.stop()
         if self._started:
             self.loop.remove_reader(self.xs.fileno())
             try:
@@ -264,7 +261,8 @@ class Manager:
         for peer, service in list(self._listeners):
             self._on_connect(peer, service)  # clients whose connect() already succeeded
             self._unlisten(peer, service)
-        self._drain_vchans()
+        if self.vchans is not None:
+            self.vchans.drain()
         deadline = self.loop.time() + timeout
         log.info("stopping: no new streams; %s may drain for up to %g s",
                  count(len(self.channels), "channel"), timeout)
@@ -295,7 +293,8 @@ class Manager:
         for link in self.links.values():
             if not link.closed:
                 total.update(link.ring.held())
-        total.update(self._vchans_held())
+        if self.vchans is not None:
+            total.update(self.vchans.held())
         return total
 
     def reload(self, config: Config) -> list[str]:
@@ -328,8 +327,9 @@ class Manager:
             for peer, service in sorted(old - new):
                 self._unlisten(peer, service)
         changes += describe_changes(self.config, config)
-        if self._started:
-            changes += self._reload_vchans(self.config, config)
+        if self._started and self.vchans is not None:
+            changes += self.vchans.reload(self.config, config, set(self._listeners),
+                                          starting=not self._draining)
         old_config = self.config
         now = self.loop.time()
         for budget in self._budgets.values():
@@ -403,116 +403,10 @@ class Manager:
                     log.debug("dropping the link of domain %d: %s", peer, e2, exc_info=e2)
                     self.links.pop(key, None)
 
-    # ---- vchans (docs/VCHAN.md): each owns its XenStore connection and fds -----------------
-
-    def _start_vchans(self) -> None:
-        """Starts every [vchan.NAME]; one that cannot start is logged and left out."""
-        for name in sorted(self.config.vchans):
-            self._start_vchan(name, self.config)
-
-    def _start_vchan(self, name: str, config: Config) -> None:
-        assert self._rundir is not None
-        cfg = config.vchans[name]
-        try:
-            if cfg.role == "server":
-                assert cfg.service is not None
-                svc = config.services[cfg.service]
-                # The caller is the vchan client's domain; the "service" its vchan's name.
-                header = caller_header(cfg.domain, name) if svc.caller_header else b""
-                server = VchanServer(cfg, svc.socket, self.backend, self.loop, header,
-                                     self.peerlog)
-                self.vchans[name] = server
-                server.start()
-            else:
-                listener = self._rundir.listen(cfg.domain, name)
-                try:
-                    client = VchanClient(cfg, listener, self.backend, self.loop, self.peerlog)
-                except BaseException:  # not ours yet to stop: nobody would serve the socket
-                    listener.close()
-                    self._rundir.unlink(cfg.domain, name)
-                    raise
-                self.vchans[name] = client
-                client.start()
-        except Exception as e:  # the boundary: this vchan only
-            log.error("vchan %s: cannot start: %s", name, escape(str(e)))
-            self._stop_vchan(name)
-
-    @staticmethod
-    def _vchan_setup(config: Config, name: str) -> object:
-        """Returns what a running [vchan.NAME] was made from: its table and, for a server,
-        its service's socket and caller_header; None if there is no such table."""
-        cfg = config.vchans.get(name)
-        if cfg is None:
-            return None
-        svc = config.services.get(cfg.service) if cfg.service is not None else None
-        return cfg, svc.socket if svc else None, svc.caller_header if svc else None
-
-    def _reload_vchans(self, old: Config, new: Config) -> list[str]:
-        """Applies the [vchan.NAME] tables of ``new``: a removed one stops (its stream ends,
-        everything released), an added one starts, a changed one restarts; an unchanged one
-        is left alone, its stream with it.  One that could not start before is tried again.
-        Returns what changed, one phrase each.  Stopping: nothing starts."""
-        changes: list[str] = []
-        names = sorted(old.vchans.keys() | new.vchans.keys())
-        changed = [n for n in names if self._vchan_setup(old, n) != self._vchan_setup(new, n)]
-        taken = set(self._listeners)  # bound already: the listeners are reloaded first
-        for name in changed:  # all stopped first: a path or socket may pass to another name
-            v = self.vchans.get(name)
-            if v is not None:
-                try:
-                    self._stop_vchan(name, keep_socket=(v.cfg.domain, name) in taken)
-                except Exception as e:  # stopping: release what we can
-                    log.error("vchan %s: stopping: %s", name, escape(str(e)))
-        for name in names:
-            if name not in new.vchans:
-                changes.append(f"vchan {name} removed")
-                continue
-            if name in changed:
-                what = "changed, restarted" if name in old.vchans else "added"
-                changes.append(f"vchan {name} {what}")
-            elif name in self.vchans:
-                continue
-            if not self._draining:
-                self._start_vchan(name, new)
-        return changes
-
-    def _stop_vchan(self, name: str, keep_socket: bool = False) -> None:
-        """Stops [vchan.NAME]; a client's socket file is removed unless ``keep_socket`` (a
-        reload gave its path to a peer's named service, whose listener is bound there now)."""
-        v = self.vchans.pop(name, None)
-        if v is not None:
-            v.close()
-            if isinstance(v, VchanClient) and self._rundir is not None and not keep_socket:
-                self._rundir.unlink(v.cfg.domain, name)
-
-    def _stop_vchans(self) -> None:
-        for name in list(self.vchans):
-            try:
-                self._stop_vchan(name)
-            except Exception as e:  # stopping: release what we can
-                log.error("vchan %s: stopping: %s", name, escape(str(e)))
-
-    def _drain_vchans(self) -> None:
-        """Stopping: no vchan takes a new stream; the running ones go on until stop."""
-        for name, v in list(self.vchans.items()):
-            try:
-                v.drain()
-            except Exception as e:  # the boundary: this vchan only
-                log.error("vchan %s: %s", name, escape(str(e)))
-                self._stop_vchan(name)
-
-    def _vchans_held(self) -> Counter[str]:
-        held: Counter[str] = Counter()
-        for v in self.vchans.values():
-            if v.vchan is not None and v.vchan.pump is not None:
-                held["streams"] += 1
-                held["vchan"] += v.vchan.in_flight()
-        return held
-
     def list_vchans(self) -> list[dict[str, object]]:
         """Returns each vchan endpoint's kind, name, XenStore path, peer, state, streams and
         bytes each way (``ListVchans`` in org.xsockd.Xsockd1.xml)."""
-        return [v.describe() for _, v in sorted(self.vchans.items())]
+        return self.vchans.describe() if self.vchans is not None else []
 
     # ---- local sockets ------------------------------------------------------------------
 
@@ -525,7 +419,8 @@ class Manager:
         sock = self._rundir.listen(peer, service)
         self._listeners[(peer, service)] = sock
         self.loop.add_reader(sock.fileno(), lambda: self._on_connect(peer, service))
-        for link in [lk for (p, _), lk in self.links.items() if p == peer and lk.up][:1]:
+        link = self._up_link(peer)
+        if link is not None:
             self._hand_listeners(link)
 
     def _unlisten(self, peer: int, service: str = "") -> None:
@@ -601,8 +496,8 @@ class Manager:
             sock = self._listeners.get(key)
             if sock is not None:  # level-triggered: what is queued wakes the loop at once
                 self.loop.add_reader(sock.fileno(), lambda k=key: self._on_connect(*k))
-        for other in [lk for (p, _), lk in self.links.items()
-                      if p == link.peer and lk is not link and lk.up][:1]:
+        other = self._up_link(link.peer, besides=link)
+        if other is not None:
             self._hand_listeners(other)
 
     # ---- links --------------------------------------------------------------------------
@@ -610,11 +505,18 @@ class Manager:
     def granted_pages(self) -> int:
         return sum(link.pages for link in self.links.values())
 
+    def _up_link(self, peer: int, besides: Link | None = None) -> Link | None:
+        """Returns an up link with ``peer`` (other than ``besides``), or None.  A peer may have
+        two links for a while, one in each direction, when both sides asked at once."""
+        return next((lk for (p, _), lk in self.links.items()
+                     if p == peer and lk.up and lk is not besides), None)
+
     def _link_for(self, peer: int) -> Link:
         """Returns a link to ``peer`` for a new stream, offering one if there is none."""
-        links = [lk for (p, _), lk in self.links.items() if p == peer]
-        if links:
-            return min(links, key=lambda lk: not lk.up)  # an up link if there is one
+        link = self._up_link(peer) or next(
+            (lk for (p, _), lk in self.links.items() if p == peer), None)
+        if link is not None:
+            return link
         if not self._domain_exists(peer):
             self.counters["links_failed"] += 1
             raise RefusedError(no_such_domain(peer))
@@ -797,12 +699,8 @@ class Manager:
         # A domU may not ask (and gets no @releaseDomain events): its peer is dom0 or a
         # driver domain, whose death reaches it through the unmap notification.
         gone = {peer for peer, _ in self.links if not self._domain_exists(peer)}
-        for name, v in list(self.vchans.items()):
-            if not self._domain_exists(v.cfg.domain):
-                try:
-                    v.peer_destroyed()
-                except Exception as e:  # the boundary: this vchan only
-                    log.error("vchan %s: %s", name, escape(str(e)))
+        if self.vchans is not None:
+            self.vchans.peers_destroyed(self._domain_exists)
         for link in [lk for (peer, _), lk in self.links.items() if peer in gone]:
             log.warning("link with domain %d down: the domain was destroyed", link.peer,
                         extra={"XSOCK_PEER": link.peer})

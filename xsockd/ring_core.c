@@ -55,7 +55,7 @@ _Static_assert(XSK_OFF_RING1 == XSK_OFF_RING0 + 128, "ring 1 follows ring 0");
 struct xsk_frame {
     uint32_t stream;
     uint16_t type;
-    uint16_t flags; /* 0; reserved */
+    uint16_t flags; /* XSK_FL_*; other bits ignored */
     uint32_t len;   /* payload bytes following the header */
     uint32_t arg;
 };
@@ -67,12 +67,17 @@ _Static_assert(sizeof(struct xsk_frame) == XSK_FRAME_HDR, "frame header is 16 by
 #define HOLD_SCAN_MAX 64
 #define ORPHAN_RESETS 64
 #define SAFETY_TIMEOUT_MS 1000
+#define ACCEPT_LOOK_MS 5
+#define BUSY_RUNS_PER_POLL 4
 /* Events that only tell Python what already happened (a stream accepted, opened or closed)
  * wait up to EV_BATCH_MS, or until EV_BATCH_MAX of them or an event Python must act on is
  * queued, before its eventfd is signalled: the loop then wakes once for a batch of streams
  * instead of once per event, and on two cores its wake-ups cost the pumps CPU. */
 #define EV_BATCH_MS 2
 #define EV_BATCH_MAX 256
+/* At most this many accept4 calls per listener per readiness report: other work runs between
+ * batches of a long burst. */
+#define ACCEPT_BATCH_MAX 64
 
 /* Where a fresh link's indices start: 0 on the wire.  The sanitizer test build starts them
  * just below 2^32 so that every test crosses the index wrap early. */
@@ -104,8 +109,11 @@ struct stream {
     uint32_t state;         /* written with set_state: read by Python's threads too */
     unsigned readable : 1, rd_eof : 1, fin_sent : 1, peer_fin : 1, wr_shut : 1, wr_dead : 1;
     unsigned on_ready : 1, on_ctl : 1, hol : 1;
+    unsigned rd_hup : 1;      /* epoll said the application's writing side is closed */
     unsigned ctl_open : 1, ctl_accept : 1, ctl_credit : 1, ctl_fin : 1, ctl_reset : 1;
     unsigned credit_lazy : 1; /* the queued CREDIT is an idle one: it wakes no sleeping peer */
+    unsigned early : 1;       /* opener: our OPEN said EARLY; acceptor: the peer's did */
+    unsigned accept_wanted : 1; /* acceptor: the opener used up its early credit */
     uint32_t reset_reason;
     uint32_t tx_credit;     /* bytes we may still send */
     uint32_t peer_window;   /* the window the peer granted us (caps tx_credit) */
@@ -126,6 +134,8 @@ struct listener {
     int fd;                 /* -1: a free slot */
     int armed;              /* in the epoll set for EPOLLIN (level-triggered) */
     uint64_t retry_ns;      /* disarmed after a failed accept: when to look again */
+    uint32_t batch;         /* accepts per readiness report, 1 up to ACCEPT_BATCH_MAX */
+    uint64_t used_up_at;    /* the l->polls of the last report that used up its batch */
     char name[XSK_NAME_MAX + 1];
 };
 
@@ -141,6 +151,9 @@ struct cmd {
 
 struct xsk_link {
     uint8_t *live_shr;         /* live[2] in the control page */
+    uint32_t *early_shr;       /* early[2] in the control page */
+    uint32_t early_own;        /* early DATA we take per stream before our ACCEPT */
+    uint32_t early_peer;       /* the peer's, read once when it came up (0 until then) */
     struct ring tx, rx;
     uint32_t role;
     uint32_t evtchn_kind;
@@ -148,6 +161,7 @@ struct xsk_link {
     uint32_t evtchn_port;
     uint32_t window, max_streams;
     uint32_t ctl_reserve;      /* tx bytes kept free of DATA for control frames */
+    int no_sndbuf_force;       /* SO_SNDBUFFORCE said EPERM once: the plain option only */
 
     int epfd, cmd_fd, ev_fd;
     pthread_t thread;
@@ -173,7 +187,8 @@ struct xsk_link {
 
     int peer_up;
     int want_notify_tx, want_notify_rx;
-    int spin_off;               /* XSOCKD_RING_SPIN=off: no spin_for_reply */
+    uint32_t early_opening;    /* our streams opening with early DATA: their ACCEPT is lazy */
+    int spin_off;              /* XSOCKD_RING_SPIN=off: no spin_for_reply */
 
     pthread_mutex_t cmd_lock;
     struct cmd *cmd_head, *cmd_tail;
@@ -192,6 +207,7 @@ struct xsk_link {
     /* Listeners handed over by Python (xsk_link_listen): the pump's own, slots reused. */
     struct listener *lsn;
     uint32_t nlsn, lsn_cap, lsn_disarmed;
+    uint64_t polls;             /* epoll_waits that reported something (handle_epoll runs) */
 
     /* The admission table, sorted by name, and the peer's open budget: set by Python
      * (xsk_link_set_admission), read by the pump under adm_lock. */
@@ -381,8 +397,11 @@ static void table_remove(struct xsk_link *l, struct stream *s)
 
 static int can_send_data(struct stream *s)
 {
-    return (s->state == ST_OPEN || s->state == ST_HALF) && s->fd >= 0 && !s->rd_eof &&
-           s->tx_credit > 0 && !s->ctl_accept && !s->ctl_reset;
+    /* An opening stream may send the peer's early credit once its OPEN is in the ring. */
+    int state_ok = s->state == ST_OPEN || s->state == ST_HALF ||
+                   (s->state == ST_OPENING && !s->ctl_open);
+    return state_ok && s->fd >= 0 && !s->rd_eof && s->tx_credit > 0 && !s->ctl_accept &&
+           !s->ctl_reset;
 }
 
 static void ready_update(struct xsk_link *l, struct stream *s)
@@ -401,8 +420,10 @@ static void ready_update(struct xsk_link *l, struct stream *s)
     }
 }
 
-static void set_state(struct stream *s, uint32_t state)
+static void set_state(struct xsk_link *l, struct stream *s, uint32_t state)
 {
+    if (s->state == ST_OPENING && s->early && state != ST_OPENING)
+        l->early_opening--;
     __atomic_store_n(&s->state, state, __ATOMIC_RELAXED);
 }
 
@@ -447,7 +468,11 @@ static void stream_free(struct xsk_link *l, struct stream *s)
 static void close_fd(struct xsk_link *l, struct stream *s)
 {
     if (s->fd >= 0) {
-        epoll_ctl(l->epfd, EPOLL_CTL_DEL, s->fd, NULL);
+        /* No EPOLL_CTL_DEL: closing the last descriptor of a file takes it out of the epoll
+         * set, and a stream's socket has no other (Python detaches the ones it hands over;
+         * accept4 and socket made the others, close-on-exec).  Were a copy left somewhere, the
+         * stale entry would be harmless: its events name a stream id that is gone or whose
+         * fd is -1, and handle_epoll skips those. */
         /* Under table_lock: xsk_link_held asks the socket how much it holds. */
         pthread_mutex_lock(&l->table_lock);
         close(s->fd);
@@ -467,7 +492,7 @@ static void stream_end(struct xsk_link *l, struct stream *s, uint32_t reason, in
     if (s->state != ST_ZOMBIE) {
         /* Zombie before the event: a command Python sends after seeing CLOSED finds it gone
          * (ev_lock orders this store before Python's read of the event). */
-        set_state(s, ST_ZOMBIE);
+        set_state(l, s, ST_ZOMBIE);
         push_event(l, XSK_EV_CLOSED, s, s->id, s->serial, (int32_t)reason);
     }
     if (send_reset) {
@@ -484,24 +509,38 @@ static void check_done(struct xsk_link *l, struct stream *s)
     if (s->fin_sent && s->wr_shut && s->fd >= 0)
         stream_end(l, s, XSK_R_DONE, 0);
     else if ((s->fin_sent || s->wr_shut) && s->state == ST_OPEN)
-        set_state(s, ST_HALF);
+        set_state(l, s, ST_HALF);
 }
 
-static int stream_watch(struct xsk_link *l, struct stream *s)
+/* Takes s's socket into the epoll set.  nonblocking: the pump made it itself with
+ * SOCK_NONBLOCK (accept4, socket), so the two fcntl calls that set O_NONBLOCK are skipped; a
+ * socket Python hands over may be blocking (its accept() leaves the flag off). */
+static int stream_watch(struct xsk_link *l, struct stream *s, int nonblocking)
 {
     struct epoll_event ev = { .events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
                               .data.u64 = ((uint64_t)3 << 32) | s->id };
-    int rc = set_nonblock(s->fd);
+    int rc = nonblocking ? 0 : set_nonblock(s->fd);
     if (rc < 0)
         return rc;
     /* A send buffer of a window lets one sendmsg hand over a whole frame; FORCE where we may
-     * exceed wmem_max (root), the plain option otherwise.  Best effort. */
+     * exceed wmem_max (root), the plain option otherwise.  Best effort.  Without the
+     * privilege FORCE is not tried again: a failed call per stream for nothing. */
     int sndbuf = (int)l->window;
-    if (setsockopt(s->fd, SOL_SOCKET, SO_SNDBUFFORCE, &sndbuf, sizeof(sndbuf)) < 0)
+    if (l->no_sndbuf_force ||
+        setsockopt(s->fd, SOL_SOCKET, SO_SNDBUFFORCE, &sndbuf, sizeof(sndbuf)) < 0) {
+        if (!l->no_sndbuf_force && errno == EPERM)
+            l->no_sndbuf_force = 1;
         (void)setsockopt(s->fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
+    }
     if (epoll_ctl(l->epfd, EPOLL_CTL_ADD, s->fd, &ev) < 0)
         return -errno;
-    s->readable = 1; /* optimistic: a read will say EAGAIN if not */
+    /* A service's socket (the stream accepted: ST_OPEN already) is not readable until epoll
+     * says so: EPOLL_CTL_ADD queues an event at once if it holds bytes or an EOF already
+     * (edge-triggered or not), so nothing queued before is missed, and a service that speaks
+     * second, as most do, costs no recvmsg that says EAGAIN.  An application that has just
+     * connected has usually written already: its socket is read as soon as the stream may
+     * send, without waiting for that event. */
+    s->readable = s->state == ST_OPENING;
     return 0;
 }
 
@@ -597,7 +636,11 @@ static void flush_pending(struct xsk_link *l, struct stream *s)
         s->pend = NULL;
         s->pend_off = 0;
         if (s->peer_fin && !s->wr_shut) {
-            shutdown(s->fd, SHUT_WR);
+            /* Our FIN out too: check_done closes the socket just below, and the application
+             * reads the same EOF after the same bytes from a close as from a shutdown.  A
+             * half-close (the application still writing) needs the shutdown. */
+            if (!s->fin_sent)
+                shutdown(s->fd, SHUT_WR);
             s->wr_shut = 1;
             /* Everything the peer sent is delivered: credit the last part of a quarter too,
              * so that the sender knows nothing of this stream is held here any more. */
@@ -678,21 +721,32 @@ static int rx_data(struct xsk_link *l, uint32_t prod)
     struct stream *s = lookup(l, h->stream);
     if (!s || s->state == ST_ZOMBIE || s->wr_dead)
         return 1; /* in flight when we reset the stream: discard */
-    if (s->state == ST_OPENING || s->state == ST_ACCEPTING || s->peer_fin)
+    int early = s->state == ST_ACCEPTING;
+    if (s->state == ST_OPENING || s->peer_fin || (early && !s->early))
         return -EPROTO;
     if (l->head.first) {
+        /* Before our ACCEPT the opener may use the early credit we advertised; after it, the
+         * window we granted (which counts the early bytes too). */
+        uint32_t granted = early ? l->early_own : l->window;
         if (h->len == 0)
             return -EPROTO; /* DATA carries 1 .. ring_size - 16 bytes */
-        if (h->len > l->window - s->rx_inflight)
+        if (h->len > granted - s->rx_inflight)
             return -EPROTO; /* more than the credit we granted */
         s->rx_inflight += h->len;
         l->head.first = 0;
+        if (s->early && (h->flags & XSK_FL_WANT)) {
+            /* The opener waits for our ACCEPT: it goes out signalled, or, if it went out
+             * lazily already, a signal follows it. */
+            s->accept_wanted = 1;
+            if (!early && !s->ctl_accept)
+                l->want_notify_tx = 1;
+        }
     }
     uint32_t left = h->len - l->head.done;
-    if (s->fd < 0 || left == 0)
+    if ((s->fd < 0 && !early) || left == 0)
         return 1;
     struct iovec iov[2];
-    if (s->pend_len == 0) {
+    if (s->pend_len == 0 && !early) {
         int n = payload_iov(&l->rx, l->rx.pvt, l->head.done, left, iov);
         ssize_t w = send_iov(s->fd, iov, n);
         if (w < 0 && w != -EAGAIN) {
@@ -714,7 +768,8 @@ static int rx_data(struct xsk_link *l, uint32_t prod)
             return 0;
         }
     }
-    /* Copy the blocked stream's bytes out (at most its window) so that others proceed. */
+    /* Copy the blocked stream's bytes out (at most its window) so that others proceed; early
+     * bytes wait there for the control plane's decision (at most early_own of them). */
     int n = payload_iov(&l->rx, l->rx.pvt, l->head.done, left, iov);
     int rc = append_pending(l, s, iov[0].iov_base, (uint32_t)iov[0].iov_len,
                             n == 2 ? iov[1].iov_base : NULL, n == 2 ? (uint32_t)iov[1].iov_len : 0);
@@ -858,11 +913,11 @@ static int fast_accept(struct xsk_link *l, struct stream *s)
     if (fd < 0)
         return 0;
     s->fd = fd;
-    set_state(s, ST_OPEN);
+    set_state(l, s, ST_OPEN);
     s->ctl_accept = 1;
     ctl_queue(l, s);
     push_event(l, XSK_EV_ACCEPTED, s, s->id, s->serial, 0);
-    if (stream_watch(l, s) < 0)
+    if (stream_watch(l, s, 1) < 0) /* connect_service's socket is non-blocking */
         stream_end(l, s, XSK_R_NO_SERVICE, 1); /* its CLOSED follows the ACCEPTED */
     return 1;
 }
@@ -900,6 +955,7 @@ static int rx_frame(struct xsk_link *l, uint32_t prod)
         if (!s)
             return -ENOMEM;
         s->peer_window = s->tx_credit = h->arg;
+        s->early = (h->flags & XSK_FL_EARLY) != 0;
         if (reset_follows(l, prod, s->id) || !fast_accept(l, s))
             push_event(l, XSK_EV_OPEN_REQUEST, s, s->id, s->serial, 0);
         return 1;
@@ -912,10 +968,16 @@ static int rx_frame(struct xsk_link *l, uint32_t prod)
             return 1; /* we closed it meanwhile; our RESET is on its way */
         if (s->state != ST_OPENING || h->arg == 0 || h->arg > XSK_MAX_WINDOW)
             return -EPROTO;
-        set_state(s, ST_OPEN);
-        s->peer_window = s->tx_credit = h->arg;
+        /* The window counts the early bytes already sent (no CREDIT can precede ACCEPT). */
+        uint32_t sent = s->peer_window - s->tx_credit;
+        if (h->arg < sent)
+            return -EPROTO;
+        set_state(l, s, ST_OPEN);
+        s->peer_window = h->arg;
+        s->tx_credit = h->arg - sent;
         push_event(l, XSK_EV_OPENED, s, s->id, s->serial, 0);
         ready_update(l, s);
+        check_done(l, s); /* half-closed already if an early FIN went out */
         return 1;
     case XSK_F_CREDIT:
         s = lookup(l, h->stream);
@@ -931,10 +993,12 @@ static int rx_frame(struct xsk_link *l, uint32_t prod)
         s = lookup(l, h->stream);
         if (!s || s->state == ST_ZOMBIE || s->wr_dead)
             return 1;
-        if (s->state == ST_OPENING || s->state == ST_ACCEPTING || s->peer_fin)
+        if (s->state == ST_OPENING || s->peer_fin ||
+            (s->state == ST_ACCEPTING && !s->early))
             return -EPROTO;
         s->peer_fin = 1;
-        flush_pending(l, s); /* half-closes the socket once its buffer is drained */
+        flush_pending(l, s); /* half-closes the socket once its buffer is drained (or, while
+                              * accepting, once the control plane handed one over) */
         return 1;
     case XSK_F_RESET:
         s = lookup(l, h->stream);
@@ -1009,11 +1073,11 @@ static int64_t tx_free(struct xsk_link *l)
     return (int64_t)(r->size - used);
 }
 
-static void tx_put(struct xsk_link *l, uint32_t id, uint16_t type, uint32_t arg,
-                   const char *payload, uint32_t len)
+static void tx_put_flags(struct xsk_link *l, uint32_t id, uint16_t type, uint16_t flags,
+                         uint32_t arg, const char *payload, uint32_t len)
 {
     struct ring *r = &l->tx;
-    struct xsk_frame f = { .stream = id, .type = type, .len = len, .arg = arg };
+    struct xsk_frame f = { .stream = id, .type = type, .flags = flags, .len = len, .arg = arg };
     memcpy(r->data_shr + (r->pvt & r->mask), &f, sizeof(f));
     if (len) {
         struct iovec iov[2];
@@ -1026,6 +1090,12 @@ static void tx_put(struct xsk_link *l, uint32_t id, uint16_t type, uint32_t arg,
     store_release(&r->shr->prod, r->pvt); /* frame bytes before prod */
     relaxed_add(&l->stats.frames_out, 1);
     l->want_notify_tx = 1;
+}
+
+static void tx_put(struct xsk_link *l, uint32_t id, uint16_t type, uint32_t arg,
+                   const char *payload, uint32_t len)
+{
+    tx_put_flags(l, id, type, 0, arg, payload, len);
 }
 
 /* Sends queued control frames.  Returns >0 on progress, 0 if none or blocked, -errno. */
@@ -1048,11 +1118,23 @@ static int tx_control(struct xsk_link *l)
             break;
         if (s->ctl_open) {
             uint32_t nl = (uint32_t)strlen(s->name);
-            tx_put(l, s->id, XSK_F_OPEN, l->window, s->name, nl);
+            /* The first bytes (and FIN) follow at once, within the peer's early credit,
+             * instead of waiting a round trip for its ACCEPT. */
+            s->early = l->early_peer > 0;
+            l->early_opening += s->early;
+            tx_put_flags(l, s->id, XSK_F_OPEN, s->early ? XSK_FL_EARLY : 0, l->window, s->name,
+                         nl);
             s->ctl_open = 0;
+            s->peer_window = s->tx_credit = l->early_peer;
         }
         if (s->ctl_accept) {
+            /* An opener that sent early needs our ACCEPT only for more credit: unless it
+             * asked (WANT) or the ring is half full, it reads it with our next frame rather
+             * than waking for it alone (one wake-up less per stream opened). */
+            int notify = l->want_notify_tx;
             tx_put(l, s->id, XSK_F_ACCEPT, l->window, NULL, 0);
+            if (s->early && !s->accept_wanted && tx_free(l) >= (int64_t)(l->tx.size / 2))
+                l->want_notify_tx = notify;
             s->ctl_accept = 0;
         }
         if (s->ctl_credit) {
@@ -1125,7 +1207,10 @@ static int tx_data(struct xsk_link *l)
         s->readable = 0;
         ready_update(l, s);
         if (got > 0) {
-            struct xsk_frame f = { .stream = s->id, .type = XSK_F_DATA, .len = (uint32_t)got };
+            /* Early bytes that use up the peer's early credit ask for its ACCEPT. */
+            uint16_t fl = s->state == ST_OPENING && (uint32_t)got == s->tx_credit ? XSK_FL_WANT : 0;
+            struct xsk_frame f = { .stream = s->id, .type = XSK_F_DATA, .flags = fl,
+                                   .len = (uint32_t)got };
             memcpy(r->data_shr + (r->pvt & r->mask), &f, sizeof(f));
             r->pvt += XSK_FRAME_HDR + ALIGN16((uint32_t)got);
             store_release(&r->shr->prod, r->pvt); /* payload and header before prod */
@@ -1134,7 +1219,10 @@ static int tx_data(struct xsk_link *l)
             relaxed_add(&s->bytes_out, (uint64_t)got);
             relaxed_add(&l->stats.bytes_out, (uint64_t)got);
             relaxed_add(&l->stats.frames_out, 1);
-            s->readable = 1;
+            /* A short read emptied the socket: the next bytes raise an edge of their own, so
+             * no read to hear EAGAIN (one system call per message).  Once the application
+             * closed, no edge follows: read on until its EOF. */
+            s->readable = (uint32_t)got == max || s->rd_hup;
             progress = 1;
         } else if (got == 0) {
             s->rd_eof = 1;
@@ -1219,7 +1307,7 @@ static void open_local(struct xsk_link *l, uint32_t id, uint64_t serial, int fd,
         push_event(l, XSK_EV_LOCAL_OPEN, s, id, serial, 0);
     s->ctl_open = 1;
     ctl_queue(l, s);
-    if (stream_watch(l, s) < 0)
+    if (stream_watch(l, s, report) < 0) /* accept_local's accept4 made it non-blocking */
         stream_end(l, s, XSK_R_ABORTED, 1);
 }
 
@@ -1277,6 +1365,7 @@ static void listener_add(struct xsk_link *l, int fd, const char *name)
     memset(L, 0, sizeof(*L));
     L->fd = fd;
     L->armed = 1;
+    L->batch = 1;
     memcpy(L->name, name, strnlen(name, XSK_NAME_MAX));
     if (i == l->nlsn)
         l->nlsn++;
@@ -1293,33 +1382,44 @@ static void listener_close(struct xsk_link *l, uint32_t i)
     L->armed = 0;
 }
 
-/* Accepts what listener i holds (a batch: the listener stays readable if more) and opens a
- * stream for each connection.  Running out of descriptors or memory leaves the connection
+/* Accepts up to a batch of what listener i holds and opens a stream for each connection.
+ * The listener is level-triggered: connections left queued are reported again by the next
+ * epoll_wait (at once: the accepts were progress).  The batch adapts so that accept4 is
+ * rarely called only to say EAGAIN: it doubles when the listener is reported again right
+ * after a report that used it up (a burst), and falls to what one report found when the
+ * queue ran dry, down to one, which is what connections arriving one at a time need (an
+ * accept4 each, where draining cost a second one saying EAGAIN).  Running out of descriptors or memory leaves the connection
  * queued and the listener readable: it is taken out of the epoll set for a while instead of
  * making the pump spin on it. */
 static int accept_local(struct xsk_link *l, uint32_t i)
 {
     struct listener *L = &l->lsn[i];
-    int progress = 0;
-    for (int n = 0; n < 64; n++) {
+    uint32_t got = 0;
+    if (L->used_up_at + 1 == l->polls && L->batch < ACCEPT_BATCH_MAX)
+        L->batch *= 2;
+    for (int tries = 0; tries < ACCEPT_BATCH_MAX && got < L->batch; tries++) {
         int fd = accept4(L->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd >= 0) {
             open_local(l, __atomic_fetch_add(&l->next_id, 2, __ATOMIC_RELAXED),
                        __atomic_fetch_add(&l->next_serial, 1, __ATOMIC_RELAXED), fd, L->name, 1);
-            progress = 1;
+            got++;
             continue;
         }
         int err = errno;
         if (err == EINTR || err == ECONNABORTED)
             continue;
-        if (err == EAGAIN || err == EWOULDBLOCK)
-            break;
+        if (err == EAGAIN || err == EWOULDBLOCK) {
+            L->batch = got ? got : 1;
+            return got > 0;
+        }
         listen_failed(l, L->name, err);
         if (listener_arm(l, i, 0) == 0)
             L->retry_ns = now_ns() + (uint64_t)XSK_LISTEN_RETRY_MS * 1000000u;
-        break;
+        return got > 0;
     }
-    return progress;
+    if (got == L->batch)
+        L->used_up_at = l->polls; /* more may be queued: reported again at once if so */
+    return got > 0;
 }
 
 /* Puts back the listeners whose pause is over; returns ms until the next one's (or -1). */
@@ -1366,11 +1466,13 @@ static int run_commands(struct xsk_link *l, int *goodbye)
                 break;
             }
             s->fd = c->fd;
-            set_state(s, ST_OPEN);
+            set_state(l, s, ST_OPEN);
             s->ctl_accept = 1;
             ctl_queue(l, s);
-            if (stream_watch(l, s) < 0)
+            if (stream_watch(l, s, 0) < 0)
                 stream_end(l, s, XSK_R_NO_SERVICE, 1);
+            else
+                flush_pending(l, s); /* the early bytes that came while Python decided */
             break;
         case CMD_REJECT:
             s = lookup_serial(l, c->id, c->serial);
@@ -1405,6 +1507,7 @@ static int run_commands(struct xsk_link *l, int *goodbye)
 
 static void handle_epoll(struct xsk_link *l, struct epoll_event *evs, int n)
 {
+    l->polls++;
     for (int i = 0; i < n; i++) {
         uint32_t tag = (uint32_t)(evs[i].data.u64 >> 32);
         uint32_t id = (uint32_t)evs[i].data.u64;
@@ -1423,6 +1526,8 @@ static void handle_epoll(struct xsk_link *l, struct epoll_event *evs, int n)
                 continue; /* closed since epoll reported it */
             if (evs[i].events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
                 s->readable = 1;
+                if (evs[i].events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+                    s->rd_hup = 1; /* no edge will follow: read on to the EOF */
                 ready_update(l, s);
             }
             if (evs[i].events & (EPOLLOUT | EPOLLHUP | EPOLLERR)) {
@@ -1453,7 +1558,7 @@ static void close_all(struct xsk_link *l, uint32_t reason)
         struct stream *s;
         while ((s = l->table[i]) != NULL) {
             if (s->state != ST_ZOMBIE) { /* zombies had their CLOSED */
-                set_state(s, ST_ZOMBIE);
+                set_state(l, s, ST_ZOMBIE);
                 push_event(l, XSK_EV_CLOSED, s, s->id, s->serial, (int32_t)reason);
             }
             close_fd(l, s);
@@ -1560,9 +1665,11 @@ static void *pump(void *arg)
 {
     struct xsk_link *l = arg;
     struct epoll_event evs[64];
-    int goodbye = 0, err = 0;
+    int goodbye = 0, err = 0, busy_runs = 0;
     struct spin spin = { .budget_ns = SPIN_START_NS };
 
+    /* Our early credit is in place before the peer can see us live. */
+    __atomic_store_n(&l->early_shr[l->role], l->early_own, __ATOMIC_RELAXED);
     store_release(own_live(l), 1);
     evtchn_notify(l);
     for (;;) {
@@ -1571,6 +1678,9 @@ static void *pump(void *arg)
         uint8_t pl = load_acquire(peer_live(l));
         if (pl == 1 && !l->peer_up) {
             l->peer_up = 1;
+            /* Read once, after the live byte (acquire), and bounded: an older peer leaves 0. */
+            uint32_t e = __atomic_load_n(&l->early_shr[l->role ^ 1], __ATOMIC_RELAXED);
+            l->early_peer = e < XSK_EARLY_WINDOW ? e : XSK_EARLY_WINDOW;
             push_event(l, XSK_EV_PEER_UP, NULL, 0, 0, 0);
         } else if (pl != 1 && l->peer_up) {
             /* The peer left (its unmap notification cleared its live byte): deliver what it
@@ -1590,6 +1700,13 @@ static void *pump(void *arg)
 
         if (!progress && l->idle_credit && credit_idle_streams(l))
             continue; /* send those CREDIT frames before sleeping */
+        /* After progress, look at the ring and the sockets known readable again before asking
+         * epoll: a request or a reply is usually done in one run, and the wait before sleeping
+         * asks epoll anyway (one system call less per run).  Every few runs epoll is asked,
+         * so that a busy link still hears of sockets that became readable meanwhile. */
+        if (progress && ++busy_runs < BUSY_RUNS_PER_POLL)
+            continue;
+        busy_runs = 0;
         int timeout = 0;
         int tx_waiting = l->ready_head.ready_next != &l->ready_head || l->ctl_head ||
                          l->norphan;
@@ -1605,6 +1722,10 @@ static void *pump(void *arg)
             if (tx_waiting && fr >= (int64_t)(l->ctl_reserve + XSK_FRAME_HDR + 1024))
                 more = 1;
             timeout = more ? 0 : SAFETY_TIMEOUT_MS;
+            /* The peer's ACCEPT of an early open comes without a signal: look for it soon,
+             * so that the control plane does not show the stream opening for long. */
+            if (l->early_opening && timeout > ACCEPT_LOOK_MS)
+                timeout = ACCEPT_LOOK_MS;
             relaxed_add(&l->stats.wakeups, 1);
         }
         if (l->lsn_disarmed) {
@@ -1676,6 +1797,7 @@ int xsk_link_new(const struct xsk_link_params *p, struct xsk_link **out)
         return -ENOMEM;
     uint8_t *ctl = p->control;
     l->live_shr = ctl + XSK_OFF_LIVE;
+    l->early_shr = (uint32_t *)(void *)(ctl + XSK_OFF_EARLY);
     struct xsk_ring_shr *r0 = (void *)(ctl + XSK_OFF_RING0), *r1 = (void *)(ctl + XSK_OFF_RING1);
     int init = p->role == XSK_ROLE_INITIATOR;
     l->tx = (struct ring){ init ? r0 : r1, init ? p->ring0 : p->ring1, p->ring_size,
@@ -1696,6 +1818,7 @@ int xsk_link_new(const struct xsk_link_params *p, struct xsk_link **out)
     l->evtchn_notify_fd = p->evtchn_notify_fd;
     l->evtchn_port = p->evtchn_port;
     l->window = p->stream_window;
+    l->early_own = p->stream_window < XSK_EARLY_WINDOW ? p->stream_window : XSK_EARLY_WINDOW;
     l->max_streams = p->max_streams;
     l->ctl_reserve = p->ring_size / 16 > 256 ? p->ring_size / 16 : 256;
     l->next_id = init ? 1 : 2;
@@ -1973,7 +2096,7 @@ int xsk_link_held(struct xsk_link *l, struct xsk_link_held *out)
         if (fd >= 0 && ioctl(fd, FIONREAD, &unread) == 0 && unread > 0)
             out->app_unread += (uint64_t)unread;
         uint32_t state = relaxed_load(&s->state);
-        if (state == ST_OPEN || state == ST_HALF) {
+        if (state == ST_OPEN || state == ST_HALF || state == ST_OPENING) { /* + early DATA */
             uint32_t window = relaxed_load(&s->peer_window), credit = relaxed_load(&s->tx_credit);
             out->unacked += window > credit ? window - credit : 0;
         }

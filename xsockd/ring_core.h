@@ -8,6 +8,9 @@
  *     0x000  uint8_t  live[2]       live[0] written by the initiator, live[1] by the acceptor:
  *                                   1 attached, 0 gone.  Each side's unmap notification clears
  *                                   its own byte when its process dies.
+ *     0x008  uint32_t early[2]      early[0] written by the initiator, early[1] by the
+ *                                   acceptor, before its live byte: how many DATA bytes of a
+ *                                   stream it takes before it answers the OPEN (0: none).
  *     0x040  struct xsk_ring_shr    ring 0 indices: initiator -> acceptor
  *     0x0c0  struct xsk_ring_shr    ring 1 indices: acceptor -> initiator
  *   ring 0 data (ring_size bytes, ring_size / 4096 grants), then ring 1 data (same size).
@@ -37,6 +40,8 @@
 #define XSK_MAX_WINDOW 16777216    /* 16 MiB */
 #define XSK_MAX_STREAMS 65536
 #define XSK_OFF_LIVE 0
+#define XSK_OFF_EARLY 8
+#define XSK_EARLY_WINDOW 65536     /* early DATA a side takes per stream before its ACCEPT */
 #define XSK_OFF_RING0 64
 #define XSK_OFF_RING1 192
 
@@ -48,6 +53,10 @@
 #define XSK_F_FIN 5        /* the sender will send no more data on this stream */
 #define XSK_F_RESET 6      /* the stream is aborted; arg: reason */
 #define XSK_F_GOODBYE 7    /* stream 0: the sender is detaching from the link */
+
+/* Frame flags (docs/PROTOCOL.md "Early data"); other bits are ignored. */
+#define XSK_FL_EARLY 1     /* OPEN: DATA and FIN may follow within the peer's early credit */
+#define XSK_FL_WANT 1      /* DATA before ACCEPT: it used up the early credit; wake me with it */
 
 /* Reset reasons (RESET arg, CLOSED event arg). */
 #define XSK_R_DONE 0       /* closed normally: both sides sent FIN */

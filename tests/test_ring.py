@@ -828,3 +828,47 @@ def test_every_open_past_max_streams_is_answered_even_in_a_burst():
         assert fp.link.stats()["streams"] == 2  # the first two wait for the control plane
     finally:
         fp.close()
+
+
+def _thread_ticks(tids: set[int]) -> int:
+    """CPU clock ticks (user + system) the given threads of this process used so far."""
+    total = 0
+    for tid in tids:
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total
+
+
+@pytest.mark.parametrize("spin", ["default", "on", "yield", "off"])
+def test_pumps_that_spun_for_replies_sleep_once_the_link_is_idle(monkeypatch, spin):
+    # A pump waits for a reply by spinning on the rx ring after it sent DATA (docs/
+    # PERFORMANCE.md): after a burst of round trips that taught it to spin, an idle link must
+    # cost no CPU.  A pump that kept spinning would use about one tick per tick of wall time.
+    if spin != "default":
+        monkeypatch.setenv("XSOCKD_RING_SPIN", spin)
+    else:
+        monkeypatch.delenv("XSOCKD_RING_SPIN", raising=False)
+    before = set(map(int, os.listdir("/proc/self/task")))
+    p = RingPair(ring_size=65536, window=65536)
+    try:
+        pumps = set(map(int, os.listdir("/proc/self/task"))) - before
+        assert len(pumps) == 2
+        app, svc, _ = p.open()
+        for _ in range(300):  # the server replies at once: every spin of A's pump is a hit
+            app.sendall(b"q")
+            assert svc.recv(1) == b"q"
+            svc.sendall(b"r")
+            assert app.recv(1) == b"r"
+        hz = os.sysconf("SC_CLK_TCK")
+        time.sleep(0.2)
+        ticks = _thread_ticks(pumps)
+        start = time.monotonic()
+        while time.monotonic() - start < 2:  # wall time only paces the check: CPU judges it
+            time.sleep(0.1)
+        used = _thread_ticks(pumps) - ticks
+        assert used <= hz // 10, f"idle pumps used {used} ticks in 2 s: one kept spinning"
+        app.close()
+        svc.close()
+    finally:
+        p.close()

@@ -20,6 +20,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -187,6 +188,7 @@ struct xsk_link {
     int peer_up;
     int want_notify_tx, want_notify_rx;
     uint32_t early_opening;    /* our streams opening with early DATA: their ACCEPT is lazy */
+    int spin_off;              /* XSOCKD_RING_SPIN=off: no spin_for_reply */
 
     pthread_mutex_t cmd_lock;
     struct cmd *cmd_head, *cmd_tail;
@@ -1567,11 +1569,104 @@ static void close_all(struct xsk_link *l, uint32_t reason)
     l->ctl_head = l->ctl_tail = NULL;
 }
 
+/* ---- waiting for a reply on the rx ring -------------------------------------------------- */
+
+/* After the pump sent DATA (a request, most likely), the next thing to happen is often the
+ * peer's reply in the rx ring.  Instead of sleeping on the event channel at once, the pump
+ * watches the ring's prod in shared memory for a bounded, adaptive time: our cons_wants
+ * stays 0 meanwhile, so that a reply in time costs the peer no signal and us no wake-up.
+ * It gives its CPU away every SPIN_YIELD_NS, since on two CPUs the threads the reply comes
+ * through (the peer's pump, the service) may need this one; without that the spin held them
+ * off and measured no gain.  Measured: docs/PERFORMANCE.md ("What was tried").
+ * XSOCKD_RING_SPIN=off in the daemon's environment turns it off. */
+#define SPIN_START_NS 65536u  /* the budget of a first wait, and of a probe */
+#define SPIN_MAX_NS 131072u   /* doubling on a hit stops here */
+#define SPIN_MIN_NS 2048u     /* halving on a miss below this stops spinning ... */
+#define SPIN_PROBE 64u        /* ... until this many requests went by */
+#define SPIN_CHECK 32u        /* ring looks between clock reads (vDSO, no system call) */
+#define SPIN_YIELD_NS 2048u   /* sched_yield this often */
+#define SPIN_REQUEST_MAX 16384u /* more DATA out since the last sleep is a stream, not a request */
+
+struct spin {
+    uint32_t budget_ns;       /* 0: not spinning, probing again after SPIN_PROBE requests */
+    uint32_t skipped;
+    uint64_t out_seen, in_seen; /* stats.bytes_out and bytes_in at our last look */
+    uint64_t deadline;        /* when we stop waiting for the reply; 0: none awaited */
+};
+
+static inline void cpu_pause(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause(); /* tells the core (and an SMT sibling) that this is a spin */
+#else
+    __asm__ __volatile__("" ::: "memory");
+#endif
+}
+
+/* Called when the pump found nothing to do.  Returns 1 if frames arrived in the rx ring
+ * while it spun (the pump then runs again without sleeping), 0 if it should sleep. */
+static int spin_for_reply(struct xsk_link *l, struct spin *sp, int tx_waiting)
+{
+    uint64_t out = relaxed_load(&l->stats.bytes_out), in = relaxed_load(&l->stats.bytes_in);
+    if (in != sp->in_seen && sp->deadline) { /* the reply came while we waited */
+        sp->budget_ns = sp->budget_ns * 2 > SPIN_MAX_NS ? SPIN_MAX_NS : sp->budget_ns * 2;
+        sp->deadline = 0;
+    }
+    /* A request left: wait for its reply.  A writer streaming in one direction sends more
+     * between sleeps; its next move is on its socket, which a spinning pump does not see. */
+    if (out != sp->out_seen) {
+        sp->deadline = 0;
+        if (out - sp->out_seen <= SPIN_REQUEST_MAX && !l->spin_off) {
+            if (sp->budget_ns == 0 && ++sp->skipped >= SPIN_PROBE) {
+                sp->skipped = 0;
+                sp->budget_ns = SPIN_START_NS;
+            }
+            if (sp->budget_ns)
+                sp->deadline = now_ns() + sp->budget_ns;
+        }
+    }
+    sp->in_seen = in;
+    sp->out_seen = out;
+    /* Frames the application did not take yet, or streams waiting for ring space: the next
+     * event is theirs, not a reply.  After a delivery (no request out) the next move is the
+     * application's, on its socket. */
+    if (!sp->deadline || tx_waiting || l->rx.pvt != l->rx_seen_prod) {
+        sp->deadline = 0;
+        return 0;
+    }
+    /* A flag left at 1 from our last sleep would have the peer signal a pump that is awake;
+     * the sleep path sets it again (fence, recheck) before any sleep. */
+    __atomic_store_n(&l->rx.shr->cons_wants, 0, __ATOMIC_SEQ_CST);
+    uint64_t yield_at = now_ns() + SPIN_YIELD_NS;
+    for (uint32_t i = 1;; i++) {
+        /* Any frame ends the spin, even an idle CREDIT: the pump reads it and, if the reply
+         * is still to come, spins again until the same deadline. */
+        if (load_acquire(&l->rx.shr->prod) != l->rx_seen_prod)
+            return 1;
+        cpu_pause();
+        if (i % SPIN_CHECK)
+            continue;
+        uint64_t t = now_ns();
+        if (t >= sp->deadline)
+            break;
+        if (t >= yield_at) {
+            sched_yield();
+            yield_at = now_ns() + SPIN_YIELD_NS;
+        }
+    }
+    sp->budget_ns /= 2; /* a miss */
+    if (sp->budget_ns < SPIN_MIN_NS)
+        sp->budget_ns = 0;
+    sp->deadline = 0;
+    return 0;
+}
+
 static void *pump(void *arg)
 {
     struct xsk_link *l = arg;
     struct epoll_event evs[64];
     int goodbye = 0, err = 0, busy_runs = 0;
+    struct spin spin = { .budget_ns = SPIN_START_NS };
 
     /* Our early credit is in place before the peer can see us live. */
     __atomic_store_n(&l->early_shr[l->role], l->early_own, __ATOMIC_RELAXED);
@@ -1613,11 +1708,11 @@ static void *pump(void *arg)
             continue;
         busy_runs = 0;
         int timeout = 0;
-        if (!progress) {
+        int tx_waiting = l->ready_head.ready_next != &l->ready_head || l->ctl_head ||
+                         l->norphan;
+        if (!progress && !spin_for_reply(l, &spin, tx_waiting)) {
             /* About to sleep: ask the peer to notify us, then look once more, so that an
              * update made between our last look and the flag is not missed. */
-            int tx_waiting = l->ready_head.ready_next != &l->ready_head || l->ctl_head ||
-                             l->norphan;
             __atomic_store_n(&l->rx.shr->cons_wants, 1, __ATOMIC_SEQ_CST);
             if (tx_waiting)
                 __atomic_store_n(&l->tx.shr->prod_wants, 1, __ATOMIC_SEQ_CST);
@@ -1765,6 +1860,9 @@ int xsk_link_start(struct xsk_link *l)
         return -EALREADY;
     if (l->stopped)
         return -ESHUTDOWN; /* the shared indices are past their start: no second pump */
+    /* Read here, by the caller's thread: getenv in the pump could race a setenv. */
+    const char *spin = getenv("XSOCKD_RING_SPIN");
+    l->spin_off = spin && !strcmp(spin, "off");
     int rc = pthread_create(&l->thread, NULL, pump, l);
     if (rc)
         return -rc;

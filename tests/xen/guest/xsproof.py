@@ -563,7 +563,7 @@ class Agent:
             with connect(f"{RUN}/0.sock", timeout=30) as s:
                 s.sendall(b"hello")
                 got = s.recv(10)
-        except ConnectionResetError:
+        except (ConnectionResetError, BrokenPipeError):  # refused before or after our write
             got = b""
         except OSError as e:
             return {"ok": False, "error": repr(e)}
@@ -1083,7 +1083,7 @@ class Driver:
             with connect(f"{RUN}/7777.sock", timeout=30) as s:
                 s.sendall(b"x")
                 ended = s.recv(1) == b""
-        except ConnectionResetError:
+        except (ConnectionResetError, BrokenPipeError):  # refused before or after our write
             ended = True
         took = time.monotonic() - start
         said = self.log_has(r"domain 7777 does not exist")

@@ -62,6 +62,27 @@ def _collect(fp: FakePeer, until: Callable[[list[Frame]], bool], timeout: float 
     return got
 
 
+def _send_what_fits(sock: socket.socket, data: bytes) -> int:
+    """Writes as much of ``data`` as a non-blocking ``sock`` takes now; returns how much."""
+    sent = 0
+    try:
+        while sent < len(data):
+            sent += sock.send(data[sent:])
+    except BlockingIOError:
+        pass
+    return sent
+
+
+def _accept_request(fp: FakePeer, stream: int) -> socket.socket:
+    """Waits for the link's OPEN_REQUEST of ``stream``, accepts it on a fresh socket pair and
+    returns the service's end."""
+    req = fp.wait_event(fp.link, EventType.OPEN_REQUEST)
+    assert req.stream == stream
+    svc, end = _pair()
+    assert fp.link.accept_stream(stream, req.serial, end)
+    return svc
+
+
 def _data(frames: list[Frame], stream: int) -> bytes:
     return b"".join(f[5] for f in frames if f[0] == stream and f[1] == F_DATA)
 
@@ -143,13 +164,7 @@ def test_a_huge_advertised_early_credit_is_capped():
         app, end = _pair()
         app.setblocking(False)
         sid, _ = fp.link.open_stream(end, "svc")
-        msg = b"z" * 200_000
-        sent = 0
-        try:
-            while sent < len(msg):
-                sent += app.send(msg[sent:])
-        except BlockingIOError:
-            pass
+        _send_what_fits(app, b"z" * 200_000)
         frames = _collect(fp, lambda fs: len(_data(fs, sid)) >= EARLY_WINDOW, settle=0.3)
         assert len(_data(frames, sid)) == EARLY_WINDOW
     finally:
@@ -202,9 +217,7 @@ def test_early_bytes_and_fin_wait_for_the_control_planes_accept():
         fp.put(1, F_DATA, 0, b"defg")
         fp.put(1, F_FIN)
         fp.publish()
-        req = fp.wait_event(fp.link, EventType.OPEN_REQUEST)
-        svc, end = _pair()
-        assert fp.link.accept_stream(1, req.serial, end)
+        svc = _accept_request(fp, 1)
         svc.settimeout(5)
         got = b""
         while (chunk := svc.recv(100)):
@@ -257,10 +270,7 @@ def test_early_bytes_of_a_refused_stream_are_dropped_and_the_link_stays():
         fp.put(3, F_OPEN, 65536, b"svc", flags=FL_EARLY)
         fp.put(3, F_DATA, 0, b"next")
         fp.publish()
-        req = fp.wait_event(fp.link, EventType.OPEN_REQUEST)
-        assert req.stream == 3
-        svc, end = _pair()
-        assert fp.link.accept_stream(3, req.serial, end)
+        svc = _accept_request(fp, 3)
         svc.settimeout(5)
         assert svc.recv(100) == b"next"
         assert fp.link.stats()["streams"] == 1  # the refused one is gone
@@ -279,9 +289,7 @@ def test_the_accept_of_an_early_open_is_lazy_unless_the_opener_asks():
             fp.put(sid, F_OPEN, 65536, b"svc", flags=FL_EARLY)
             fp.put(sid, F_DATA, 0, b"q", flags=flags)
             fp.publish()
-            req = fp.wait_event(fp.link, EventType.OPEN_REQUEST)
-            _svc, end = _pair()
-            assert fp.link.accept_stream(sid, req.serial, end)
+            _accept_request(fp, sid)
             _collect(fp, lambda fs, sid=sid: (sid, F_ACCEPT) in [(f[0], f[1]) for f in fs])
             time.sleep(0.1)
             if flags & FL_WANT:
@@ -298,9 +306,7 @@ def test_a_want_after_a_lazy_accept_signals_the_opener():
         rx_cons_wants = fp.rx_idx + 68
         fp.put(1, F_OPEN, 65536, b"svc", flags=FL_EARLY)
         fp.publish()
-        req = fp.wait_event(fp.link, EventType.OPEN_REQUEST)
-        svc, end = _pair()
-        assert fp.link.accept_stream(1, req.serial, end)
+        svc = _accept_request(fp, 1)
         _collect(fp, lambda fs: F_ACCEPT in _types(fs))
         fp.signals()
         fp.set_u32(rx_cons_wants, 1)
@@ -326,12 +332,7 @@ def test_bytes_written_before_the_acceptor_decides_all_arrive_in_order():
         sid, _ = p.a.open_stream(a_end, "svc")
         msg = bytes(i % 251 for i in range(300_000))  # past the early credit and the window
         app.setblocking(False)
-        sent = 0
-        try:
-            while sent < len(msg):
-                sent += app.send(msg[sent:])
-        except BlockingIOError:
-            pass
+        sent = _send_what_fits(app, msg)
         req = p.wait_event(p.b, EventType.OPEN_REQUEST)
         time.sleep(0.2)  # early bytes pile up at the acceptor meanwhile
         svc, b_end = _pair()
@@ -339,11 +340,7 @@ def test_bytes_written_before_the_acceptor_decides_all_arrive_in_order():
         svc.settimeout(10)
         got = bytearray()
         while len(got) < len(msg):
-            if sent < len(msg):
-                try:
-                    sent += app.send(msg[sent:])
-                except BlockingIOError:
-                    pass
+            sent += _send_what_fits(app, msg[sent:])
             got += svc.recv(65536)
         assert bytes(got) == msg
     finally:

@@ -721,13 +721,13 @@ static int rx_data(struct xsk_link *l, uint32_t prod)
     struct stream *s = lookup(l, h->stream);
     if (!s || s->state == ST_ZOMBIE || s->wr_dead)
         return 1; /* in flight when we reset the stream: discard */
-    int early = s->state == ST_ACCEPTING;
-    if (s->state == ST_OPENING || s->peer_fin || (early && !s->early))
+    int accepting = s->state == ST_ACCEPTING; /* early DATA, before our ACCEPT */
+    if (s->state == ST_OPENING || s->peer_fin || (accepting && !s->early))
         return -EPROTO;
     if (l->head.first) {
         /* Before our ACCEPT the opener may use the early credit we advertised; after it, the
          * window we granted (which counts the early bytes too). */
-        uint32_t granted = early ? l->early_own : l->window;
+        uint32_t granted = accepting ? l->early_own : l->window;
         if (h->len == 0)
             return -EPROTO; /* DATA carries 1 .. ring_size - 16 bytes */
         if (h->len > granted - s->rx_inflight)
@@ -738,15 +738,15 @@ static int rx_data(struct xsk_link *l, uint32_t prod)
             /* The opener waits for our ACCEPT: it goes out signalled, or, if it went out
              * lazily already, a signal follows it. */
             s->accept_wanted = 1;
-            if (!early && !s->ctl_accept)
+            if (!accepting && !s->ctl_accept)
                 l->want_notify_tx = 1;
         }
     }
     uint32_t left = h->len - l->head.done;
-    if ((s->fd < 0 && !early) || left == 0)
+    if ((s->fd < 0 && !accepting) || left == 0)
         return 1;
     struct iovec iov[2];
-    if (s->pend_len == 0 && !early) {
+    if (s->pend_len == 0 && !accepting) {
         int n = payload_iov(&l->rx, l->rx.pvt, l->head.done, left, iov);
         ssize_t w = send_iov(s->fd, iov, n);
         if (w < 0 && w != -EAGAIN) {
@@ -1098,6 +1098,18 @@ static void tx_put(struct xsk_link *l, uint32_t id, uint16_t type, uint32_t arg,
     tx_put_flags(l, id, type, 0, arg, payload, len);
 }
 
+/* Writes a control frame without a payload; a lazy one wakes no sleeping peer (it reads it
+ * with our next signalled frame), unless the ring is then half full: a peer asleep must never
+ * leave our ring full of frames it was not told about. */
+static void tx_put_maybe_lazy(struct xsk_link *l, uint32_t id, uint16_t type, uint32_t arg,
+                              int lazy)
+{
+    int notify = l->want_notify_tx;
+    tx_put(l, id, type, arg, NULL, 0);
+    if (lazy && tx_free(l) >= (int64_t)(l->tx.size / 2))
+        l->want_notify_tx = notify;
+}
+
 /* Sends queued control frames.  Returns >0 on progress, 0 if none or blocked, -errno. */
 static int tx_control(struct xsk_link *l)
 {
@@ -1129,22 +1141,14 @@ static int tx_control(struct xsk_link *l)
         }
         if (s->ctl_accept) {
             /* An opener that sent early needs our ACCEPT only for more credit: unless it
-             * asked (WANT) or the ring is half full, it reads it with our next frame rather
-             * than waking for it alone (one wake-up less per stream opened). */
-            int notify = l->want_notify_tx;
-            tx_put(l, s->id, XSK_F_ACCEPT, l->window, NULL, 0);
-            if (s->early && !s->accept_wanted && tx_free(l) >= (int64_t)(l->tx.size / 2))
-                l->want_notify_tx = notify;
+             * asked (WANT), it reads it with our next frame rather than waking for it alone
+             * (one wake-up less per stream opened). */
+            tx_put_maybe_lazy(l, s->id, XSK_F_ACCEPT, l->window, s->early && !s->accept_wanted);
             s->ctl_accept = 0;
         }
         if (s->ctl_credit) {
-            int notify = l->want_notify_tx;
-            tx_put(l, s->id, XSK_F_CREDIT, s->rx_uncredited, NULL, 0);
-            /* Lazy (see credit_idle_streams), unless the ring is half full: a peer asleep
-             * must never leave our ring full of frames it was not told about. */
-            int64_t fr_now = tx_free(l);
-            if (s->credit_lazy && fr_now >= (int64_t)(l->tx.size / 2))
-                l->want_notify_tx = notify;
+            /* Lazy when idle (see credit_idle_streams). */
+            tx_put_maybe_lazy(l, s->id, XSK_F_CREDIT, s->rx_uncredited, s->credit_lazy);
             s->credit_lazy = 0;
             s->rx_inflight -= s->rx_uncredited;
             s->rx_uncredited = 0;
@@ -1388,9 +1392,9 @@ static void listener_close(struct xsk_link *l, uint32_t i)
  * rarely called only to say EAGAIN: it doubles when the listener is reported again right
  * after a report that used it up (a burst), and falls to what one report found when the
  * queue ran dry, down to one, which is what connections arriving one at a time need (an
- * accept4 each, where draining cost a second one saying EAGAIN).  Running out of descriptors or memory leaves the connection
- * queued and the listener readable: it is taken out of the epoll set for a while instead of
- * making the pump spin on it. */
+ * accept4 each, where draining cost a second one saying EAGAIN).  Running out of descriptors
+ * or memory leaves the connection queued and the listener readable: it is taken out of the
+ * epoll set for a while instead of making the pump spin on it. */
 static int accept_local(struct xsk_link *l, uint32_t i)
 {
     struct listener *L = &l->lsn[i];

@@ -63,7 +63,17 @@ from xsockd.rendezvous import (
     read_offer,
     request_dir,
 )
-from xsockd.ring import LISTEN_RETRY, AdmitEntry, EventType, OpenGate, Reason, RingEvent, Role
+from xsockd.ring import (
+    LISTEN_RETRY,
+    AdmitEntry,
+    EventType,
+    OpenGate,
+    Reason,
+    RingEvent,
+    Role,
+    StreamInfo,
+    StreamState,
+)
 from xsockd.vchans import Vchans
 from xsockd.words import count
 
@@ -185,7 +195,7 @@ class Manager:
         self._eager_timers: dict[int, Timer] = {}                # peer: next try
         self._eager_delay: dict[int, float] = {}                 # peer: backoff after a failure
         self._eager_off = False                                  # stopping: no more tries
-        self.vchans: Vchans | None = None                         # [vchan.NAME], from start
+        self.vchans = Vchans(backend, loop, self.peerlog)         # [vchan.NAME]
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -208,8 +218,7 @@ class Manager:
         self.loop.add_reader(self.xs.fileno(), self._on_xenstore)
         for peer, service in self.config.local_sockets():
             self._listen(peer, service)
-        self.vchans = Vchans(self.backend, self.loop, self.peerlog, self._rundir)
-        self.vchans.start(self.config)
+        self.vchans.start(self.config, self._rundir)
         self._started = True
         for peer in sorted(self.config.eager_peers()):
             self._keep_eager(peer, 0.0)
@@ -230,8 +239,7 @@ class Manager:
             self._drain_timer = None
         for link in list(self.links.values()):
             self._drop_link(link, goodbye=True)
-        if self.vchans is not None:
-            self.vchans.stop()
+        self.vchans.stop()
         if self._started:
             self.loop.remove_reader(self.xs.fileno())
             try:
@@ -261,8 +269,7 @@ class Manager:
         for peer, service in list(self._listeners):
             self._on_connect(peer, service)  # clients whose connect() already succeeded
             self._unlisten(peer, service)
-        if self.vchans is not None:
-            self.vchans.drain()
+        self.vchans.drain()
         deadline = self.loop.time() + timeout
         log.info("stopping: no new streams; %s may drain for up to %g s",
                  count(len(self.channels), "channel"), timeout)
@@ -293,8 +300,7 @@ class Manager:
         for link in self.links.values():
             if not link.closed:
                 total.update(link.ring.held())
-        if self.vchans is not None:
-            total.update(self.vchans.held())
+        total.update(self.vchans.held())
         return total
 
     def reload(self, config: Config) -> list[str]:
@@ -327,7 +333,7 @@ class Manager:
             for peer, service in sorted(old - new):
                 self._unlisten(peer, service)
         changes += describe_changes(self.config, config)
-        if self._started and self.vchans is not None:
+        if self._started:
             changes += self.vchans.reload(self.config, config, set(self._listeners),
                                           starting=not self._draining)
         old_config = self.config
@@ -406,7 +412,7 @@ class Manager:
     def list_vchans(self) -> list[dict[str, object]]:
         """Returns each vchan endpoint's kind, name, XenStore path, peer, state, streams and
         bytes each way (``ListVchans`` in org.xsockd.Xsockd1.xml)."""
-        return self.vchans.describe() if self.vchans is not None else []
+        return self.vchans.describe()
 
     # ---- local sockets ------------------------------------------------------------------
 
@@ -699,8 +705,7 @@ class Manager:
         # A domU may not ask (and gets no @releaseDomain events): its peer is dom0 or a
         # driver domain, whose death reaches it through the unmap notification.
         gone = {peer for peer, _ in self.links if not self._domain_exists(peer)}
-        if self.vchans is not None:
-            self.vchans.peers_destroyed(self._domain_exists)
+        self.vchans.peers_destroyed(self._domain_exists)
         for link in [lk for (peer, _), lk in self.links.items() if peer in gone]:
             log.warning("link with domain %d down: the domain was destroyed", link.peer,
                         extra={"XSOCK_PEER": link.peer})
@@ -1001,19 +1006,16 @@ class Manager:
         if ch.link.ring.close_stream(ch.stream, ch.serial):
             ch.state = "closing"
 
-    def _byte_counts(self, links: list[Link]) -> dict[tuple[int, int], tuple[int, int]]:
-        counts: dict[tuple[int, int], tuple[int, int]] = {}
-        for link in links:
-            if not link.closed:
-                for s in link.ring.streams():
-                    counts[(id(link), s.serial)] = (s.bytes_in, s.bytes_out)
-        return counts
+    def _core_streams(self, links: list[Link]) -> dict[tuple[int, int], StreamInfo]:
+        """The data plane's snapshot of the links' streams, by (id(link), serial)."""
+        return {(id(link), s.serial): s for link in links if not link.closed
+                for s in link.ring.streams()}
 
     def list_channels(self) -> list[dict[str, object]]:
         """Returns every channel as ``channel_info`` describes it, by id."""
         links = list({id(ch.link): ch.link for ch in self.channels.values()}.values())
-        counts = self._byte_counts(links)
-        return [self._describe(ch, counts.get((id(ch.link), ch.serial), (0, 0)))
+        core = self._core_streams(links)
+        return [self._describe(ch, core.get((id(ch.link), ch.serial)))
                 for ch in sorted(self.channels.values(), key=lambda c: c.id)]
 
     def channel_info(self, channel_id: int) -> dict[str, object]:
@@ -1025,16 +1027,23 @@ class Manager:
         ch = self.channels.get(channel_id)
         if ch is None:
             raise NoSuchChannel(channel_id)
-        counts = self._byte_counts([ch.link])
-        return self._describe(ch, counts.get((id(ch.link), ch.serial), (0, 0)))
+        core = self._core_streams([ch.link])
+        return self._describe(ch, core.get((id(ch.link), ch.serial)))
 
     @staticmethod
-    def _describe(ch: Channel, counts: tuple[int, int]) -> dict[str, object]:
+    def _describe(ch: Channel, core: StreamInfo | None) -> dict[str, object]:
         link = ch.link
+        state = ch.state
+        # The OPENED event of an early open may still be batched when its reply has arrived
+        # (the ACCEPT is read with it): the data plane, whose byte counts are shown, knows.
+        if state == "opening" and core is not None and core.state in (StreamState.OPEN,
+                                                                       StreamState.HALF):
+            state = "open"
         return {"id": ch.id, "peer": ch.peer, "service": ch.service, "direction": ch.direction,
-                "state": ch.state, "stream": ch.stream, "ring_size_rx": link.ring.ring_size,
-                "ring_size_tx": link.ring.ring_size, "bytes_in": counts[0],
-                "bytes_out": counts[1], "created": ch.created,
+                "state": state, "stream": ch.stream, "ring_size_rx": link.ring.ring_size,
+                "ring_size_tx": link.ring.ring_size,
+                "bytes_in": core.bytes_in if core is not None else 0,
+                "bytes_out": core.bytes_out if core is not None else 0, "created": ch.created,
                 "grant_refs": list(link.grant_refs), "event_channel": link.port,
                 "link_role": link.role.name.lower()}
 

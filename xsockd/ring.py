@@ -44,6 +44,7 @@ __all__ = [
     "RingLink",
     "Role",
     "StreamInfo",
+    "StreamState",
     "link_pages",
     "valid_service_name",
 ]
@@ -79,6 +80,16 @@ class EventType(enum.IntEnum):
     LISTEN_FAILED = lib.XSK_EV_LISTEN_FAILED
 
 
+class StreamState(enum.IntEnum):
+    """A stream's state in the data plane (``StreamInfo.state``)."""
+
+    OPENING = lib.XSK_ST_OPENING
+    ACCEPTING = lib.XSK_ST_ACCEPTING
+    OPEN = lib.XSK_ST_OPEN
+    HALF = lib.XSK_ST_HALF
+    ZOMBIE = lib.XSK_ST_ZOMBIE
+
+
 class Reason(enum.IntEnum):
     """Why a stream ended (RESET reasons on the wire, CLOSED event arguments)."""
 
@@ -106,7 +117,7 @@ class RingEvent:
 class StreamInfo:
     id: int
     serial: int
-    state: int
+    state: StreamState
     bytes_in: int
     bytes_out: int
     tx_credit: int
@@ -318,8 +329,8 @@ class RingLink:
             buf = ffi.new("struct xsk_stream_info[]", cap)
             n = lib.xsk_link_streams(self._live(), buf, cap)
             if n < cap:
-                return [StreamInfo(b.id, b.serial, b.state, b.bytes_in, b.bytes_out, b.tx_credit,
-                                   b.rx_buffered) for b in buf[0:n]]
+                return [StreamInfo(b.id, b.serial, StreamState(b.state), b.bytes_in, b.bytes_out,
+                                   b.tx_credit, b.rx_buffered) for b in buf[0:n]]
             cap *= 4
 
     def held(self) -> dict[str, int]:

@@ -94,12 +94,12 @@ struct ring {
     uint32_t pvt;              /* our own index: prod of the tx ring, cons of the rx ring */
 };
 
-enum stream_state {
-    ST_OPENING = 1,   /* we sent OPEN, waiting for ACCEPT or RESET */
-    ST_ACCEPTING = 2, /* peer sent OPEN, Python decides */
-    ST_OPEN = 3,
-    ST_HALF = 4,      /* informational: one direction finished */
-    ST_ZOMBIE = 5,    /* fd closed, a RESET still to be sent */
+enum stream_state { /* ring_core.h's, which Python reads in xsk_stream_info */
+    ST_OPENING = XSK_ST_OPENING,
+    ST_ACCEPTING = XSK_ST_ACCEPTING,
+    ST_OPEN = XSK_ST_OPEN,
+    ST_HALF = XSK_ST_HALF,
+    ST_ZOMBIE = XSK_ST_ZOMBIE,
 };
 
 struct stream {

@@ -139,9 +139,16 @@ struct xsk_link_stats {
     uint32_t peer_live;
 };
 
+/* Stream states (xsk_stream_info.state). */
+#define XSK_ST_OPENING 1   /* we sent OPEN: waiting for ACCEPT or RESET (early DATA may flow) */
+#define XSK_ST_ACCEPTING 2 /* the peer sent OPEN: the control plane decides */
+#define XSK_ST_OPEN 3
+#define XSK_ST_HALF 4      /* one direction finished */
+#define XSK_ST_ZOMBIE 5    /* closing: socket closed, a RESET still to be sent */
+
 struct xsk_stream_info {
     uint32_t id;
-    uint32_t state;         /* 1 opening, 2 accepting, 3 open, 4 half-closed, 5 closing */
+    uint32_t state;         /* XSK_ST_* */
     uint64_t bytes_in;
     uint64_t bytes_out;
     uint32_t tx_credit;

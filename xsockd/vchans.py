@@ -42,15 +42,16 @@ def vchan_setup(config: Config, name: str) -> object:
 class Vchans:
     """The running vchan endpoints of one daemon, by name."""
 
-    def __init__(self, backend: Backend, loop: Loop, peerlog: PeerLog, rundir: Rundir) -> None:
+    def __init__(self, backend: Backend, loop: Loop, peerlog: PeerLog) -> None:
         self.backend = backend
         self.loop = loop
         self.peerlog = peerlog
-        self.rundir = rundir
+        self.rundir: Rundir | None = None  # the daemon's, from start: clients listen there
         self.running: dict[str, VchanServer | VchanClient] = {}
 
-    def start(self, config: Config) -> None:
+    def start(self, config: Config, rundir: Rundir) -> None:
         """Starts every [vchan.NAME]; one that cannot start is logged and left out."""
+        self.rundir = rundir
         for name in sorted(config.vchans):
             self._start(name, config)
 
@@ -67,6 +68,7 @@ class Vchans:
                 self.running[name] = server
                 server.start()
             else:
+                assert self.rundir is not None
                 listener = self.rundir.listen(cfg.domain, name)
                 try:
                     client = VchanClient(cfg, listener, self.backend, self.loop, self.peerlog)
@@ -116,7 +118,7 @@ class Vchans:
         v = self.running.pop(name, None)
         if v is not None:
             v.close()
-            if isinstance(v, VchanClient) and not keep_socket:
+            if isinstance(v, VchanClient) and self.rundir is not None and not keep_socket:
                 self.rundir.unlink(v.cfg.domain, name)
 
     def stop(self) -> None:
